@@ -1,0 +1,113 @@
+"""Recipes: loading, base inheritance, overrides, and error messages naming file, key path and suggestion."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vlkit.config import ConfigError, RECIPES_DIR, find_recipe, load_recipe
+
+SHIPPED = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(RECIPES_DIR)))
+def test_every_shipped_recipe_validates(path):
+    r = load_recipe(path)
+    assert r.train.stages and all(s in r.stages for s in r.train.stages)
+
+
+def test_real_scale_recipe_has_llava15_settings():
+    r = load_recipe("llava15_qwen2.5-1.5b_clip-l336")
+    assert r.encoder.params()["model"] == "openai/clip-vit-large-patch14-336"
+    assert r.encoder.params()["layer"] == -2
+    assert r.llm.params()["model"] == "Qwen/Qwen2.5-1.5B-Instruct"
+    align, instruct = r.stages["align"], r.stages["instruct"]
+    assert (align.lr, align.batch_size, align.epochs, align.llm) == (1e-3, 256, 1, "frozen")
+    assert (instruct.lr_llm, instruct.batch_size, instruct.lora.r, instruct.lora.alpha) == (2e-4, 128, 128, 256)
+    assert r.projector.name == "mlp" and r.projector.params()["depth"] == 2
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+BASE = """
+name: t
+encoder: {name: hf_clip, model: some/dir}
+llm: {name: hf, model: some/lm}
+stages:
+  align: {data: a.json}
+train: {stages: [align]}
+"""
+
+
+def test_typo_key_names_file_path_and_suggestion(tmp_path):
+    p = write(tmp_path, "r.yaml", BASE + "data: {max_lenght: 10}\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(p)
+    msg = str(info.value)
+    assert str(p) in msg and "data.max_lenght" in msg and "Did you mean 'max_length'" in msg
+
+
+def test_all_errors_reported_at_once(tmp_path):
+    p = write(tmp_path, "r.yaml", BASE.replace("align: {data: a.json}", "align: {data: a.json, lr: -1, bach_size: 3}")
+              + "trian: {}\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(p)
+    errs = info.value.errors
+    assert len(errs) == 3
+    text = "\n".join(errs)
+    assert "stages.align.lr" in text and "stages.align.bach_size" in text and "'batch_size'" in text
+    assert "trian" in text and "Did you mean 'train'" in text
+
+
+def test_component_name_and_params_checked(tmp_path):
+    p = write(tmp_path, "r.yaml", BASE + "projector: {name: mpl}\ntokens: {name: pooled, num_tokns: 4}\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(p)
+    text = "\n".join(info.value.errors)
+    assert "projector.name" in text and "Did you mean 'mlp'" in text
+    assert "num_tokns" in text and "Did you mean 'num_tokens'" in text
+
+
+def test_overrides_and_base(tmp_path):
+    write(tmp_path, "base.yaml", BASE)
+    p = write(tmp_path, "child.yaml", "base: base.yaml\nname: child\nprojector: {name: linear}\n")
+    r = load_recipe(p, ["projector.name=cross_attention", "projector.num_tokens=4", "stages.align.lr=3e-4",
+                        "train.stages=[align]"])
+    assert r.name == "child" and r.projector.name == "cross_attention"
+    assert r.projector.params() == {"num_tokens": 4}
+    assert r.stages["align"].lr == 3e-4
+    # switching component drops the old component's parameters
+    r2 = load_recipe(p, ["projector.name=mlp", "projector.depth=3"])
+    assert r2.projector.params() == {"depth": 3}
+
+
+def test_override_typo_is_reported_as_command_line(tmp_path):
+    p = write(tmp_path, "r.yaml", BASE)
+    with pytest.raises(ConfigError, match=r"stages.align.lrr \(set on the command line\): unknown key. Did you mean 'lr'"):
+        load_recipe(p, ["stages.align.lrr=1"])
+
+
+def test_unknown_stage_and_base_cycle(tmp_path):
+    p = write(tmp_path, "r.yaml", BASE)
+    with pytest.raises(ConfigError, match=r"train.stages names stage 'algn'.*Did you mean 'align'"):
+        load_recipe(p, ["train.stages=[algn]"])
+    write(tmp_path, "a.yaml", "base: b.yaml\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+def test_find_recipe_by_short_name():
+    assert find_recipe("mlp_patch") == RECIPES_DIR / "mlp_patch.yaml"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        find_recipe("nope.yaml")
+
+
+def test_identity_changes_with_config():
+    a = load_recipe("mlp_patch")
+    b = load_recipe("mlp_patch", ["stages.align.lr=0.5"])
+    assert a.identity() != b.identity() and a.identity() == load_recipe("mlp_patch").identity()

@@ -1,0 +1,297 @@
+"""The ``vlkit`` command line: parse, call one library function, print with rich."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Build and compare LLaVA-style vision-language models.")
+data_app = typer.Typer(no_args_is_help=True, help="Data tools: generate the toy world's data, check LLaVA files.")
+toy_app = typer.Typer(no_args_is_help=True, help="The embedded default toy world.")
+app.add_typer(data_app, name="data")
+app.add_typer(toy_app, name="toy")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Known user errors become one clear message and a non-zero exit, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from vlkit.config import ConfigError
+        from vlkit.data.llava import DataError
+        from vlkit.registry import RegistryError
+
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            err_console.print(f"[bold red]error:[/] {len(exc.errors)} problem(s) in recipe {exc.source}")
+            for e in exc.errors:
+                err_console.print(f"  - {e}", markup=False, highlight=False)
+            raise typer.Exit(2)
+        except (RegistryError, DataError, FileNotFoundError, ValueError, TypeError) as exc:
+            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: ", end="")
+            err_console.print(str(exc), markup=False, highlight=False)
+            if exc.__cause__ is not None:
+                err_console.print(f"  caused by {type(exc.__cause__).__name__}: {exc.__cause__}", markup=False)
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+# ---- list / config / inspect ------------------------------------------------------------------------------------
+@app.command("list")
+@friendly
+def list_cmd(family: Optional[str] = typer.Argument(None, help="encoders, token_strategies, projectors or llms"),
+             pattern: str = typer.Option("*", help="glob over component names")) -> None:
+    """Every registered component with its source (built-in, or plugin distribution + version)."""
+    import fnmatch
+
+    from vlkit.registry import FAMILIES, suggest
+
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown family '{family}'.{suggest(family, FAMILIES)} Families: {', '.join(FAMILIES)}")
+    table = Table(title="vlkit components")
+    for col in ("family", "name", "source", "status"):
+        table.add_column(col)
+    for fam, reg in FAMILIES.items():
+        if family and fam != family:
+            continue
+        for entry in reg.entries():
+            if not fnmatch.fnmatch(entry.name, pattern):
+                continue
+            status = Text("ok", style="green") if entry.error is None else Text(entry.error, style="red")
+            table.add_row(fam, entry.name, entry.source, status)
+    console.print(table)
+
+
+@app.command("config")
+@friendly
+def config_cmd(recipe: str = typer.Argument(..., help="recipe YAML"),
+               overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value ...")) -> None:
+    """Print the resolved recipe (base merged, overrides applied, validated)."""
+    from vlkit.config import dump_recipe, load_recipe
+
+    r = load_recipe(recipe, overrides or [])
+    console.print(dump_recipe(r), markup=False, highlight=False)
+
+
+@app.command("inspect")
+@friendly
+def inspect_cmd(recipe: str = typer.Argument(..., help="recipe YAML"),
+                overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value ..."),
+                stage: Optional[str] = typer.Option(None, help="stage whose data sample to show (default: first)")) -> None:
+    """Build the model: parameters per component, image tokens, dims, one sample with its label mask."""
+    from vlkit.config import load_recipe
+    from vlkit.inspect import describe_model, sample_view
+
+    r = load_recipe(recipe, overrides or [])
+    info, model = describe_model(r)
+    table = Table(title=f"{r.name}: components")
+    for col in ("component", "name", "source", "trainable", "frozen"):
+        table.add_column(col)
+    for row in info["components"]:
+        table.add_row(row["part"], row["name"], row["source"], f"{row['trainable']:,}", f"{row['frozen']:,}")
+    console.print(table)
+    for k, v in info["facts"].items():
+        console.print(f"[bold]{k}[/]: {v}")
+    console.print(sample_view(r, model, stage))
+
+
+# ---- data / toy ---------------------------------------------------------------------------------------------------
+@data_app.command("check")
+@friendly
+def data_check_cmd(file: Path = typer.Argument(..., help="LLaVA-format JSON / JSONL file"),
+                   image_root: Optional[Path] = typer.Option(None, "--image-root", help="folder image paths are relative to"),
+                   recipe: Optional[str] = typer.Option(None, help="also template/length-check with this recipe's "
+                                                                   "tokenizer and image-token count"),
+                   overrides: Optional[list[str]] = typer.Argument(None, help="recipe overrides key.path=value"),
+                   show: int = typer.Option(20, help="problems to list")) -> None:
+    """Validate a data file before training on it; exits non-zero when anything would make training fail."""
+    from collections import Counter
+
+    from vlkit.data.llava import check_records, load_records
+
+    records = load_records(file)
+    tok, image_token_id, n_img, max_len = None, None, 1, 10**9
+    if recipe:
+        from vlkit.config import load_recipe
+        from vlkit.model import count_image_tokens, load_tokenizer
+
+        r = load_recipe(recipe, overrides or [])
+        tok, image_token_id = load_tokenizer(r)
+        n_img, max_len = count_image_tokens(r), r.data.max_length
+    good, problems = check_records(records, image_root, tok, image_token_id, n_img, max_len)
+    table = Table(title=f"vlkit data check: {file}")
+    table.add_column("check")
+    table.add_column("count", justify="right")
+    n_image = sum(1 for r in records if isinstance(r, dict) and r.get("image"))
+    table.add_row("samples", str(len(records)))
+    table.add_row("with image / text-only", f"{n_image} / {len(records) - n_image}")
+    kinds = Counter(p.kind for p in problems)
+    for kind in ("malformed", "path_escapes_root", "image_missing", "image_corrupt", "no_image_root",
+                 "no_supervised_tokens", "too_long", "template"):
+        table.add_row(kind.replace("_", " "), Text(str(kinds.get(kind, 0)), style="red" if kinds.get(kind) else "green"))
+    table.add_row("usable", str(len(good)))
+    if not recipe:
+        table.add_row("templating / length", "not checked (pass --recipe)")
+    console.print(table)
+    for p in problems[:show]:
+        console.print(f"  record {p.id} (#{p.index}) [{p.kind}]: {p.message}", markup=False, highlight=False)
+    if len(problems) > show:
+        console.print(f"  ... and {len(problems) - show} more")
+    if problems:
+        err_console.print(f"[bold red]{len(problems)} problem(s)[/] in {len(set(p.index for p in problems))} "
+                          "record(s): training would stop before step 1 (or skip them with data.skip_bad=true)")
+        raise typer.Exit(1)
+    console.print("[bold green]ok[/]: every record is usable")
+
+
+@data_app.command("toy")
+@friendly
+def data_toy_cmd(out: Path = typer.Option(..., "--out", help="output folder"),
+                 n_train: int = typer.Option(20000), n_val: int = typer.Option(1000), n_test: int = typer.Option(1000),
+                 image_size: int = typer.Option(64), grid: int = typer.Option(3), max_objects: int = typer.Option(4),
+                 seed: int = typer.Option(0)) -> None:
+    """Write the procedural shapes world as LLaVA JSON + PNGs (align captions, instruction conversations)."""
+    import time
+
+    from vlkit.data.toy import generate_toy_data
+
+    t0 = time.time()
+    paths = generate_toy_data(out, n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size, grid=grid,
+                              max_objects=max_objects, seed=seed)
+    for k, v in paths.items():
+        console.print(f"{k}: {v}")
+    console.print(f"[bold green]done[/] in {time.time() - t0:.1f} s")
+
+
+@toy_app.command("build")
+@friendly
+def toy_build_cmd(cache_dir: Optional[Path] = typer.Option(None, help="default: $VLKIT_TOY_DIR or ~/.cache/vlkit"),
+                  seed: int = typer.Option(0), preset: str = typer.Option("default", help="default or tiny"),
+                  force: bool = typer.Option(False, help="rebuild even if built")) -> None:
+    """Build (or find) the toy tokenizer, toy-clip, toy-lm and shapes data; prints the quality probes."""
+    import time
+
+    from vlkit.toyworld import build_toy_world
+
+    t0 = time.time()
+    world = build_toy_world(cache_dir, seed=seed, preset=preset, force=force, console=console)
+    console.print(f"toy world at {world.root} ({time.time() - t0:.0f} s)")
+    for k, v in (world.report or {}).items():
+        console.print(f"  {k}: {v}", markup=False)
+
+
+# ---- train / eval / predict --------------------------------------------------------------------------------------
+@app.command("train")
+@friendly
+def train_cmd(recipe: str = typer.Argument(..., help="recipe YAML (e.g. recipes/mlp_patch.yaml)"),
+              overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value ..."),
+              run_dir: Optional[Path] = typer.Option(None, help="run directory (default: train.output_dir/<name>)"),
+              dry_run: bool = typer.Option(False, "--dry-run", help="pre-flight checks plus one training step"),
+              fresh: bool = typer.Option(False, "--fresh", help="delete the run directory's checkpoints first"),
+              feature_cache: Optional[bool] = typer.Option(None, "--feature-cache/--no-feature-cache",
+                                                          help="reuse frozen encoder features from disk")) -> None:
+    """Run a recipe's stages (align -> instruct); resumes from the run directory's checkpoints."""
+    import shutil
+
+    from vlkit.config import load_recipe
+    from vlkit.train import prepare_run_dir, train
+
+    r = load_recipe(recipe, overrides or [])
+    if fresh:
+        d = prepare_run_dir(r, run_dir)
+        for sub in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard"):
+            target = d / sub
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    features = None
+    if feature_cache if feature_cache is not None else r.train.feature_cache:
+        from vlkit.cache import FeatureCache
+
+        features = FeatureCache.from_recipe(r)
+    summary = train(r, run_dir, console=console, dry_run=dry_run, features=features)
+    if not dry_run:
+        console.print(f"[bold green]done[/]: {summary.get('wall_time_s', 0):.0f} s; run directory "
+                      f"{run_dir or Path(r.train.output_dir) / (r.train.run_name or r.name)}")
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(run: Path = typer.Argument(..., help="run directory"),
+             data: str = typer.Option(..., "--data", help="LLaVA-format JSON file"),
+             image_root: Optional[str] = typer.Option(None, help="image root (default: the run's data.image_root)"),
+             max_samples: Optional[int] = typer.Option(None, help="evaluate the first N records"),
+             batch_size: int = typer.Option(32), max_new_tokens: int = typer.Option(16)) -> None:
+    """Validation loss and generation accuracy (per question type) of a trained run on any LLaVA file."""
+    from vlkit.data.llava import ImageTransform, load_records
+    from vlkit.evaluate import evaluate
+    from vlkit.model import _resolve
+    from vlkit.predict import load_run
+    from vlkit.train import print_accuracy
+
+    model, recipe, device = load_run(run)
+    records = load_records(_resolve(data))[:max_samples]
+    root = _resolve(image_root or recipe.data.image_root)
+    t = ImageTransform(model.encoder.image_size, model.encoder.mean, model.encoder.std)
+    m = evaluate(model, records, root, t, device, recipe.data.max_length, batch_size, max_new_tokens)
+    print_accuracy(console, str(run), m)
+
+
+@app.command("predict")
+@friendly
+def predict_cmd(run: Path = typer.Argument(..., help="run directory"),
+                image: Optional[Path] = typer.Option(None, help="image file"),
+                prompt: Optional[str] = typer.Option(None, help="question; <image> is prepended when missing"),
+                batch: Optional[Path] = typer.Option(None, help="LLaVA-format JSON: answer every record's first question"),
+                image_root: Optional[str] = typer.Option(None, help="image root for --batch"),
+                out: Optional[Path] = typer.Option(None, help="write --batch answers to this JSON file"),
+                sample: bool = typer.Option(False, help="sample instead of greedy decoding"),
+                temperature: float = typer.Option(1.0), top_p: float = typer.Option(1.0),
+                max_new_tokens: int = typer.Option(32)) -> None:
+    """Answer a question about an image (or every record of a JSON file) with a trained run."""
+    import json
+
+    from vlkit.predict import load_run, predict_records
+
+    model, recipe, device = load_run(run)
+    gen = dict(do_sample=sample, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    if batch is not None:
+        from vlkit.data.llava import load_records
+        from vlkit.model import _resolve
+
+        records = load_records(batch)
+        answers = predict_records(model, records, _resolve(image_root or recipe.data.image_root), device, **gen)
+        rows = [{"id": r.get("id"), "prediction": a} for r, a in zip(records, answers)]
+        if out:
+            out.write_text(json.dumps(rows, indent=1))
+        for row in rows[:20]:
+            console.print(f"{row['id']}: {row['prediction']}", markup=False)
+        return
+    if image is None or prompt is None:
+        raise ValueError("give --image and --prompt, or --batch FILE")
+    text = prompt if "<image>" in prompt else "<image>\n" + prompt
+    rec = {"id": "cli", "image": image.name, "conversations": [{"from": "human", "value": text},
+                                                               {"from": "gpt", "value": ""}]}
+    answer = predict_records(model, [rec], image.resolve().parent, device, **gen)[0]
+    console.print(answer, markup=False)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,122 @@
+"""Token strategies: which encoder tokens become image tokens.
+
+Every strategy is called as ``strategy(features)`` with an :class:`~vlkit.types.EncoderOutput` and returns
+``[B, N', D]``. A strategy that changes the feature dim defines ``out_dim(in_dim)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlkit.registry import register_token_strategy
+from vlkit.types import EncoderOutput
+
+
+class TokenStrategy(nn.Module):
+    """Base class; subclasses implement ``forward``. Strategies have no parameters unless they say so."""
+
+    name = "?"
+
+    def out_dim(self, in_dim: int) -> int:
+        return in_dim
+
+    def _need_cls(self, features: EncoderOutput) -> torch.Tensor:
+        if features.cls is None:
+            raise ValueError(
+                f"token strategy '{self.name}' needs a CLS token or pooled feature, but this encoder gives none "
+                "(cls=None); use tokens.name=patch or tokens.name=pooled"
+            )
+        return features.cls
+
+
+class ClsTokens(TokenStrategy):
+    name = "cls"
+
+    def forward(self, features: EncoderOutput) -> torch.Tensor:
+        # cls [B, D] -> [B, 1, D]
+        return self._need_cls(features).unsqueeze(1)
+
+
+class PatchTokens(TokenStrategy):
+    name = "patch"
+
+    def forward(self, features: EncoderOutput) -> torch.Tensor:
+        # patches [B, N, D] -> [B, N, D]
+        return features.patches
+
+
+class ClsPatchTokens(TokenStrategy):
+    name = "cls_patch"
+
+    def forward(self, features: EncoderOutput) -> torch.Tensor:
+        # cls [B, D], patches [B, N, D] -> [B, 1 + N, D]
+        return torch.cat([self._need_cls(features).unsqueeze(1), features.patches], dim=1)
+
+
+def _pool_shape(num_tokens: int) -> tuple[int, int]:
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"token strategy 'pooled' needs a square num_tokens (1, 4, 9, 16, ...), got {num_tokens}")
+    return side, side
+
+
+class PooledTokens(TokenStrategy):
+    """Adaptive average pooling of the patch grid to ``num_tokens`` = s*s cells (64 -> 16 -> 4 -> 1)."""
+
+    name = "pooled"
+
+    def __init__(self, num_tokens: int) -> None:
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.shape = _pool_shape(num_tokens)
+
+    def forward(self, features: EncoderOutput) -> torch.Tensor:
+        # patches [B, h*w, D] -> [B, num_tokens, D]
+        if features.grid is None:
+            raise ValueError("token strategy 'pooled' needs an encoder with a 2-D patch grid (grid=None)")
+        b, n, d = features.patches.shape
+        h, w = features.grid
+        x = features.patches.transpose(1, 2).reshape(b, d, h, w)
+        x = F.adaptive_avg_pool2d(x, self.shape)
+        return x.flatten(2).transpose(1, 2)
+
+
+def _no_count(name: str, num_tokens: int | None, fixed: str) -> None:
+    if num_tokens is not None:
+        raise ValueError(
+            f"token strategy '{name}' gives {fixed} and takes no num_tokens (got {num_tokens}); "
+            "use tokens.name=pooled to choose a token count"
+        )
+
+
+@register_token_strategy("cls")
+def cls(num_tokens: int | None = None) -> TokenStrategy:
+    """The CLS token (or the encoder's pooled feature): one image token."""
+    if num_tokens not in (None, 1):
+        _no_count("cls", num_tokens, "one token")
+    return ClsTokens()
+
+
+@register_token_strategy("patch")
+def patch(num_tokens: int | None = None) -> TokenStrategy:
+    """All patch tokens (LLaVA's default: CLS dropped)."""
+    _no_count("patch", num_tokens, "all patches")
+    return PatchTokens()
+
+
+@register_token_strategy("cls_patch")
+def cls_patch(num_tokens: int | None = None) -> TokenStrategy:
+    """CLS followed by all patch tokens (HF Llava's ``full`` select strategy)."""
+    _no_count("cls_patch", num_tokens, "1 + all patches")
+    return ClsPatchTokens()
+
+
+@register_token_strategy("pooled")
+def pooled(num_tokens: int | None = None) -> TokenStrategy:
+    """Patch grid average-pooled to ``num_tokens`` (a square number)."""
+    if num_tokens is None:
+        raise ValueError("token strategy 'pooled' needs tokens.num_tokens (a square: 1, 4, 9, 16, ...)")
+    return PooledTokens(num_tokens)

@@ -1,0 +1,325 @@
+"""Typed recipes: YAML -> validated :class:`Recipe`.
+
+One grammar everywhere: a recipe file, optionally extending another (``base: other.yaml``), then command-line
+overrides ``key.path=value`` (the value is parsed as YAML: ``3``, ``1e-4``, ``[align, instruct]``, ``null``).
+Every problem is reported at once, each naming the file, the key path and the nearest valid key.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vlkit.registry import FAMILIES, RegistryError, suggest
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """One or more problems in a recipe; ``errors`` holds one line per problem."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source, self.errors = source, errors
+        super().__init__(f"{len(errors)} problem(s) in recipe {source}:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Component(BaseModel):
+    """``name:`` picks a registered component; every other key is a parameter of its factory."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataConfig(_Strict):
+    image_root: str = "toy:data/images"
+    max_length: int = Field(256, ge=8)
+    skip_bad: bool = False  # drop samples that fail pre-flight checks (reported) instead of stopping
+    group_by_length: bool = True  # LLaVA's group_by_modality_length
+    num_workers: int = Field(0, ge=0)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1)
+    alpha: float = 16
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class StageConfig(_Strict):
+    data: str
+    eval_data: str | None = None
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)  # projector (and everything without its own lr)
+    lr_llm: float | None = Field(None, gt=0)
+    lr_encoder: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    max_grad_norm: float | None = 1.0
+    llm: Literal["frozen", "lora", "full"] = "frozen"
+    lora: LoraConfig = LoraConfig()
+    train_projector: bool = True
+    unfreeze_encoder_blocks: int = Field(0, ge=0)
+    gradient_checkpointing: bool = False
+    eval_every: int | None = Field(None, ge=1)
+    eval_max_samples: int | None = Field(300, ge=1)
+    eval_batch_size: int = Field(32, ge=1)
+    save_every: int = Field(100, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+
+
+class TrainConfig(_Strict):
+    stages: list[str] = ["align", "instruct"]
+    seed: int = 0
+    deterministic: bool = True
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    output_dir: str = "runs"
+    run_name: str | None = None
+    feature_cache: bool = False
+    cache_dir: str | None = None
+
+
+class Recipe(_Strict):
+    name: str
+    description: str = ""
+    encoder: Component
+    tokens: Component = Component(name="patch")
+    projector: Component = Component(name="mlp")
+    llm: Component
+    fusion: Component = Component(name="prefix")
+    data: DataConfig = DataConfig()
+    stages: dict[str, StageConfig]
+    train: TrainConfig = TrainConfig()
+    grid: dict[str, list[Any]] | None = None  # ablation axes: key.path -> values
+
+    @model_validator(mode="after")
+    def _stages_exist(self) -> "Recipe":
+        if not self.train.stages:
+            raise ValueError("train.stages is empty: name at least one stage from the 'stages:' section")
+        for s in self.train.stages:
+            if s not in self.stages:
+                raise ValueError(
+                    f"train.stages names stage '{s}' that is not defined under 'stages:'.{suggest(s, self.stages)} "
+                    f"Defined: {', '.join(self.stages)}"
+                )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def identity(self) -> str:
+        """A short hash of the resolved config (what a run's results belong to)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+COMPONENT_SECTIONS = {"encoder": "encoders", "tokens": "token_strategies", "projector": "projectors", "llm": "llms"}
+# Parameters vlkit itself passes to a family's factory (a recipe may not set them, except num_tokens).
+SUPPLIED = {"projector": {"in_dim", "out_dim"}}
+
+
+# ---- loading --------------------------------------------------------------------------------------------------
+def find_recipe(path: str | Path) -> Path:
+    """A recipe path as given, or relative to the shipped ``recipes/`` dir."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for cand in (RECIPES_DIR / p, RECIPES_DIR / f"{p}.yaml"):
+        if cand.exists():
+            return cand
+    raise FileNotFoundError(f"recipe file '{path}' not found (also looked in {RECIPES_DIR})")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), [f"top level must be a mapping of sections, got {type(data).__name__}"])
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and "name" not in v:
+            out[k] = deep_merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("name") == out[k].get("name"):
+            out[k] = deep_merge(out[k], v)  # same component: merge params
+        else:
+            out[k] = copy.deepcopy(v)  # a different component replaces the whole section
+    return out
+
+
+def read_recipe_dict(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw dict of a recipe with its ``base:`` chain merged in."""
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError(str(path), ["'base:' chain forms a cycle: " + " -> ".join(str(p) for p in _seen + (path,))])
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    bases = base if isinstance(base, list) else [base]
+    merged: dict[str, Any] = {}
+    for b in bases:
+        bpath = (path.parent / str(b))
+        if not bpath.exists():
+            raise ConfigError(str(path), [f"base: file '{b}' not found (looked for {bpath})"])
+        merged = deep_merge(merged, read_recipe_dict(bpath, _seen + (path,)))
+    return deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ValueError(f"override '{text}' is not of the form key.path=value")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override '{text}' has an empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    if path[-1] == "name" and isinstance(node.get("name"), str) and node.get("name") != value:
+        # choosing another component drops the previous one's parameters (they belong to it), except num_tokens
+        kept = {k: v for k, v in node.items() if k == "num_tokens"}
+        node.clear()
+        node.update(kept)
+    node[path[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    # component choices first so that their parameters given in the same call are kept
+    parsed = [parse_override(o) for o in overrides]
+    parsed.sort(key=lambda kv: 0 if kv[0][-1] == "name" else 1)
+    for path, value in parsed:
+        set_path(data, path, value)
+    return data
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Valid keys at a location inside the Recipe schema (for suggestions)."""
+    model: Any = Recipe
+    for part in loc:
+        if model is None:
+            return []
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return []
+        if part not in fields:
+            if isinstance(part, str) and model is Recipe and loc and loc[0] == "stages":
+                model = StageConfig
+                continue
+            return []
+        ann = fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if part == "stages" and model is None:
+            model = None
+    return list(getattr(model, "model_fields", {}) or {})
+
+
+def _format_pydantic(source: str, exc: ValidationError, overridden: set[str]) -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        origin = " (set on the command line)" if key in overridden else ""
+        if err["type"] == "extra_forbidden":
+            parent, last = loc[:-1], loc[-1]
+            if parent and parent[0] == "stages" and len(parent) == 2:
+                valid = list(StageConfig.model_fields)
+            elif parent == ("stages",):
+                valid = []
+            else:
+                valid = _fields_at(parent)
+            out.append(f"{source}: {key}{origin}: unknown key.{suggest(str(last), valid)}"
+                       + (f" Valid keys here: {', '.join(valid)}" if valid else ""))
+        elif err["type"] == "missing":
+            out.append(f"{source}: {key}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            out.append(f"{source}: {key}{origin}: {msg}{got}")
+    return out
+
+
+def check_components(recipe: Recipe, source: str) -> list[str]:
+    """Registry names exist and parameters match the factories' signatures."""
+    errors = []
+    for section, family in COMPONENT_SECTIONS.items():
+        comp: Component = getattr(recipe, section)
+        reg = FAMILIES[family]
+        try:
+            reg.get(comp.name)
+        except RegistryError as exc:
+            errors.append(f"{source}: {section}.name: {exc}")
+            continue
+        params = comp.params()
+        bad = SUPPLIED.get(section, set()) & set(params)
+        for b in sorted(bad):
+            errors.append(f"{source}: {section}.{b}: set by vlkit from the encoder/LLM dims; remove it")
+        params = {k: v for k, v in params.items() if k not in bad}
+        if section == "projector":
+            params = {**params, "in_dim": 1, "out_dim": 1, "num_tokens": params.get("num_tokens")}
+        if section == "tokens":
+            params = {**params, "num_tokens": params.get("num_tokens")}
+        for msg in reg.check_params(comp.name, params):
+            errors.append(f"{source}: {section}: {msg}")
+    return errors
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check: bool = True) -> Recipe:
+    """Read, merge ``base:``, apply ``key.path=value`` overrides, validate. Raises :class:`ConfigError`."""
+    p = find_recipe(path)
+    source = str(path)
+    data = read_recipe_dict(p)
+    try:
+        data = apply_overrides(data, list(overrides))
+    except ValueError as exc:
+        raise ConfigError(source, [str(exc)]) from exc
+    return validate_recipe(data, source, {o.partition("=")[0].strip() for o in overrides}, check=check)
+
+
+def validate_recipe(data: dict[str, Any], source: str, overridden: set[str] = frozenset(), check: bool = True) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _format_pydantic(source, exc, set(overridden))) from None
+    if check:
+        errors = check_components(recipe, source)
+        if errors:
+            raise ConfigError(source, errors)
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

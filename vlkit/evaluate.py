@@ -1,0 +1,118 @@
+"""Evaluation: validation loss / perplexity, generation accuracy (normalised exact match, per question type), BLEU."""
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import defaultdict
+from typing import Any, Iterable
+
+import torch
+
+from vlkit.data.collate import Collator
+from vlkit.data.llava import IGNORE, Example, LlavaDataset, to_messages, tokenize_record
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop punctuation and articles, collapse whitespace (VQA-style normalisation)."""
+    text = _PUNCT.sub(" ", text.lower())
+    words = [w for w in text.split() if w not in ("a", "an", "the")]
+    return " ".join(words)
+
+
+def move(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def batches(dataset, collator: Collator, batch_size: int) -> Iterable[dict[str, Any]]:
+    for start in range(0, len(dataset), batch_size):
+        yield collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+
+@torch.no_grad()
+def eval_loss(model, dataset: LlavaDataset, batch_size: int, device: torch.device, features_fn=None) -> dict[str, float]:
+    """Token-weighted mean loss over supervised tokens, and its perplexity."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    collator = Collator(model.tokenizer.pad_token_id)
+    for batch in batches(dataset, collator, batch_size):
+        batch = move(batch, device)
+        feats = features_fn(batch) if features_fn else None
+        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                    pixel_values=None if feats is not None else batch["pixel_values"], features=feats)
+        total += float(out.loss_sum)
+        count += out.num_tokens
+    model.train(was)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def prompt_example(rec: dict[str, Any], tokenizer, image_token_id: int, num_image_tokens: int) -> tuple[Example, str]:
+    """The record's first question as a generation prompt, and its reference answer."""
+    conv = rec["conversations"]
+    k = next(i for i, t in enumerate(conv) if t["from"] in ("gpt", "assistant"))
+    prompt_text = tokenizer.apply_chat_template(to_messages(conv[:k]), tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if rec.get("image"):
+        at = ids.index(image_token_id)
+        ids[at:at + 1] = [image_token_id] * num_image_tokens
+    return Example(ids, [IGNORE] * len(ids), rec.get("image"), 0, {}), conv[k]["value"]
+
+
+@torch.no_grad()
+def generate_answers(model, records: list[dict[str, Any]], image_root, transform, device: torch.device,
+                     batch_size: int = 32, max_new_tokens: int = 16, features_fn=None, **gen_kwargs: Any) -> list[str]:
+    was = model.training
+    model.eval()
+    tok = model.tokenizer
+    examples = [prompt_example(r, tok, model.image_token_id, model.num_image_tokens)[0] for r in records]
+    ds = LlavaDataset(examples, image_root, transform)
+    collator = Collator(tok.pad_token_id, left_pad=True)
+    answers: list[str] = []
+    for batch in batches(ds, collator, batch_size):
+        batch = move(batch, device)
+        feats = features_fn(batch) if features_fn else None
+        out = model.generate(batch["input_ids"], batch["attention_mask"],
+                             pixel_values=None if feats is not None else batch["pixel_values"], features=feats,
+                             max_new_tokens=max_new_tokens, **gen_kwargs)
+        answers.extend(t.strip() for t in tok.batch_decode(out, skip_special_tokens=True))
+    model.train(was)
+    return answers
+
+
+def accuracy_report(records: list[dict[str, Any]], predictions: list[str]) -> dict[str, Any]:
+    """Exact match after normalisation, overall and per ``question_type``; BLEU (sacrebleu) over all."""
+    import sacrebleu
+
+    refs = [next(t["value"] for t in r["conversations"] if t["from"] in ("gpt", "assistant")) for r in records]
+    by_type: dict[str, list[int]] = defaultdict(list)
+    hits = []
+    for rec, ref, pred in zip(records, refs, predictions):
+        hit = int(normalize_answer(pred) == normalize_answer(ref))
+        hits.append(hit)
+        by_type[str(rec.get("question_type", "all"))].append(hit)
+    bleu = sacrebleu.corpus_bleu(predictions, [refs]).score if records else 0.0
+    return {
+        "accuracy": sum(hits) / max(len(hits), 1),
+        "accuracy_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
+        "count_by_type": {k: len(v) for k, v in sorted(by_type.items())},
+        "bleu": bleu,
+        "n": len(hits),
+    }
+
+
+def evaluate(model, records: list[dict[str, Any]], image_root, transform, device: torch.device, max_length: int,
+             batch_size: int = 32, max_new_tokens: int = 16, features_fn=None) -> dict[str, Any]:
+    """Validation loss and generation metrics on LLaVA-format records."""
+    examples = [tokenize_record(r, model.tokenizer, model.image_token_id, model.num_image_tokens, max_length, i)
+                for i, r in enumerate(records)]
+    metrics: dict[str, Any] = {}
+    metrics.update({f"val_{k}": v for k, v in eval_loss(model, LlavaDataset(examples, image_root, transform),
+                                                         batch_size, device, features_fn).items()})
+    preds = generate_answers(model, records, image_root, transform, device, batch_size, max_new_tokens, features_fn)
+    metrics.update(accuracy_report(records, preds))
+    metrics["examples"] = [{"id": r.get("id"), "prediction": p} for r, p in zip(records[:5], preds[:5])]
+    return metrics

@@ -1,0 +1,204 @@
+"""Assemble a recipe's components into one vision-language model.
+
+encoder -> token strategy -> projector -> the M image embeddings replace the image placeholder in the LLM's
+text embeddings (LLaVA-style prefix splicing). The collator has already expanded each ``<image>`` placeholder
+into M image-token ids, so splicing is one masked assignment and labels are -100 there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlkit.config import Recipe
+from vlkit.registry import ENCODERS, LLMS, PROJECTORS, TOKEN_STRATEGIES
+from vlkit.types import EncoderOutput
+
+IGNORE = -100
+ENCODER_ATTRS = ("embed_dim", "image_size", "mean", "std")
+
+
+@dataclass
+class VLMOutput:
+    loss: torch.Tensor  # mean over supervised tokens of this batch
+    loss_sum: torch.Tensor  # sum over supervised tokens (for token-weighted accumulation)
+    num_tokens: int  # supervised tokens
+    logits: torch.Tensor | None = None  # [S, V] at the supervised positions, when asked for
+
+
+class VLM(nn.Module):
+    def __init__(self, encoder: nn.Module, tokens: nn.Module, projector: nn.Module, llm: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.tokens, self.projector, self.llm = encoder, tokens, projector, llm
+        self.num_image_tokens = self._count_image_tokens()
+
+    @property
+    def image_token_id(self) -> int:
+        return self.llm.image_token_id
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    def _count_image_tokens(self) -> int:
+        size = int(self.encoder.image_size)
+        device = next(self.projector.parameters(), torch.empty(0)).device
+        with torch.no_grad():
+            out = self.encode_images(torch.zeros(1, 3, size, size, device=device))
+        return int(out.shape[1])
+
+    # ---- images ---------------------------------------------------------------------------------------------
+    def encoder_features(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        # [B, 3, H, W] -> EncoderOutput(patches [B, N, D_vis], cls [B, D_vis] | None)
+        return self.encoder(pixel_values)
+
+    def project(self, features: EncoderOutput) -> torch.Tensor:
+        # EncoderOutput -> [B, M, D_llm]
+        return self.projector(self.tokens(features))
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # [B, 3, H, W] -> [B, M, D_llm]
+        return self.project(self.encoder_features(pixel_values))
+
+    # ---- splicing -------------------------------------------------------------------------------------------
+    def embed_inputs(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        # input_ids [B, T] (each image already expanded to M image-token ids), image_embeds [I, M, D] -> [B, T, D]
+        is_image = input_ids == self.image_token_id
+        ids = input_ids.masked_fill(is_image, 0)
+        embeds = self.llm.embed_tokens(ids)
+        n_slots = int(is_image.sum())
+        n_given = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+        if n_slots != n_given:
+            raise ValueError(
+                f"image tokens in the text ({n_slots}) != image embeddings produced ({n_given}); each <image> "
+                f"placeholder must expand to exactly {self.num_image_tokens} image tokens"
+            )
+        if n_slots:
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, features: EncoderOutput | None = None,
+                return_logits: bool = False) -> VLMOutput:
+        # input_ids/attention_mask/labels [B, T], pixel_values [I, 3, H, W] -> loss over supervised tokens
+        if features is not None:
+            image_embeds = self.project(features)
+        elif pixel_values is not None and pixel_values.shape[0]:
+            image_embeds = self.encode_images(pixel_values)
+        else:
+            image_embeds = None
+        embeds = self.embed_inputs(input_ids, image_embeds)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        hidden = self.llm.hidden_states(embeds, attention_mask, position_ids)
+        if labels is None:
+            raise ValueError("VLM.forward needs labels; use generate() for inference")
+        # LM head and loss only at supervised positions (prompt and image positions never reach the head)
+        target = labels[:, 1:]
+        keep = target != IGNORE
+        logits = self.llm.logits(hidden[:, :-1][keep]).float()
+        loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
+        n = int(keep.sum())
+        loss = loss_sum / max(n, 1)
+        return VLMOutput(loss=loss, loss_sum=loss_sum, num_tokens=n, logits=logits if return_logits else None)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 features: EncoderOutput | None = None, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+        # input_ids [B, T] left-padded prompts -> [B, <=max_new_tokens] new token ids
+        if features is not None:
+            image_embeds = self.project(features)
+        elif pixel_values is not None and pixel_values.shape[0]:
+            image_embeds = self.encode_images(pixel_values)
+        else:
+            image_embeds = None
+        embeds = self.embed_inputs(input_ids, image_embeds)
+        tok = self.tokenizer
+        eos = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(i, int) and i >= 0]
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=eos or None)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        return self.llm.model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+
+def _resolve(value: Any) -> Any:
+    """``toy:...`` references to the embedded default, built on first use."""
+    if isinstance(value, str) and value.startswith("toy:"):
+        from vlkit.toyworld import resolve_toy
+
+        return resolve_toy(value)
+    return value
+
+
+def _resolved_params(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: _resolve(v) for k, v in params.items()}
+
+
+def _check_encoder(encoder: Any, name: str) -> None:
+    missing = [a for a in ENCODER_ATTRS if not hasattr(encoder, a)]
+    if missing or not isinstance(encoder, nn.Module):
+        raise TypeError(
+            f"encoder '{name}' ({ENCODERS.source(name)}) breaks the plugin contract: it must be an nn.Module with "
+            f"attributes {', '.join(ENCODER_ATTRS)}; missing: {', '.join(missing) or 'not an nn.Module'}"
+        )
+
+
+def build_vision(recipe: Recipe, out_dim: int) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The recipe's encoder, token strategy and a projector into ``out_dim``."""
+    enc_cfg, tok_cfg, proj_cfg = recipe.encoder, recipe.tokens, recipe.projector
+    encoder = ENCODERS.create(enc_cfg.name, **_resolved_params(enc_cfg.params()))
+    _check_encoder(encoder, enc_cfg.name)
+    tok_params = {"num_tokens": None, **_resolved_params(tok_cfg.params())}
+    tokens = TOKEN_STRATEGIES.create(tok_cfg.name, **tok_params)
+    in_dim = tokens.out_dim(int(encoder.embed_dim)) if hasattr(tokens, "out_dim") else int(encoder.embed_dim)
+    proj_params = _resolved_params(proj_cfg.params())
+    proj_params.setdefault("num_tokens", tok_params["num_tokens"])
+    projector = PROJECTORS.create(proj_cfg.name, in_dim=in_dim, out_dim=out_dim, **proj_params)
+    return encoder, tokens, projector
+
+
+def build_model(recipe: Recipe) -> VLM:
+    """Build the recipe's encoder, token strategy, projector and LLM and assemble them."""
+    if recipe.fusion.name != "prefix":
+        raise ValueError(f"fusion.name '{recipe.fusion.name}' is not available; use 'prefix'")
+    llm = LLMS.create(recipe.llm.name, **_resolved_params(recipe.llm.params()))
+    encoder, tokens, projector = build_vision(recipe, llm.hidden_size)
+    return VLM(encoder, tokens, projector, llm)
+
+
+def load_tokenizer(recipe: Recipe):
+    """The recipe LLM's tokenizer with the image token added, without loading the LLM's weights."""
+    from transformers import AutoTokenizer
+
+    params = _resolved_params(recipe.llm.params())
+    tok = AutoTokenizer.from_pretrained(params.get("tokenizer") or params["model"],
+                                        trust_remote_code=bool(params.get("trust_remote_code", False)))
+    image_token = params.get("image_token", "<image>")
+    if image_token not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [image_token]})
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok, tok.convert_tokens_to_ids(image_token)
+
+
+def count_image_tokens(recipe: Recipe) -> int:
+    """Image tokens per image for a recipe, from its encoder, token strategy and projector (no LLM)."""
+    encoder, tokens, projector = build_vision(recipe, out_dim=8)
+    size = int(encoder.image_size)
+    with torch.no_grad():
+        return int(projector(tokens(encoder(torch.zeros(1, 3, size, size)))).shape[1])
+
+
+def parameter_counts(model: VLM) -> dict[str, dict[str, int]]:
+    """Trainable and frozen parameters per component."""
+    out = {}
+    for part in ("encoder", "tokens", "projector", "llm"):
+        mod = getattr(model, part)
+        trainable = sum(p.numel() for p in mod.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in mod.parameters())
+        out[part] = {"trainable": trainable, "frozen": total - trainable, "total": total}
+    return out

@@ -1,0 +1,417 @@
+"""``vlkit train``: the LLaVA recipe, top to bottom.
+
+    build model -> for each stage (align, instruct, ...):
+        set what trains -> load + check data -> optimizer/schedule -> pre-flight -> one shared loop -> evaluate
+
+Stage ``align`` trains the projector on captions (encoder and LLM frozen); ``instruct`` trains the projector plus
+LoRA (or the full LLM) on conversations. Every stage uses the same loop; a stage's settings come from the recipe.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from vlkit.checkpoint import find_checkpoint, load_checkpoint, load_trainable, save_checkpoint
+from vlkit.config import Recipe, StageConfig, dump_recipe
+from vlkit.data.collate import Collator, epoch_batches, padding_fraction
+from vlkit.data.llava import DataError, Example, ImageTransform, LlavaDataset, check_records, load_records
+from vlkit.evaluate import evaluate, move
+from vlkit.model import VLM, _resolve, build_model, parameter_counts
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, failed pre-flight check)."""
+
+
+# ---- small shared helpers (used by every stage) ------------------------------------------------------------------
+def seed_everything(seed: int, deterministic: bool) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision only on GPUs: bf16/fp16 matmuls on CPUs are far slower than fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def set_trainable(model: VLM, stage: StageConfig) -> None:
+    """Freeze everything, then unfreeze what this stage trains (LoRA is attached on first use)."""
+    model.requires_grad_(False)
+    if stage.train_projector:
+        model.projector.requires_grad_(True)
+    if stage.llm == "lora":
+        attach_lora(model, stage)
+        for n, p in model.llm.model.named_parameters():
+            p.requires_grad_("lora_" in n)
+    elif stage.llm == "full":
+        model.llm.requires_grad_(True)
+    if stage.unfreeze_encoder_blocks:
+        blocks = model.encoder.blocks() if hasattr(model.encoder, "blocks") else []
+        if len(blocks) < stage.unfreeze_encoder_blocks:
+            raise ValueError(f"unfreeze_encoder_blocks={stage.unfreeze_encoder_blocks} but the encoder exposes "
+                             f"{len(blocks)} blocks")
+        model.encoder.frozen = False
+        for block in blocks[-stage.unfreeze_encoder_blocks:]:
+            block.requires_grad_(True)
+    if stage.gradient_checkpointing:
+        model.llm.base().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def attach_lora(model: VLM, stage: StageConfig) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    if hasattr(model.llm.model, "peft_config"):
+        return
+    cfg = LoraConfig(r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
+                     target_modules=stage.lora.target_modules, task_type="CAUSAL_LM")
+    model.llm.model = get_peft_model(model.llm.model, cfg)
+
+
+def param_groups(model: VLM, stage: StageConfig) -> list[dict[str, Any]]:
+    """Per-module learning rates: projector ``lr``, LLM ``lr_llm``, encoder ``lr_encoder`` (default ``lr``)."""
+    groups = []
+    for part, lr in (("projector", stage.lr), ("llm", stage.lr_llm or stage.lr), ("encoder", stage.lr_encoder or stage.lr)):
+        params = [p for p in getattr(model, part).parameters() if p.requires_grad]
+        if params:
+            decay = [p for p in params if p.dim() >= 2]
+            no_decay = [p for p in params if p.dim() < 2]
+            groups.append({"name": part, "params": decay, "lr": lr, "weight_decay": stage.weight_decay})
+            if no_decay:
+                groups.append({"name": f"{part}_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
+    if not groups:
+        raise ValueError("this stage trains nothing: set train_projector, llm: lora|full or unfreeze_encoder_blocks")
+    return groups
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, warmup, max(total, 1))
+
+
+class MetricsLog:
+    """Appends JSON lines to ``metrics.jsonl``; each line is flushed so a killed run keeps its log."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+        except ImportError:  # TensorBoard is optional
+            self.tb = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None and "step" in row:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{row.get('stage', '')}/{k}", v, row["step"])
+
+    def truncate_after(self, stage: str, step: int) -> None:
+        """Drop lines logged after the checkpoint we resume from (they will be written again)."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("stage") == stage and row.get("step", 0) > step:
+                continue
+            keep.append(line)
+        self.path.write_text("".join(l + "\n" for l in keep))
+
+
+def report_problems(console: Console, problems: list, what: str, limit: int = 10) -> None:
+    console.print(f"[yellow]{len(problems)} problem(s) in {what}:[/]")
+    for p in problems[:limit]:
+        console.print(f"  record {p.id} (#{p.index}) [{p.kind}]: {p.message}", markup=False, highlight=False)
+    if len(problems) > limit:
+        console.print(f"  ... and {len(problems) - limit} more (run `vlkit data check` for all)")
+
+
+@dataclass
+class StageData:
+    train: LlavaDataset
+    lengths: list[int]
+    has_image: list[bool]
+    eval_records: list[dict[str, Any]] = field(default_factory=list)
+    skipped: int = 0
+
+
+def load_stage_data(recipe: Recipe, stage_name: str, model: VLM, transform: ImageTransform, console: Console) -> StageData:
+    """Read and check a stage's data before step 1: stop, or skip bad records by policy, never mid-run."""
+    stage = recipe.stages[stage_name]
+    root = _resolve(recipe.data.image_root)
+    path = _resolve(stage.data)
+    records = load_records(path)
+    examples, problems = check_records(records, root, model.tokenizer, model.image_token_id, model.num_image_tokens,
+                                       recipe.data.max_length, open_images=False)
+    if problems:
+        report_problems(console, problems, path)
+        if not recipe.data.skip_bad:
+            raise DataError(f"{len(problems)} bad record(s) in {path} (stage '{stage_name}'); fix them, or set "
+                            "data.skip_bad=true to skip them (they are reported)")
+        console.print(f"[yellow]skipping {len(problems)} record(s) (data.skip_bad=true)[/]")
+    if not examples:
+        raise DataError(f"no usable records in {path}")
+    eval_records = load_records(_resolve(stage.eval_data))[: stage.eval_max_samples] if stage.eval_data else []
+    return StageData(LlavaDataset(examples, root, transform), [e.length for e in examples],
+                     [e.image is not None for e in examples], eval_records, len(problems))
+
+
+def preflight(model: VLM, batch: dict[str, Any], console: Console, tokenizer) -> dict[str, float]:
+    """Before step 1: every sample has a supervised token; image tokens match; embedding norms are sane."""
+    from vlkit.inspect import render_example
+
+    labels = batch["labels"]
+    for b in range(labels.shape[0]):
+        if not bool((labels[b, 1:] != -100).any()):
+            ids = batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist()
+            view = render_example(tokenizer, ids, labels[b][batch["attention_mask"][b].bool()].tolist(),
+                                  model.image_token_id)
+            raise TrainingError(f"sample {batch['index'][b]} has no supervised token (every label is masked: the "
+                                f"'loss is 0' bug; check the chat template). Its masked template:\n{view.plain}")
+    n_img = int((batch["input_ids"] == model.image_token_id).sum())
+    n_images = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
+    if n_img != n_images * model.num_image_tokens:
+        raise TrainingError(f"{n_img} image tokens in the batch but {n_images} images x {model.num_image_tokens} "
+                            "tokens expected")
+    with torch.no_grad():
+        text = model.llm.embed_tokens(batch["input_ids"][batch["attention_mask"].bool()
+                                                         & (batch["input_ids"] != model.image_token_id)])
+        facts = {"text_embed_norm": float(text.norm(dim=-1).mean())}
+        if n_images:
+            img = model.encode_images(batch["pixel_values"])
+            facts["image_embed_norm"] = float(img.norm(dim=-1).mean())
+    console.print("pre-flight: " + ", ".join(f"{k}={v:.3f}" for k, v in facts.items())
+                  + f", {n_img} image tokens = {n_images} images x {model.num_image_tokens}: ok")
+    return facts
+
+
+# ---- the shared loop -----------------------------------------------------------------------------------------------
+def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device: torch.device, console: Console,
+              log: MetricsLog, dry_run: bool = False, features_fn: Callable | None = None,
+              stop_after: int | None = None) -> dict[str, Any]:
+    stage = recipe.stages[stage_name]
+    set_trainable(model, stage)
+    transform = ImageTransform(model.encoder.image_size, model.encoder.mean, model.encoder.std)
+    data = load_stage_data(recipe, stage_name, model, transform, console)
+    seed = recipe.train.seed
+
+    micro = stage.batch_size // stage.grad_accum if stage.batch_size % stage.grad_accum == 0 else stage.batch_size
+    steps_per_epoch = math.ceil(len(data.train) / (micro * stage.grad_accum))
+    total_steps = stage.max_steps or max(1, int(steps_per_epoch * stage.epochs))
+    optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999))
+    scheduler = cosine_with_warmup(optimizer, int(stage.warmup_ratio * total_steps), total_steps)
+    ckpt_dir = run_dir / "checkpoints" / stage_name
+    step, epoch, batch_pos = 0, 0, 0
+    found = find_checkpoint(ckpt_dir / "last")
+    if found is not None:
+        state = load_checkpoint(found, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
+        log.truncate_after(stage_name, step)
+        console.print(f"resuming stage '{stage_name}' at step {step} (epoch {epoch}, batch {batch_pos})")
+
+    counts = parameter_counts(model)
+    trainable = sum(c["trainable"] for c in counts.values())
+    all_batches = epoch_batches(data.lengths, data.has_image, micro, seed, 0, recipe.data.group_by_length)
+    pad_frac = padding_fraction(data.lengths, all_batches)
+    console.print(f"[bold]stage {stage_name}[/]: {len(data.train)} samples, {total_steps} steps x {stage.batch_size} "
+                  f"(micro {micro} x accum {stage.grad_accum}), trainable {trainable:,} params, "
+                  f"padding {pad_frac:.1%}, llm={stage.llm}")
+    collator = Collator(model.tokenizer.pad_token_id)
+    amp = autocast_dtype(recipe.train.precision, device)
+    model.train()
+
+    def micro_batches():
+        nonlocal epoch, batch_pos
+        while True:
+            order = epoch_batches(data.lengths, data.has_image, micro, seed, epoch, recipe.data.group_by_length)
+            while batch_pos < len(order):
+                idx = order[batch_pos]
+                batch_pos += 1
+                yield collator([data.train[i] for i in idx])
+            epoch, batch_pos = epoch + 1, 0
+
+    stream = micro_batches()
+    t_start, tokens_seen, last_loss = time.time(), 0, float("nan")
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[tps]:.0f} tok/s"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal and dry_run) as progress:
+        task = progress.add_task(stage_name, total=total_steps, completed=step, loss=float("nan"), lr=0.0, tps=0.0)
+        while step < total_steps:
+            optimizer.zero_grad(set_to_none=True)
+            parts = [move(next(stream), device) for _ in range(stage.grad_accum)]
+            if step == 0 and found is None:
+                preflight(model, parts[0], console, model.tokenizer)
+            n_total = sum(int((p["labels"][:, 1:] != -100).sum()) for p in parts)
+            loss_sum = 0.0
+            t0 = time.time()
+            for batch in parts:
+                feats = features_fn(batch) if features_fn else None
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                pixel_values=None if feats is not None else batch["pixel_values"], features=feats)
+                (out.loss_sum / n_total).backward()  # token-weighted over the accumulated micro-batches
+                loss_sum += float(out.loss_sum)
+                tokens_seen += int(batch["attention_mask"].sum())
+            loss = loss_sum / max(n_total, 1)
+            if not math.isfinite(loss):
+                raise TrainingError(f"stage '{stage_name}' step {step + 1}: loss is {loss}; stopped. The last good "
+                                    f"checkpoint is kept in {ckpt_dir / 'last'}")
+            grad_norm = None
+            if stage.max_grad_norm:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            last_loss = loss
+            dt = time.time() - t0
+            tps = sum(int(b["attention_mask"].sum()) for b in parts) / max(dt, 1e-9)
+            lr = optimizer.param_groups[0]["lr"]
+            log.write({"stage": stage_name, "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_s": tps, "supervised_tokens": n_total, "epoch": epoch})
+            progress.update(task, completed=step, loss=loss, lr=lr, tps=tps)
+            if dry_run:
+                console.print(f"dry run: one step done, loss {loss:.4f}")
+                return {"dry_run": True, "loss": loss}
+            if step % stage.save_every == 0 or step == total_steps:
+                save_checkpoint(ckpt_dir / "last", model, optimizer,
+                                {"stage": stage_name, "step": step, "epoch": epoch, "batch_pos": batch_pos,
+                                 "scheduler": scheduler.state_dict(), "recipe_identity": recipe.identity()})
+            if stop_after is not None and step >= stop_after:
+                return {"stopped_at": step}
+            if stage.eval_every and step % stage.eval_every == 0 and step < total_steps and data.eval_records:
+                m = run_eval(model, recipe, stage, data, transform, device, features_fn)
+                log.write({"stage": stage_name, "step": step, **_scalars(m)})
+    wall = time.time() - t_start
+    metrics: dict[str, Any] = {"steps": step, "final_loss": last_loss, "wall_time_s": wall,
+                               "tokens_per_s": tokens_seen / max(wall, 1e-9), "padding_fraction": pad_frac,
+                               "trainable_params": trainable, "skipped_records": data.skipped,
+                               "num_image_tokens": model.num_image_tokens}
+    if data.eval_records:
+        m = run_eval(model, recipe, stage, data, transform, device, features_fn)
+        log.write({"stage": stage_name, "step": step, **_scalars(m)})
+        metrics.update(m)
+    return metrics
+
+
+def _scalars(m: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+    out.update({f"acc/{k}": v for k, v in m.get("accuracy_by_type", {}).items()})
+    return out
+
+
+def run_eval(model: VLM, recipe: Recipe, stage: StageConfig, data: StageData, transform, device, features_fn):
+    return evaluate(model, data.eval_records, _resolve(recipe.data.image_root), transform, device,
+                    recipe.data.max_length, stage.eval_batch_size, stage.max_new_tokens, features_fn)
+
+
+# ---- the recipe ----------------------------------------------------------------------------------------------------
+def prepare_run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
+    run_dir = Path(run_dir or Path(recipe.train.output_dir) / (recipe.train.run_name or recipe.name))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = run_dir / "config.yaml"
+    ident = run_dir / "identity.txt"
+    if ident.exists() and ident.read_text().strip() != recipe.identity():
+        raise ValueError(f"run directory {run_dir} holds a run of a different config (identity "
+                         f"{ident.read_text().strip()} != {recipe.identity()}); choose another train.run_name or "
+                         "remove the directory")
+    cfg.write_text(dump_recipe(recipe))
+    ident.write_text(recipe.identity() + "\n")
+    return run_dir
+
+
+def train(recipe: Recipe, run_dir: Path | None = None, console: Console | None = None, dry_run: bool = False,
+          features: Any = None, stop_after: tuple[str, int] | None = None) -> dict[str, Any]:
+    """Run the recipe's stages in order; resumes automatically from the run directory's checkpoints."""
+    console = console or Console()
+    seed_everything(recipe.train.seed, recipe.train.deterministic)
+    device = pick_device(recipe.train.device)
+    run_dir = prepare_run_dir(recipe, run_dir)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"stages": {}}
+    summary.update({"recipe": recipe.name, "identity": recipe.identity(), "status": "running"})
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    t0 = time.time()
+
+    model = build_model(recipe).to(device)
+    summary["num_image_tokens"] = model.num_image_tokens
+    features_fn = features.for_model(model, device) if features is not None else None
+    for stage_name in recipe.train.stages:
+        done = find_checkpoint(run_dir / "checkpoints" / stage_name / "final")
+        if done is not None and stage_name in summary["stages"]:
+            set_trainable(model, recipe.stages[stage_name])
+            load_trainable(model, done / "trainable.safetensors")
+            console.print(f"stage '{stage_name}' already finished: loaded {done}")
+            continue
+        m = run_stage(model, recipe, stage_name, run_dir, device, console, log, dry_run, features_fn,
+                      stop_after[1] if stop_after and stop_after[0] == stage_name else None)
+        if dry_run or "stopped_at" in m:
+            return m
+        final = run_dir / "checkpoints" / stage_name / "final"
+        save_checkpoint(final, model, None, {"stage": stage_name, "step": m["steps"], "epoch": 0, "batch_pos": 0,
+                                              "recipe_identity": recipe.identity()})
+        summary["stages"][stage_name] = {k: v for k, v in m.items() if k != "examples"}
+        summary_path.write_text(json.dumps(summary, indent=1))
+        if "accuracy" in m:
+            print_accuracy(console, stage_name, m)
+    summary.update({"status": "finished", "wall_time_s": summary.get("wall_time_s", 0) + time.time() - t0,
+                    "peak_rss_mb": _peak_rss_mb(), "parameters": parameter_counts(model)})
+    summary_path.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def print_accuracy(console: Console, stage: str, m: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{stage}: generation accuracy (exact match) on {m['n']} samples")
+    table.add_column("question type")
+    table.add_column("n", justify="right")
+    table.add_column("accuracy", justify="right")
+    for k, v in m["accuracy_by_type"].items():
+        table.add_row(k, str(m["count_by_type"][k]), f"{v:.3f}")
+    table.add_row("[bold]all", str(m["n"]), f"[bold]{m['accuracy']:.3f}")
+    console.print(table)
+    console.print(f"val loss {m['val_loss']:.4f} (ppl {m['val_perplexity']:.2f}), BLEU {m['bleu']:.1f}")
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
