@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -19,6 +20,17 @@ app.add_typer(data_app, name="data")
 app.add_typer(toy_app, name="toy")
 
 console = Console()
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+@app.callback()
+def _quiet_libraries() -> None:
+    """Library progress bars (weights loading) would interleave with vlkit's own rich progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 err_console = Console(stderr=True)
 
 
@@ -287,6 +299,78 @@ def predict_cmd(run: Path = typer.Argument(..., help="run directory"),
                                                                {"from": "gpt", "value": ""}]}
     answer = predict_records(model, [rec], image.resolve().parent, device, **gen)[0]
     console.print(answer, markup=False)
+
+
+# ---- ablate / report -----------------------------------------------------------------------------------------------
+@app.command("ablate")
+@friendly
+def ablate_cmd(recipe: str = typer.Argument("mlp_patch", help="base recipe (default: the embedded default)"),
+               overrides: Optional[list[str]] = typer.Argument(None, help="base overrides key.path=value"),
+               projector: Optional[str] = typer.Option(None, help="projectors, e.g. linear,mlp"),
+               tokens: Optional[str] = typer.Option(None, help="token strategies, e.g. cls,patch"),
+               num_image_tokens: Optional[str] = typer.Option(None, help="image token counts, e.g. 1,4,16,64"),
+               seeds: Optional[str] = typer.Option(None, help="number of seeds (3) or a list (0,1,2)"),
+               grid: Optional[list[str]] = typer.Option(None, help="generic axis key.path=a,b,c (repeatable)"),
+               out: Optional[Path] = typer.Option(None, help="ablation directory (default: runs/ablate/<recipe>)"),
+               executor: str = typer.Option("local", help="local, slurm or submitit-local"),
+               workers: Optional[int] = typer.Option(None, help="parallel runs (default from cores and memory)"),
+               feature_cache: bool = typer.Option(True, "--feature-cache/--no-feature-cache",
+                                                  help="share frozen encoder features across runs"),
+               dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and a time estimate, run nothing"),
+               partition: Optional[str] = typer.Option(None, help="slurm partition"),
+               gpus: int = typer.Option(1, help="slurm GPUs per run"),
+               time_min: int = typer.Option(240, "--time", help="slurm time limit per run (minutes)")) -> None:
+    """Run a declared grid (projector x tokens x N x seeds x any key) and write results and a report."""
+    import shlex
+
+    from vlkit.ablate.plan import make_plan, print_plan, estimate_time
+    from vlkit.ablate.report import write_report
+    from vlkit.ablate.run import run_grid
+
+    cli_axes: dict[str, str] = {}
+    for name, value in (("projector", projector), ("tokens", tokens), ("num_image_tokens", num_image_tokens)):
+        if value:
+            cli_axes[name] = value
+    for g in grid or []:
+        key, sep, values = g.partition("=")
+        if not sep or not values:
+            raise ValueError(f"--grid '{g}' is not of the form key.path=a,b,c")
+        cli_axes[key.strip()] = values
+    command = "vlkit ablate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    plan = make_plan(recipe, overrides or [], cli_axes, seeds, out, command)
+    print_plan(console, plan)
+    if dry_run:
+        estimate_time(console, plan, workers)
+        return
+    slurm = {"partition": partition, "gpus": gpus, "time_min": time_min}
+    run_grid(plan["recipe_path"], plan["specs"], plan["out"], executor, workers, feature_cache, console, slurm)
+    result = write_report(plan["out"])
+    print_summary(result, plan["axes"])
+    console.print(f"[bold]report[/]: {plan['out'] / 'report.md'}, {plan['out'] / 'results.csv'}")
+
+
+@app.command("report")
+@friendly
+def report_cmd(out: Path = typer.Argument(..., help="ablation directory")) -> None:
+    """Regenerate results.csv/json, report.md and plots from an ablation's run directories."""
+    from vlkit.ablate.report import load_plan, write_report
+
+    plan, _ = load_plan(out)
+    result = write_report(out)
+    print_summary(result, plan["axes"])
+    console.print(f"[bold]report[/]: {out / 'report.md'}")
+
+
+def print_summary(result: dict[str, Any], axes: list[str]) -> None:
+    from vlkit.ablate.report import _fmt
+
+    table = Table(title="ablation: mean ± 95% CI across seeds")
+    for col in [*axes, "tokens", "params", "seeds", "accuracy", "val loss"]:
+        table.add_column(col)
+    for a in result["aggregate"]:
+        table.add_row(*[str(a.get(x)) for x in axes], str(a.get("image_tokens")), f"{a.get('trainable_params') or 0:,}",
+                      str(a["seeds"]), _fmt(a.get("accuracy")), _fmt(a.get("val_loss")))
+    console.print(table)
 
 
 def main() -> None:  # pragma: no cover

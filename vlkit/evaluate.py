@@ -38,6 +38,7 @@ def eval_loss(model, dataset: LlavaDataset, batch_size: int, device: torch.devic
     model.eval()
     total, count = 0.0, 0
     collator = Collator(model.tokenizer.pad_token_id)
+    dataset.load_images = features_fn is None
     for batch in batches(dataset, collator, batch_size):
         batch = move(batch, device)
         feats = features_fn(batch) if features_fn else None
@@ -69,7 +70,7 @@ def generate_answers(model, records: list[dict[str, Any]], image_root, transform
     model.eval()
     tok = model.tokenizer
     examples = [prompt_example(r, tok, model.image_token_id, model.num_image_tokens)[0] for r in records]
-    ds = LlavaDataset(examples, image_root, transform)
+    ds = LlavaDataset(examples, image_root, transform, load_images=features_fn is None)
     collator = Collator(tok.pad_token_id, left_pad=True)
     answers: list[str] = []
     for batch in batches(ds, collator, batch_size):

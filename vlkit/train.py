@@ -177,7 +177,7 @@ def load_stage_data(recipe: Recipe, stage_name: str, model: VLM, transform: Imag
     path = _resolve(stage.data)
     records = load_records(path)
     examples, problems = check_records(records, root, model.tokenizer, model.image_token_id, model.num_image_tokens,
-                                       recipe.data.max_length, open_images=False)
+                                       recipe.data.max_length)
     if problems:
         report_problems(console, problems, path)
         if not recipe.data.skip_bad:
@@ -204,7 +204,7 @@ def preflight(model: VLM, batch: dict[str, Any], console: Console, tokenizer) ->
             raise TrainingError(f"sample {batch['index'][b]} has no supervised token (every label is masked: the "
                                 f"'loss is 0' bug; check the chat template). Its masked template:\n{view.plain}")
     n_img = int((batch["input_ids"] == model.image_token_id).sum())
-    n_images = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
+    n_images = sum(k is not None for k in batch["image_keys"])
     if n_img != n_images * model.num_image_tokens:
         raise TrainingError(f"{n_img} image tokens in the batch but {n_images} images x {model.num_image_tokens} "
                             "tokens expected")
@@ -212,12 +212,32 @@ def preflight(model: VLM, batch: dict[str, Any], console: Console, tokenizer) ->
         text = model.llm.embed_tokens(batch["input_ids"][batch["attention_mask"].bool()
                                                          & (batch["input_ids"] != model.image_token_id)])
         facts = {"text_embed_norm": float(text.norm(dim=-1).mean())}
-        if n_images:
+        if batch["pixel_values"] is not None:
             img = model.encode_images(batch["pixel_values"])
             facts["image_embed_norm"] = float(img.norm(dim=-1).mean())
     console.print("pre-flight: " + ", ".join(f"{k}={v:.3f}" for k, v in facts.items())
                   + f", {n_img} image tokens = {n_images} images x {model.num_image_tokens}: ok")
     return facts
+
+
+def micro_batch_size(stage: StageConfig) -> int:
+    if stage.batch_size % stage.grad_accum:
+        raise ValueError(f"batch_size {stage.batch_size} is not divisible by grad_accum {stage.grad_accum}")
+    return stage.batch_size // stage.grad_accum
+
+
+def stage_steps(stage: StageConfig, num_samples: int) -> int:
+    """Optimizer steps of a stage: ``max_steps``, else ``epochs`` over the data at the global batch size."""
+    return stage.max_steps or max(1, int(math.ceil(num_samples / stage.batch_size) * stage.epochs))
+
+
+def estimate_steps(recipe: Recipe) -> dict[str, int]:
+    """Steps per stage without building the model (counts records when ``max_steps`` is not set)."""
+    out = {}
+    for name in recipe.train.stages:
+        st = recipe.stages[name]
+        out[name] = st.max_steps or stage_steps(st, len(load_records(_resolve(st.data))))
+    return out
 
 
 # ---- the shared loop -----------------------------------------------------------------------------------------------
@@ -229,10 +249,16 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
     transform = ImageTransform(model.encoder.image_size, model.encoder.mean, model.encoder.std)
     data = load_stage_data(recipe, stage_name, model, transform, console)
     seed = recipe.train.seed
+    if features_fn is not None and stage.unfreeze_encoder_blocks:
+        console.print(f"[yellow]stage '{stage_name}' trains encoder blocks: feature cache not used in this stage[/]")
+        features_fn = None
+    if features_fn is not None:
+        images = [e.image for e in data.train.examples] + [r.get("image") for r in data.eval_records]
+        features_fn.prepare(images, _resolve(recipe.data.image_root), transform)
+        data.train.load_images = False
 
-    micro = stage.batch_size // stage.grad_accum if stage.batch_size % stage.grad_accum == 0 else stage.batch_size
-    steps_per_epoch = math.ceil(len(data.train) / (micro * stage.grad_accum))
-    total_steps = stage.max_steps or max(1, int(steps_per_epoch * stage.epochs))
+    micro = micro_batch_size(stage)
+    total_steps = stage_steps(stage, len(data.train))
     optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999))
     scheduler = cosine_with_warmup(optimizer, int(stage.warmup_ratio * total_steps), total_steps)
     ckpt_dir = run_dir / "checkpoints" / stage_name
@@ -287,7 +313,7 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
                     out = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                 pixel_values=None if feats is not None else batch["pixel_values"], features=feats)
                 (out.loss_sum / n_total).backward()  # token-weighted over the accumulated micro-batches
-                loss_sum += float(out.loss_sum)
+                loss_sum += float(out.loss_sum.detach())
                 tokens_seen += int(batch["attention_mask"].sum())
             loss = loss_sum / max(n_total, 1)
             if not math.isfinite(loss):
@@ -309,7 +335,7 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
             progress.update(task, completed=step, loss=loss, lr=lr, tps=tps)
             if dry_run:
                 console.print(f"dry run: one step done, loss {loss:.4f}")
-                return {"dry_run": True, "loss": loss}
+                return {"dry_run": True, "loss": loss, "step_time_s": dt}
             if step % stage.save_every == 0 or step == total_steps:
                 save_checkpoint(ckpt_dir / "last", model, optimizer,
                                 {"stage": stage_name, "step": step, "epoch": epoch, "batch_pos": batch_pos,
@@ -404,8 +430,9 @@ def print_accuracy(console: Console, stage: str, m: dict[str, Any]) -> None:
     table.add_column("question type")
     table.add_column("n", justify="right")
     table.add_column("accuracy", justify="right")
-    for k, v in m["accuracy_by_type"].items():
-        table.add_row(k, str(m["count_by_type"][k]), f"{v:.3f}")
+    if list(m["accuracy_by_type"]) != ["all"]:
+        for k, v in m["accuracy_by_type"].items():
+            table.add_row(k, str(m["count_by_type"][k]), f"{v:.3f}")
     table.add_row("[bold]all", str(m["n"]), f"[bold]{m['accuracy']:.3f}")
     console.print(table)
     console.print(f"val loss {m['val_loss']:.4f} (ppl {m['val_perplexity']:.2f}), BLEU {m['bleu']:.1f}")

@@ -77,5 +77,6 @@ def hf(model: str = "Qwen/Qwen2.5-1.5B-Instruct", tokenizer: str | None = None, 
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    lm.requires_grad_(False)  # frozen until a training stage says otherwise (LoRA or full)
     tok = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code, revision=revision)
     return HFCausalLM(lm, tok, image_token=image_token)

@@ -30,7 +30,7 @@ class Collator:
         images = [it["pixel_values"] for it in items if it.get("pixel_values") is not None]
         pixel_values = torch.stack(images) if images else None
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixel_values,
-                "index": [it["index"] for it in items], "image": [it.get("image") for it in items]}
+                "index": [it["index"] for it in items], "image_keys": [it.get("image_key") for it in items]}
 
 
 def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:

@@ -283,16 +283,17 @@ def check_records(records: list[Any], image_root: str | Path | None, tokenizer=N
 class LlavaDataset(torch.utils.data.Dataset):
     """Tokenized examples plus lazily loaded, preprocessed images."""
 
-    def __init__(self, examples: list[Example], image_root: str | Path | None, transform: ImageTransform) -> None:
+    def __init__(self, examples: list[Example], image_root: str | Path | None, transform: ImageTransform,
+                 load_images: bool = True) -> None:
         self.examples, self.image_root, self.transform = examples, image_root, transform
+        self.load_images = load_images  # False when a feature cache supplies the encoder outputs
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         ex = self.examples[i]
-        pixel_values = None
-        if ex.image is not None:
-            pixel_values = self.transform(load_image(safe_image_path(self.image_root, ex.image)))
+        path = safe_image_path(self.image_root, ex.image) if ex.image is not None else None
+        pixel_values = self.transform(load_image(path)) if path is not None and self.load_images else None
         return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixel_values, "index": ex.index,
-                "image": ex.image}
+                "image_key": None if path is None else str(path)}

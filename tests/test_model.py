@@ -1,0 +1,100 @@
+"""VLM assembly on the tiny toy world: splicing, masks, loss on supervised positions, text-only mixing."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlkit.config import load_recipe
+from vlkit.data.collate import Collator
+from vlkit.data.llava import IGNORE, DataError, tokenize_record
+from vlkit.model import build_model, count_image_tokens
+
+
+@pytest.fixture(scope="module")
+def model(tiny_toy_world):
+    torch.manual_seed(0)
+    return build_model(load_recipe("mlp_patch"))
+
+
+def rec(image=True, turns=(("What colour?", "red"),)):
+    conv = []
+    for i, (q, a) in enumerate(turns):
+        conv += [{"from": "human", "value": ("<image>\n" if image and i == 0 else "") + q}, {"from": "gpt", "value": a}]
+    out = {"id": "x", "conversations": conv}
+    if image:
+        out["image"] = "train/000000.png"
+    return out
+
+
+def test_labels_cover_every_assistant_turn_only(model):
+    tok = model.tokenizer
+    ex = tokenize_record(rec(turns=(("What colour is it?", "red"), ("And the shape?", "circle"))), tok,
+                         model.image_token_id, model.num_image_tokens, 400)
+    supervised = tok.decode([t for t, l in zip(ex.input_ids, ex.labels) if l != IGNORE])
+    assert "red" in supervised and "circle" in supervised
+    assert "colour" not in supervised and "shape" not in supervised and "system" not in supervised
+    assert supervised.count("<|im_end|>") == 2  # each turn learns to stop
+    img = [i for i, t in enumerate(ex.input_ids) if t == model.image_token_id]
+    assert len(img) == model.num_image_tokens and all(ex.labels[i] == IGNORE for i in img)
+    assert img == list(range(img[0], img[0] + len(img)))
+
+
+def test_truncation_never_cuts_image(model):
+    with pytest.raises(DataError, match="truncation would cut the image"):
+        tokenize_record(rec(), model.tokenizer, model.image_token_id, model.num_image_tokens, 40)
+    with pytest.raises(DataError, match="no supervised token"):
+        tokenize_record(rec(), model.tokenizer, model.image_token_id, model.num_image_tokens,
+                        model.num_image_tokens + 20)
+
+
+def batch_of(model, records):
+    examples = [tokenize_record(r, model.tokenizer, model.image_token_id, model.num_image_tokens, 400) for r in records]
+    items = [{"input_ids": e.input_ids, "labels": e.labels, "index": i, "image_key": e.image,
+              "pixel_values": torch.randn(3, 64, 64) if e.image else None} for i, e in enumerate(examples)]
+    return Collator(model.tokenizer.pad_token_id)(items)
+
+
+def test_splice_and_loss_match_full_logits(model):
+    torch.manual_seed(1)
+    b = batch_of(model, [rec(), rec(image=False, turns=(("Say hi", "hi there"),)), rec(turns=(("Q?", "a b c"),))])
+    assert b["pixel_values"].shape[0] == 2  # the text-only sample brings no image
+    out = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"])
+    # reference: splice by hand, full logits everywhere, standard shifted CE with ignore_index
+    img = model.encode_images(b["pixel_values"])
+    emb = model.llm.embed_tokens(b["input_ids"].masked_fill(b["input_ids"] == model.image_token_id, 0))
+    emb[b["input_ids"] == model.image_token_id] = img.reshape(-1, img.shape[-1])
+    pos = (b["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    logits = model.llm.model(inputs_embeds=emb, attention_mask=b["attention_mask"], position_ids=pos).logits
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
+                          ignore_index=IGNORE)
+    assert torch.allclose(out.loss, ref, atol=1e-5), (out.loss, ref)
+    assert out.num_tokens == int((b["labels"][:, 1:] != IGNORE).sum())
+
+
+def test_image_token_mismatch_is_an_error(model):
+    b = batch_of(model, [rec()])
+    with pytest.raises(ValueError, match="image tokens in the text"):
+        model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=torch.randn(2, 3, 64, 64))
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([], 64), (["tokens.name=cls"], 1), (["tokens.name=cls_patch"], 65), (["tokens.name=pooled", "tokens.num_tokens=4"], 4),
+    (["projector.name=cross_attention", "projector.num_tokens=9"], 9),
+    (["tokens.name=cls", "projector.name=cls_reshape", "projector.num_tokens=16"], 16),
+])
+def test_image_token_count_derived(tiny_toy_world, overrides, expected):
+    assert count_image_tokens(load_recipe("mlp_patch", overrides)) == expected
+
+
+def test_cls_reshape_on_patches_is_clear_error(tiny_toy_world):
+    with pytest.raises(ValueError, match="cls_reshape' expects one input token"):
+        count_image_tokens(load_recipe("mlp_patch", ["projector.name=cls_reshape", "projector.num_tokens=4"]))
+
+
+def test_real_scale_recipe_builds_from_local_dirs(tiny_toy_world):
+    """The Qwen2.5 + CLIP-L recipe's code path (hf_clip + hf llm by name) with local dirs in place of hub names."""
+    r = load_recipe("llava15_qwen2.5-1.5b_clip-l336", [f"encoder.model={tiny_toy_world.clip_dir}",
+                                                       f"llm.model={tiny_toy_world.lm_dir}", "llm.dtype=float32"])
+    m = build_model(r)
+    assert m.num_image_tokens == 64 and m.llm.hidden_size == 256

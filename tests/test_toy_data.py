@@ -1,0 +1,186 @@
+"""The procedural shapes world: determinism, disjoint splits, valid LLaVA records, answers that match scenes."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vlkit.data import toy
+
+SIZES = dict(n_train=240, n_val=96, n_test=48)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toy_data")
+    toy.generate_toy_data(out, seed=3, **SIZES)
+    return out
+
+
+def _load(d: Path, name: str) -> list[dict]:
+    return json.loads((d / f"{name}.json").read_text())
+
+
+def test_same_seed_same_files(data_dir, tmp_path):
+    toy.generate_toy_data(tmp_path, seed=3, **SIZES)
+    for split in toy.SPLITS:
+        for name in ("align", "instruct", "scenes"):
+            assert (tmp_path / f"{name}_{split}.json").read_bytes() == (data_dir / f"{name}_{split}.json").read_bytes()
+    for img in ("train/train_000000.png", "val/val_000005.png", "test/test_000047.png"):
+        assert (tmp_path / "images" / img).read_bytes() == (data_dir / "images" / img).read_bytes()
+
+
+def test_other_seed_other_scenes(data_dir, tmp_path):
+    toy.generate_toy_data(tmp_path, seed=4, n_train=20, n_val=8, n_test=8)
+    a = [s["caption"] for s in _load(tmp_path, "scenes_train")]
+    b = [s["caption"] for s in _load(data_dir, "scenes_train")[:20]]
+    assert a != b
+
+
+def test_sample_is_order_independent(data_dir, tmp_path):
+    """Scene i depends only on (seed, split, i): a shorter run yields the same first scenes."""
+    toy.generate_toy_data(tmp_path, seed=3, n_train=10, n_val=8, n_test=8)
+    assert _load(tmp_path, "scenes_train") == _load(data_dir, "scenes_train")[:10]
+    assert _load(tmp_path, "instruct_val") == _load(data_dir, "instruct_val")[:8]
+
+
+def test_splits_disjoint(data_dir):
+    captions = {s: {r["caption"] for r in _load(data_dir, f"scenes_{s}")} for s in toy.SPLITS}
+    assert not captions["train"] & captions["val"]
+    assert not captions["train"] & captions["test"]
+    assert not captions["val"] & captions["test"]
+    for split in toy.SPLITS:
+        assert all(toy.split_of(c) == split for c in captions[split])
+
+
+def _check_llava(rec: dict, images_root: Path) -> None:
+    assert set(rec) >= {"id", "image", "conversations"}
+    conv = rec["conversations"]
+    assert len(conv) >= 2 and len(conv) % 2 == 0
+    assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+    assert conv[0]["value"].startswith("<image>\n")
+    assert sum(t["value"].count("<image>") for t in conv) == 1
+    assert all(t["value"].strip() for t in conv)
+    assert (images_root / rec["image"]).is_file()
+
+
+def test_records_are_valid_llava(data_dir):
+    meta = json.loads((data_dir / "meta.json").read_text())
+    images_root = data_dir / meta["images_root"]
+    for split in toy.SPLITS:
+        for name in ("align", "instruct"):
+            records = _load(data_dir, f"{name}_{split}")
+            assert len(records) == SIZES[f"n_{split}"]
+            assert len({r["id"] for r in records}) == len(records)
+            for rec in records:
+                _check_llava(rec, images_root)
+    with Image.open(images_root / "train" / "train_000000.png") as im:
+        assert im.mode == "RGB" and im.size == (64, 64)
+
+
+def test_instruct_types(data_dir):
+    val = _load(data_dir, "instruct_val")
+    counts = Counter(r["question_type"] for r in val)
+    assert set(counts) == set(toy.QUESTION_TYPES)
+    assert len(set(counts.values())) == 1  # balanced
+    assert all(len(r["conversations"]) == 2 and r["answer"] == r["conversations"][1]["value"] for r in val)
+    train = _load(data_dir, "instruct_train")
+    multi = [r for r in train if r["question_type"] == "multi"]
+    assert multi and len(multi) < len(train)
+    for r in multi:
+        assert len(r["question_types"]) == len(r["conversations"]) // 2 >= 2
+    existence = Counter(r["answer"] for r in val if r["question_type"] == "existence")
+    assert existence["yes"] > 0 and existence["no"] > 0
+
+
+def _answer(question: str, objects: list[dict]) -> str:
+    """An independent re-derivation of the canonical answer from the scene annotation."""
+    q = question.replace("<image>\n", "")
+    by_pos = {o["position"]: o for o in objects}
+    names = {f"{o['colour']} {o['shape']}": o for o in objects}
+    if q.startswith("What colour is the object in the "):
+        return by_pos[q[len("What colour is the object in the "):-1]]["colour"]
+    if q.startswith("What shape is the object in the "):
+        return by_pos[q[len("What shape is the object in the "):-1]]["shape"]
+    if q.startswith("Where is the "):
+        return names[q[len("Where is the "):-1]]["position"]
+    if q.startswith("What is "):
+        for rel, (dr, dc) in toy.RELATIONS.items():
+            if q.startswith(f"What is {rel} the "):
+                o = names[q[len(f"What is {rel} the "):-1]]
+                hit = [p for p in objects if (p["row"], p["col"]) == (o["row"] + dr, o["col"] + dc)]
+                return f"{hit[0]['colour']} {hit[0]['shape']}" if hit else "nothing"
+    if q == "How many objects are there?":
+        return str(len(objects))
+    if q.startswith("How many "):
+        word = q[len("How many "):-len(" are there?")]
+        if word.endswith(" objects"):
+            return str(sum(o["colour"] == word[:-len(" objects")] for o in objects))
+        return str(sum(toy.plural(o["shape"]) == word for o in objects))
+    if q.startswith("Is there "):
+        name = q[len("Is there "):-1].split(" ", 1)[1]
+        return "yes" if name in names else "no"
+    if q.startswith("What shape is the "):
+        colour = q[len("What shape is the "):-len(" object?")]
+        hits = [o for o in objects if o["colour"] == colour]
+        assert len(hits) == 1, "shape_of_colour asked about a colour that is not unique"
+        return hits[0]["shape"]
+    raise AssertionError(f"unrecognised question {q!r}")
+
+
+def test_answers_match_scenes(data_dir):
+    for split in toy.SPLITS:
+        scenes = {s["id"]: s for s in _load(data_dir, f"scenes_{split}")}
+        for rec in _load(data_dir, f"instruct_{split}"):
+            objects = scenes[rec["id"]]["objects"]
+            conv = rec["conversations"]
+            for q, a in zip(conv[::2], conv[1::2]):
+                assert _answer(q["value"], objects) == a["value"], (rec["id"], q["value"])
+
+
+def test_captions_match_scenes(data_dir):
+    for split in toy.SPLITS:
+        scenes = {s["id"]: s for s in _load(data_dir, f"scenes_{split}")}
+        for rec in _load(data_dir, f"align_{split}"):
+            objects = scenes[rec["id"]]["objects"]
+            cap = rec["conversations"][1]["value"]
+            assert cap == scenes[rec["id"]]["caption"]
+            order = sorted(objects, key=lambda o: (o["row"], o["col"]))
+            assert objects == order  # canonical row-major order
+            for o in objects:
+                assert f"{o['colour']} {o['shape']} in the {o['position']}" in cap
+            assert 1 <= len(objects) <= 4
+            assert len({(o["row"], o["col"]) for o in objects}) == len(objects)
+
+
+def test_pixels_show_the_objects(data_dir):
+    """The centre pixel of every object's cell has the object's colour (sizes are >= 55% of the cell)."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    cell = meta["image_size"] / meta["grid"]
+    for s in _load(data_dir, "scenes_val")[:30]:
+        with Image.open(data_dir / "images" / s["image"]) as im:
+            px = im.load()
+            for o in s["objects"]:
+                # sample a little below the centre: triangles are thin at the top
+                x, y = int((o["col"] + 0.5) * cell), int((o["row"] + 0.55) * cell)
+                colours = {px[x + dx, y + dy] for dx in (-1, 0, 1) for dy in (-1, 0, 1)}
+                assert tuple(meta["colours"][o["colour"]]) in colours, (s["id"], o)
+
+
+def test_position_names():
+    assert [toy.position_name(r, c, 3) for r in range(3) for c in range(3)] == [
+        "top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right"]
+    assert toy.position_name(0, 1, 4) == "row 1 column 2"
+
+
+def test_other_grid(tmp_path):
+    toy.generate_toy_data(tmp_path, n_train=16, n_val=8, n_test=8, grid=4, max_objects=5, image_size=48)
+    scenes = _load(tmp_path, "scenes_train")
+    assert any("row" in o["position"] for s in scenes for o in s["objects"])
+    with Image.open(tmp_path / "images" / scenes[0]["image"]) as im:
+        assert im.size == (48, 48)
+    with pytest.raises(ValueError, match="max_objects"):
+        toy.generate_toy_data(tmp_path / "bad", n_train=1, n_val=0, n_test=0, grid=2, max_objects=5)

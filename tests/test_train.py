@@ -1,0 +1,170 @@
+"""`vlkit train` end to end on the tiny toy world: stages, outputs, exact resume after SIGKILL, failures."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from helpers import FAST, losses, vlkit
+from vlkit.config import load_recipe
+from vlkit.train import TrainingError, train
+
+
+def test_two_stages_write_run_directory(tiny_toy_world, tmp_path):
+    res = vlkit("train", "recipes/mlp_patch.yaml", *FAST, "--run-dir", str(tmp_path / "run"))
+    run = tmp_path / "run"
+    assert "pre-flight" in res.stdout and "instruct: generation accuracy" in res.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and set(summary["stages"]) == {"align", "instruct"}
+    inst = summary["stages"]["instruct"]
+    assert {"accuracy", "accuracy_by_type", "val_loss", "tokens_per_s", "trainable_params"} <= set(inst)
+    assert len(inst["accuracy_by_type"]) >= 6
+    assert summary["stages"]["align"]["trainable_params"] < inst["trainable_params"]  # + LoRA
+    rows = losses(run)
+    assert [s for s, _, _ in rows].count("align") == 3 and [s for s, _, _ in rows].count("instruct") == 6
+    for stage in ("align", "instruct"):
+        assert (run / "checkpoints" / stage / "final" / "trainable.safetensors").exists()
+    from safetensors.torch import load_file
+
+    inst_w = load_file(str(run / "checkpoints/instruct/final/trainable.safetensors"))
+    assert any("lora_" in k for k in inst_w) and any(k.startswith("projector.") for k in inst_w)
+    assert not any(k.startswith("encoder.") for k in inst_w)  # only what trained is saved
+    # the trained run answers through predict and eval
+    out = vlkit("predict", str(run), "--batch", str(tiny_toy_world.data_dir / "instruct_val.json"),
+                "--out", str(tmp_path / "pred.json"))
+    assert len(json.loads((tmp_path / "pred.json").read_text())) > 0, out.stdout
+    ev = vlkit("eval", str(run), "--data", "toy:data/instruct_val.json", "--max-samples", "16")
+    assert "accuracy" in ev.stdout
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_loss_curve(tiny_toy_world, tmp_path):
+    args = ["train", "recipes/mlp_patch.yaml", *FAST, "stages.instruct.max_steps=10", "stages.instruct.save_every=2",
+            "stages.align.save_every=2"]
+    vlkit(*args, "--run-dir", str(tmp_path / "straight"))
+    killed = tmp_path / "killed"
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "vlkit.cli", *args, "--run-dir", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (killed / "metrics.jsonl").exists() and any(s == "instruct" and st >= 5 for s, st, _ in losses(killed)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = losses(killed)
+    assert any(s == "instruct" for s, _, _ in partial) and len(partial) < 13, partial
+    vlkit(*args, "--run-dir", str(killed))
+    assert losses(killed) == losses(tmp_path / "straight")
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_toy_world, tmp_path, monkeypatch):
+    from vlkit import model as model_mod
+
+    orig = model_mod.VLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        out = orig(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss_sum = out.loss_sum * float("nan")
+        return out
+
+    monkeypatch.setattr(model_mod.VLM, "forward", poisoned)
+    r = load_recipe("mlp_patch", FAST + ["stages.align.save_every=1", "train.stages=[align]"])
+    with pytest.raises(TrainingError, match=r"stage 'align' step 3: loss is nan"):
+        train(r, tmp_path / "run")
+    state = json.loads((tmp_path / "run/checkpoints/align/last/state.json").read_text())
+    assert state["step"] == 2
+
+
+def write_png(path: Path, mode: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", (40, 30), (200, 30, 30))
+    if mode == "L":
+        img = img.convert("L")
+    elif mode == "RGBA":
+        img = img.convert("RGBA")
+    elif mode == "P":
+        img = img.convert("P")
+    img.save(path)
+
+
+def test_real_format_file_trains_and_bad_file_is_reported(tiny_toy_world, tmp_path):
+    root = tmp_path / "images"
+    for name, mode in (("gray.png", "L"), ("rgba.png", "RGBA"), ("pal.png", "P"), ("sub/photo.png", "RGB")):
+        write_png(root / name, mode)
+    good = [
+        {"id": "g1", "image": "gray.png", "conversations": [{"from": "human", "value": "What colour?\n<image>"},
+                                                           {"from": "gpt", "value": "red"}]},
+        {"id": "g2", "image": "rgba.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a red square"},
+            {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "1"}]},
+        {"id": "g3", "image": "pal.png", "conversations": [{"from": "human", "value": "<image>\nIs it red?"},
+                                                          {"from": "gpt", "value": "yes"}]},
+        {"id": "g4", "image": "sub/photo.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                                {"from": "gpt", "value": "red"}]},
+        {"id": "t1", "conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "yes"}]},
+    ]
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "outside.png").write_bytes(b"")
+    bad = good + [
+        {"id": "b1", "image": "missing.png", "conversations": good[0]["conversations"]},
+        {"id": "b2", "image": "corrupt.png", "conversations": good[0]["conversations"]},
+        {"id": "b3", "image": "../outside.png", "conversations": good[0]["conversations"]},
+        {"id": "b4", "image": "gray.png", "conversations": [{"from": "human", "value": "no placeholder"},
+                                                           {"from": "gpt", "value": "x"}]},
+        {"id": "b5", "conversations": []},
+        {"id": "b6", "conversations": [{"from": "robot", "value": "hi"}]},
+    ]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+
+    ok = vlkit("data", "check", str(tmp_path / "good.json"), "--image-root", str(root), "--recipe", "mlp_patch")
+    assert "every record is usable" in ok.stdout
+    res = vlkit("data", "check", str(tmp_path / "bad.json"), "--image-root", str(root), check=False)
+    assert res.returncode == 1
+    for rid, kind in (("b1", "image_missing"), ("b2", "image_corrupt"), ("b3", "path_escapes_root"),
+                      ("b4", "malformed"), ("b5", "malformed"), ("b6", "malformed")):
+        assert f"record {rid} " in res.stdout and kind in res.stdout, (rid, res.stdout)
+
+    common = [f"data.image_root={root}", "train.stages=[instruct]", "stages.instruct.max_steps=2",
+              "stages.instruct.batch_size=2", "stages.instruct.eval_data=null"]
+    vlkit("train", "recipes/mlp_patch.yaml", *common, f"stages.instruct.data={tmp_path / 'good.json'}",
+          "--run-dir", str(tmp_path / "run_good"))
+    assert len(losses(tmp_path / "run_good")) == 2
+    stop = vlkit("train", "recipes/mlp_patch.yaml", *common, f"stages.instruct.data={tmp_path / 'bad.json'}",
+                 "--run-dir", str(tmp_path / "run_bad"), check=False)
+    assert stop.returncode == 1 and "6 bad record(s)" in stop.stderr + stop.stdout
+    assert not (tmp_path / "run_bad" / "metrics.jsonl").exists()  # stopped before step 1
+    skip = vlkit("train", "recipes/mlp_patch.yaml", *common, f"stages.instruct.data={tmp_path / 'bad.json'}",
+                 "data.skip_bad=true", "--run-dir", str(tmp_path / "run_skip"))
+    assert "skipping 6 record(s)" in skip.stdout
+    assert json.loads((tmp_path / "run_skip/summary.json").read_text())["stages"]["instruct"]["skipped_records"] == 6
+
+
+def test_dry_run_and_config_errors(tiny_toy_world, tmp_path):
+    res = vlkit("train", "recipes/mlp_patch.yaml", *FAST, "--dry-run", "--run-dir", str(tmp_path / "dry"))
+    assert "pre-flight" in res.stdout and "dry run: one step done" in res.stdout
+    bad = vlkit("inspect", "recipes/mlp_patch.yaml", "projector.dept=3", check=False)
+    assert bad.returncode == 2 and "projector" in bad.stderr and "Did you mean 'depth'" in bad.stderr
+    p = tmp_path / "typo.yaml"
+    p.write_text("base: " + str(Path("recipes/mlp_patch.yaml").resolve()) + "\nstages:\n  align:\n    lr_sheduler: 1\n")
+    bad = vlkit("inspect", str(p), check=False)
+    assert bad.returncode == 2 and str(p) in bad.stderr and "stages.align.lr_sheduler" in bad.stderr
+
+
+def test_inspect_shows_components_and_mask(tiny_toy_world):
+    res = vlkit("inspect", "recipes/mlp_patch.yaml")
+    for text in ("hf_clip", "built-in", "image tokens per image: 64", "<image>×64", "supervised"):
+        assert text in res.stdout, text

@@ -1,0 +1,97 @@
+"""Turn a recipe plus declared axes into a validated plan (printed before anything runs, saved as plan.json)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from vlkit.ablate.grid import RunSpec, expand, parse_values
+from vlkit.ablate.run import run_status
+from vlkit.config import ConfigError, find_recipe, load_recipe
+
+
+def _seeds(value: Any) -> list[int]:
+    if value is None:
+        return [0]
+    if isinstance(value, int):
+        return list(range(value))
+    if isinstance(value, list):
+        return [int(v) for v in value]
+    vals = parse_values(str(value))
+    return list(range(vals[0])) if len(vals) == 1 else [int(v) for v in vals]
+
+
+def make_plan(recipe: str, overrides: list[str], cli_axes: dict[str, str], seeds: str | None, out: Path | None,
+              command: str) -> dict[str, Any]:
+    from vlkit.model import count_image_tokens
+
+    path = find_recipe(recipe)
+    base = load_recipe(path, overrides)
+    axes: dict[str, list[Any]] = {}
+    yaml_grid = dict(base.grid or {})
+    yaml_seeds = yaml_grid.pop("seeds", None)
+    for key, values in yaml_grid.items():
+        axes[key] = values if isinstance(values, list) else [values]
+    for key, text in cli_axes.items():
+        axes[key] = parse_values(text)
+    seed_list = _seeds(seeds if seeds is not None else yaml_seeds)
+    num_patches = count_image_tokens(load_recipe(path, overrides + ["tokens.name=patch", "projector.name=linear"]))
+    base_ov = list(overrides) + ["grid=null"]
+    specs = expand(axes, seed_list, num_patches)
+    errors = []
+    for s in specs:
+        s.overrides = base_ov + s.overrides
+        if s.skipped:
+            continue
+        try:
+            load_recipe(path, s.overrides)
+        except ConfigError as exc:
+            errors += [f"run {s.id}: {e}" for e in exc.errors]
+    if errors:
+        raise ConfigError(str(path), errors)
+    out = Path(out or Path(base.train.output_dir) / "ablate" / base.name)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = {"recipe": base.name, "recipe_path": str(path), "axes": list(axes), "seeds": seed_list,
+            "num_patches": num_patches, "command": command, "runs": [s.to_dict() for s in specs]}
+    (out / "plan.json").write_text(json.dumps(plan, indent=1))
+    return {**plan, "specs": specs, "out": out}
+
+
+def print_plan(console: Console, plan: dict[str, Any]) -> None:
+    specs: list[RunSpec] = plan["specs"]
+    t = Table(title=f"plan: {len(specs)} runs over {', '.join(plan['axes']) or '(no axes)'} x seeds {plan['seeds']} "
+                    f"-> {plan['out']}")
+    for col in ("run", "state", "overrides", "note"):
+        t.add_column(col, overflow="fold")
+    for s in specs:
+        state = "skip" if s.skipped else run_status(plan["out"] / "runs" / s.id)
+        shown = [o for o in s.overrides if o != "grid=null"]
+        t.add_row(s.id, state, " ".join(shown), s.skipped or s.mapping or "")
+    console.print(t)
+
+
+def estimate_time(console: Console, plan: dict[str, Any], workers: int | None) -> None:
+    """Rough time: one measured training step of the first run x every run's steps (evaluation excluded)."""
+    from vlkit.ablate.run import default_workers
+    from vlkit.train import estimate_steps, train
+
+    todo = [s for s in plan["specs"] if not s.skipped and run_status(plan["out"] / "runs" / s.id) != "finished"]
+    if not todo:
+        console.print("nothing to run: every run is finished")
+        return
+    recipe = load_recipe(plan["recipe_path"], todo[0].overrides)
+    import shutil
+
+    scratch = plan["out"] / ".estimate"
+    try:
+        m = train(recipe, scratch, console=Console(quiet=True), dry_run=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    steps = sum(sum(estimate_steps(load_recipe(plan["recipe_path"], s.overrides)).values()) for s in todo)
+    w = workers or default_workers(len(todo))
+    secs = m["step_time_s"] * steps / w
+    console.print(f"estimate: {len(todo)} runs, {steps} optimizer steps, ~{m['step_time_s']:.2f} s/step measured on "
+                  f"run {todo[0].id} -> ~{secs / 60:.1f} min with {w} worker(s), plus evaluation")

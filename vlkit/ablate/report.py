@@ -1,0 +1,265 @@
+"""Aggregate a grid's run directories: results.csv/json, report.md with seed statistics, PNG plots."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from vlkit.ablate.grid import RunSpec
+from vlkit.ablate.run import run_status
+
+
+def load_plan(out: Path) -> tuple[dict[str, Any], list[RunSpec]]:
+    path = out / "plan.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{out} is not an ablation directory (no plan.json); run `vlkit ablate` first")
+    plan = json.loads(path.read_text())
+    return plan, [RunSpec(**s) for s in plan["runs"]]
+
+
+def _last_stage(summary: dict[str, Any]) -> dict[str, Any]:
+    stages = summary.get("stages", {})
+    return stages[list(stages)[-1]] if stages else {}
+
+
+def collect(out: Path) -> list[dict[str, Any]]:
+    """One row per run: axes, seed, status, metrics of the last stage, cost."""
+    plan, specs = load_plan(out)
+    rows = []
+    for s in specs:
+        rd = out / "runs" / s.id
+        row: dict[str, Any] = {"run": s.id, **{k: _show(v) for k, v in s.axes.items()}, "seed": s.seed,
+                               "mapping": s.mapping or "", "status": "skipped" if s.skipped else run_status(rd)}
+        if s.skipped:
+            row["error"] = s.skipped
+        elif row["status"] == "failed":
+            row["error"] = json.loads((rd / "status.json").read_text()).get("error", "")[-500:]
+        summary_path = rd / "summary.json"
+        if summary_path.exists() and row["status"] == "finished":
+            summary = json.loads(summary_path.read_text())
+            last = _last_stage(summary)
+            stages = summary.get("stages", {})
+            row.update({
+                "accuracy": last.get("accuracy"), "val_loss": last.get("val_loss"), "final_loss": last.get("final_loss"),
+                "bleu": last.get("bleu"), "image_tokens": summary.get("num_image_tokens"),
+                "trainable_params": last.get("trainable_params"),
+                "tokens_per_s": _mean([st.get("tokens_per_s") for st in stages.values()]),
+                "wall_time_s": summary.get("wall_time_s"),
+            })
+            for qt, acc in (last.get("accuracy_by_type") or {}).items():
+                row[f"acc/{qt}"] = acc
+        rows.append(row)
+    return rows
+
+
+def _show(v: Any) -> Any:
+    return "+".join(map(str, v)) if isinstance(v, list) else v
+
+
+def _mean(xs: list[Any]) -> float | None:
+    xs = [x for x in xs if isinstance(x, (int, float))]
+    return sum(xs) / len(xs) if xs else None
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the t-based confidence interval (0 for one value)."""
+    from scipy import stats
+
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    return m, float(stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n))
+
+
+def paired_test(a: list[float], b: list[float]) -> dict[str, float]:
+    """Paired t-test of b - a over matched seeds."""
+    from scipy import stats
+
+    diffs = [y - x for x, y in zip(a, b)]
+    m, hw = mean_ci(diffs)
+    if len(diffs) < 2 or all(d == diffs[0] for d in diffs):
+        p = 0.0 if diffs and diffs[0] != 0 and len(diffs) > 1 else float("nan")
+    else:
+        p = float(stats.ttest_rel(b, a).pvalue)
+    return {"diff": m, "ci": hw, "p": p, "n": len(diffs)}
+
+
+def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    cols = sorted({k for r in rows for k in r if k.startswith("acc/")})
+    return ["accuracy"] + cols
+
+
+def config_key(row: dict[str, Any], axes: list[str]) -> tuple:
+    return tuple(row.get(a) for a in axes)
+
+
+def aggregate(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:
+    """Mean ± 95% CI across seeds for each configuration."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["status"] == "finished":
+            groups[config_key(r, axes)].append(r)
+    out = []
+    for key, rs in groups.items():
+        agg: dict[str, Any] = dict(zip(axes, key))
+        agg["seeds"] = len(rs)
+        agg["image_tokens"] = rs[0].get("image_tokens")
+        agg["trainable_params"] = rs[0].get("trainable_params")
+        for col in metric_columns(rows) + ["val_loss", "tokens_per_s", "wall_time_s"]:
+            vals = [r[col] for r in rs if isinstance(r.get(col), (int, float))]
+            if vals:
+                agg[col] = mean_ci(vals)
+        out.append(agg)
+    return out
+
+
+def comparisons(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:
+    """For each axis, each value vs the axis' first value, paired on seed and every other axis."""
+    finished = [r for r in rows if r["status"] == "finished"]
+    out = []
+    for axis in axes:
+        values = list(dict.fromkeys(r.get(axis) for r in finished))
+        if len(values) < 2:
+            continue
+        others = [a for a in axes if a != axis] + ["seed"]
+        index = {(r.get(axis), config_key(r, others)): r for r in finished}
+        for v in values[1:]:
+            for col in metric_columns(rows):
+                a, b = [], []
+                for (val, ctx), r in index.items():
+                    if val != values[0] or (v, ctx) not in index:
+                        continue
+                    ra, rb = r.get(col), index[(v, ctx)].get(col)
+                    if isinstance(ra, (int, float)) and isinstance(rb, (int, float)):
+                        a.append(ra)
+                        b.append(rb)
+                if a:
+                    out.append({"axis": axis, "a": values[0], "b": v, "metric": col, **paired_test(a, b)})
+    return out
+
+
+def _fmt(mc: Any) -> str:
+    if not isinstance(mc, tuple):
+        return "" if mc is None else str(mc)
+    m, hw = mc
+    return f"{m:.3f}" if math.isnan(hw) else f"{m:.3f} ± {hw:.3f}"
+
+
+def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+def plot(out: Path, rows: list[dict[str, Any]], axes: list[str]) -> list[str]:
+    """accuracy vs image tokens (one line per other-axes setting, CI error bars); loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    agg = aggregate(rows, axes)
+    if agg:
+        series_axes = [a for a in axes if a != "num_image_tokens"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        series: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+        for a in agg:
+            series[tuple(a.get(x) for x in series_axes)].append(a)
+        for key, pts in series.items():
+            pts = sorted((p for p in pts if p.get("image_tokens") and "accuracy" in p), key=lambda p: p["image_tokens"])
+            if not pts:
+                continue
+            xs = [p["image_tokens"] for p in pts]
+            ys = [p["accuracy"][0] for p in pts]
+            es = [0 if math.isnan(p["accuracy"][1]) else p["accuracy"][1] for p in pts]
+            label = ", ".join(f"{k}={v}" for k, v in zip(series_axes, key)) or "all"
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("image tokens per image")
+        ax.set_ylabel("accuracy (exact match), mean ± 95% CI")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_tokens.png", dpi=120)
+        plt.close(fig)
+        made.append("accuracy_vs_tokens.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    any_curve = False
+    for r in rows:
+        path = out / "runs" / r["run"] / "metrics.jsonl"
+        if r["status"] != "finished" or not path.exists():
+            continue
+        pts = [json.loads(line) for line in path.read_text().splitlines()]
+        pts = [p for p in pts if "loss" in p]
+        if pts:
+            ax.plot(range(1, len(pts) + 1), [p["loss"] for p in pts], lw=0.8, label=r["run"])
+            any_curve = True
+    if any_curve:
+        ax.set_xlabel("optimizer step (all stages)")
+        ax.set_ylabel("training loss")
+        ax.set_yscale("log")
+        if len(rows) <= 12:
+            ax.legend(fontsize=5)
+        fig.tight_layout()
+        fig.savefig(out / "loss_curves.png", dpi=120)
+        made.append("loss_curves.png")
+    plt.close(fig)
+    return made
+
+
+def write_report(out: Path, command: str | None = None) -> dict[str, Any]:
+    """results.csv, results.json, report.md and plots from the run directories."""
+    plan, _ = load_plan(out)
+    axes = [a for a in plan["axes"]]
+    rows = collect(out)
+    write_results(out, rows)
+    agg = aggregate(rows, axes)
+    comps = comparisons(rows, axes)
+    plots = plot(out, rows, axes)
+    metrics = metric_columns(rows)
+    lines = [f"# Ablation report: {plan['recipe']}", ""]
+    if command or plan.get("command"):
+        lines += ["Made with:", "", "```", command or plan["command"], "```", ""]
+    counts = defaultdict(int)
+    for r in rows:
+        counts[r["status"]] += 1
+    lines += [f"Runs: {len(rows)} ({', '.join(f'{v} {k}' for k, v in counts.items())}); seeds: {plan['seeds']}. "
+              "Accuracy is normalised exact match of generated answers on the last stage's evaluation set; "
+              "cells are mean ± 95% CI (t) across seeds.", ""]
+    head = axes + ["image tokens", "trainable params", "seeds"] + metrics + ["val loss", "tokens/s"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a in sorted(agg, key=lambda a: tuple(str(a.get(x)) for x in axes)):
+        cells = [str(a.get(x)) for x in axes] + [str(a.get("image_tokens")), f"{a.get('trainable_params') or 0:,}",
+                                                 str(a["seeds"])]
+        cells += [_fmt(a.get(m)) for m in metrics] + [_fmt(a.get("val_loss")), _fmt(a.get("tokens_per_s"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    if comps:
+        lines += ["", "## Paired comparisons (same seed and other axes)", "",
+                  "| axis | a | b | metric | b − a | 95% CI | p (paired t) | pairs |", "|---|---|---|---|---|---|---|---|"]
+        for c in comps:
+            ci = "" if math.isnan(c["ci"]) else f"± {c['ci']:.3f}"
+            p = "n/a" if math.isnan(c["p"]) else f"{c['p']:.3g}"
+            lines.append(f"| {c['axis']} | {c['a']} | {c['b']} | {c['metric']} | {c['diff']:+.3f} | {ci} | {p} | {c['n']} |")
+    skipped = [r for r in rows if r["status"] in ("skipped", "failed")]
+    if skipped:
+        lines += ["", "## Skipped and failed runs", ""]
+        lines += [f"- `{r['run']}` ({r['status']}): {str(r.get('error', '')).splitlines()[-1] if r.get('error') else ''}"
+                  for r in skipped]
+    mapped = sorted({r["mapping"] for r in rows if r.get("mapping")})
+    if mapped:
+        lines += ["", "## How combinations were mapped to models", ""] + [f"- {m}" for m in mapped]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return {"rows": rows, "aggregate": agg, "comparisons": comps, "plots": plots}

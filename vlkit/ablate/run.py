@@ -1,0 +1,175 @@
+"""Execute a planned grid: every run is an ordinary ``vlkit train`` run directory under the ablation directory.
+
+Finished runs are skipped on a rerun; failed or incomplete ones run again (resuming from their checkpoints). A
+failed run is recorded with its error and never stops the others. Executors: ``local`` (a pool of worker
+processes on this machine) and ``slurm`` (submitit; ``cluster=local`` runs the same path on this machine).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from vlkit.ablate.grid import RunSpec
+
+
+def run_status(run_dir: Path) -> str:
+    """finished / failed / incomplete / pending, from the run directory alone."""
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        try:
+            if json.loads(summary.read_text()).get("status") == "finished":
+                return "finished"
+        except ValueError:
+            pass
+    if (run_dir / "status.json").exists():
+        return json.loads((run_dir / "status.json").read_text()).get("status", "incomplete")
+    return "incomplete" if run_dir.exists() else "pending"
+
+
+def train_command(recipe: str, spec: RunSpec, run_dir: Path, feature_cache: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "vlkit.cli", "train", recipe, *spec.overrides, "--run-dir", str(run_dir)]
+    return cmd + (["--feature-cache"] if feature_cache else ["--no-feature-cache"])
+
+
+def execute_run(recipe: str, spec: dict[str, Any], run_dir: str, feature_cache: bool = True,
+                threads: int | None = None) -> dict[str, Any]:
+    """Run one grid point as ``vlkit train`` in a child process; record failure in ``status.json``.
+
+    A plain function of plain arguments so that every executor (thread pool, submitit) can ship it.
+    """
+    spec_obj = RunSpec(**spec)
+    rd = Path(run_dir)
+    rd.mkdir(parents=True, exist_ok=True)
+    (rd / "status.json").write_text(json.dumps({"status": "running", "started": time.time(), "host": os.uname().nodename}))
+    env = dict(os.environ)
+    if threads:
+        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    env["COLUMNS"] = "160"
+    t0 = time.time()
+    with open(rd / "train.log", "a") as log:
+        proc = subprocess.run(train_command(recipe, spec_obj, rd, feature_cache), stdout=log, stderr=subprocess.STDOUT,
+                              env=env)
+    status: dict[str, Any] = {"status": "finished" if proc.returncode == 0 else "failed",
+                              "returncode": proc.returncode, "wall_time_s": time.time() - t0}
+    if proc.returncode != 0:
+        tail = (rd / "train.log").read_text().splitlines()[-15:]
+        status["error"] = "\n".join(tail)
+    (rd / "status.json").write_text(json.dumps(status, indent=1))
+    return status
+
+
+@dataclass
+class GridProgress:
+    """One live table of the grid: done / running / failed with an ETA."""
+
+    specs: list[RunSpec]
+    states: dict[str, str]
+    started: float
+
+    def table(self) -> Table:
+        counts = {s: list(self.states.values()).count(s) for s in ("finished", "running", "failed", "pending",
+                                                                   "skipped", "queued")}
+        done = counts["finished"] + counts["failed"]
+        todo = done + counts["running"] + counts["queued"]
+        elapsed = time.time() - self.started
+        eta = f"{elapsed / done * (todo - done):.0f} s" if done else "?"
+        t = Table(title=f"grid: {counts['finished']} finished, {counts['running']} running, {counts['queued']} queued, "
+                        f"{counts['failed']} failed, {counts['skipped']} skipped; ETA {eta}")
+        t.add_column("run")
+        t.add_column("state")
+        style = {"finished": "green", "failed": "red", "running": "yellow", "skipped": "dim"}
+        for s in self.specs:
+            st = self.states[s.id]
+            t.add_row(s.id, f"[{style.get(st, '')}]{st}[/]" if style.get(st) else st)
+        return t
+
+
+def default_workers(n_runs: int) -> int:
+    """Runs are CPU-bound: one worker per 2 cores, bounded by memory (~4 GiB per toy run)."""
+    cores = os.cpu_count() or 1
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gb = 8
+    return max(1, min(n_runs, cores // 2, int(mem_gb // 4)))
+
+
+def run_grid(recipe: str, specs: list[RunSpec], out: Path, executor: str = "local", workers: int | None = None,
+             feature_cache: bool = True, console: Console | None = None,
+             slurm: dict[str, Any] | None = None) -> dict[str, str]:
+    """Run every pending/failed/incomplete point; returns run id -> final state."""
+    console = console or Console()
+    runs_dir = out / "runs"
+    states: dict[str, str] = {}
+    todo: list[RunSpec] = []
+    for s in specs:
+        if s.skipped:
+            states[s.id] = "skipped"
+        elif run_status(runs_dir / s.id) == "finished":
+            states[s.id] = "finished"
+        else:
+            states[s.id] = "queued"
+            todo.append(s)
+    if not todo:
+        console.print("every run of the grid is finished")
+        return states
+    workers = workers or default_workers(len(todo))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    progress = GridProgress(specs, states, time.time())
+    submit: Callable[..., Any]
+    if executor == "local":
+        pool = ThreadPoolExecutor(max_workers=workers)  # threads only wait on child processes
+        submit = pool.submit
+    elif executor in ("slurm", "submitit-local"):
+        from vlkit.ablate.cluster import submitit_submitter
+
+        submit, pool = submitit_submitter(out, executor, slurm or {})
+    else:
+        raise ValueError(f"unknown executor '{executor}'; valid: local, slurm, submitit-local")
+    console.print(f"running {len(todo)} run(s) with the {executor} executor, {workers} at a time")
+    with Live(progress.table(), console=console, refresh_per_second=2, transient=False) as live:
+        futures = {}
+        for s in todo:
+            futures[submit(execute_run, recipe, s.to_dict(), str(runs_dir / s.id), feature_cache, threads)] = s
+        for s in todo[:workers] if executor == "local" else todo:
+            states[s.id] = "running"
+        live.update(progress.table())
+        for fut in as_completed(futures) if executor == "local" else _wait_submitit(futures, live, progress, states):
+            s = futures[fut]
+            try:
+                states[s.id] = fut.result()["status"]
+            except Exception as exc:  # an executor-level failure of one run is recorded, the grid goes on
+                states[s.id] = "failed"
+                (runs_dir / s.id).mkdir(parents=True, exist_ok=True)
+                (runs_dir / s.id / "status.json").write_text(json.dumps({"status": "failed", "error": repr(exc)}))
+            queued = [x for x in todo if states[x.id] == "queued"]
+            if queued and executor == "local":
+                states[queued[0].id] = "running"
+            live.update(progress.table())
+    if executor == "local":
+        pool.shutdown()
+    return states
+
+
+def _wait_submitit(futures, live, progress, states):
+    pending = set(futures)
+    while pending:
+        for fut in list(pending):
+            if fut.done():
+                pending.discard(fut)
+                yield fut
+            elif states[futures[fut].id] == "queued" and fut.state in ("RUNNING", "COMPLETING"):
+                states[futures[fut].id] = "running"
+        live.update(progress.table())
+        time.sleep(1)

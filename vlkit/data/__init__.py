@@ -1,0 +1,1 @@
+"""Datasets: LLaVA JSON loading and the procedural shapes world (``vlkit.data.toy``)."""

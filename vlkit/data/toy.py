@@ -1,0 +1,388 @@
+"""The shapes world: a procedural dataset in LLaVA JSON format.
+
+Each image shows 1..``max_objects`` coloured shapes on a plain background, one per cell of a ``grid`` x ``grid``
+grid. Every scene is drawn from its own ``numpy`` generator seeded by ``(seed, split, index)``, so any sample can
+be regenerated alone and the output does not depend on worker order. Scenes are assigned to splits by a hash of
+their canonical description, so no description occurs in two splits.
+
+Output layout (``out_dir``)::
+
+    images/<split>/<id>.png        RGB PNG, image_size x image_size
+    align_<split>.json             captions, LLaVA pretrain format
+    instruct_<split>.json          questions with short canonical answers, LLaVA instruct format
+    scenes_<split>.json            per-image annotations: objects with shape/colour/row/col
+    meta.json                      generation parameters and the world's vocabulary
+
+Image paths inside the JSON files are relative to ``out_dir / "images"``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (45, 90, 235),
+    "yellow": (240, 220, 40),
+    "purple": (160, 60, 210),
+    "orange": (250, 145, 25),
+}
+COLOURS_LIST = tuple(COLOURS)
+BACKGROUND = (30, 30, 30)
+QUESTION_TYPES = (
+    "colour_at_position",
+    "shape_at_position",
+    "position_of_object",
+    "relation",
+    "count",
+    "count_by_attribute",
+    "existence",
+    "shape_of_colour",
+)
+CAPTION_PROMPTS = (
+    "Describe the image.",
+    "What is in the picture?",
+    "Describe the scene.",
+    "List the objects in the image.",
+)
+# relation word -> (row offset, col offset) of the neighbouring cell asked about
+RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
+_PLURAL = {"cross": "crosses"}
+# share of the canonical scene space held out for val and test (by hash of the description)
+_HELD_OUT_PERCENT = {"val": (0, 5), "test": (5, 10)}
+
+
+def position_name(row: int, col: int, grid: int) -> str:
+    """'top left' .. 'bottom right' on a 3x3 grid, 'row R column C' (1-based) otherwise."""
+    if grid == 3:
+        vert = ("top", "", "bottom")[row]
+        horiz = ("left", "", "right")[col]
+        return " ".join(w for w in (vert, horiz) if w) or "centre"
+    return f"row {row + 1} column {col + 1}"
+
+
+def plural(shape: str) -> str:
+    return _PLURAL.get(shape, shape + "s")
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    row: int
+    col: int
+    size: float  # fraction of the cell side
+    dx: int  # pixel jitter of the centre
+    dy: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+def article(word: str) -> str:
+    """'a' or 'an' for the word that follows."""
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _join(parts: list[str]) -> str:
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def caption(objects: list[Obj], grid: int) -> str:
+    """Canonical caption: objects in row-major order with their positions."""
+    return _join([f"{article(o.colour)} {o.name} in the {position_name(o.row, o.col, grid)}" for o in objects])
+
+
+def clip_caption(objects: list[Obj], rng: np.random.Generator | None = None) -> str:
+    """Position-free caption ('a red circle and a blue square'), shuffled when ``rng`` is given."""
+    names = [o.name for o in objects]
+    if rng is not None:
+        names = [names[i] for i in rng.permutation(len(names))]
+    return _join([f"{article(n)} {n}" for n in names])
+
+
+def split_of(description: str) -> str:
+    """The split a canonical description belongs to (stable hash, independent of seed)."""
+    bucket = int(hashlib.sha1(description.encode()).hexdigest()[:8], 16) % 100
+    for split, (lo, hi) in _HELD_OUT_PERCENT.items():
+        if lo <= bucket < hi:
+            return split
+    return "train"
+
+
+def _rng(seed: int, split: str, index: int, salt: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLITS.index(split), index, salt])
+
+
+def sample_scene(rng: np.random.Generator, grid: int, max_objects: int, size_jitter: bool = True,
+                 n: int | None = None) -> list[Obj]:
+    """``n`` (default: 1..max_objects at random) objects in distinct cells; (colour, shape) pairs are unique
+    within a scene."""
+    n = int(rng.integers(1, max_objects + 1)) if n is None else n
+    cells = sorted(rng.choice(grid * grid, size=n, replace=False).tolist())
+    pairs: set[tuple[str, str]] = set()
+    objs = []
+    for cell in cells:
+        while True:
+            pair = (COLOURS_LIST[int(rng.integers(len(COLOURS_LIST)))], SHAPES[int(rng.integers(len(SHAPES)))])
+            if pair not in pairs:
+                break
+        pairs.add(pair)
+        size = float(rng.uniform(0.55, 0.8)) if size_jitter else 0.7
+        dx, dy = (int(v) for v in rng.integers(-2, 3, size=2)) if size_jitter else (0, 0)
+        objs.append(Obj(pair[1], pair[0], cell // grid, cell % grid, round(size, 3), dx, dy))
+    return objs
+
+
+
+# ---- questions ----------------------------------------------------------------------------------------------
+def ask(qtype: str, objs: list[Obj], grid: int, rng: np.random.Generator,
+         want_object: bool | None = None) -> tuple[str, str] | None:
+    """(question, answer) of one type about a scene, or None when the type does not apply.
+
+    ``want_object`` forces a relation question whose answer is an object (True) or "nothing" (False)."""
+    pick = objs[int(rng.integers(len(objs)))]
+    pos = position_name(pick.row, pick.col, grid)
+    if qtype == "colour_at_position":
+        return f"What colour is the object in the {pos}?", pick.colour
+    if qtype == "shape_at_position":
+        return f"What shape is the object in the {pos}?", pick.shape
+    if qtype == "position_of_object":
+        return f"Where is the {pick.name}?", pos
+    if qtype == "relation":
+        by_cell = {(o.row, o.col): o for o in objs}
+        # about half of the questions have an object as answer, when the scene allows it
+        options = [(o, rel) for o in objs for rel, (dr, dc) in RELATIONS.items()
+                   if 0 <= o.row + dr < grid and 0 <= o.col + dc < grid]
+        hits = [(o, rel) for o, rel in options if (o.row + RELATIONS[rel][0], o.col + RELATIONS[rel][1]) in by_cell]
+        if want_object is None:
+            pool = hits if hits and rng.random() < 0.5 else options
+        else:
+            pool = hits if want_object else [h for h in options if h not in hits]
+        if not pool:
+            return None
+        o, rel = pool[int(rng.integers(len(pool)))]
+        dr, dc = RELATIONS[rel]
+        other = by_cell.get((o.row + dr, o.col + dc))
+        return f"What is {rel} the {o.name}?", other.name if other else "nothing"
+    if qtype == "count":
+        return "How many objects are there?", str(len(objs))
+    if qtype == "count_by_attribute":
+        if rng.random() < 0.5:
+            colour = COLOURS_LIST[int(rng.integers(len(COLOURS_LIST)))] if rng.random() < 0.3 else pick.colour
+            return f"How many {colour} objects are there?", str(sum(o.colour == colour for o in objs))
+        shape = SHAPES[int(rng.integers(len(SHAPES)))] if rng.random() < 0.3 else pick.shape
+        return f"How many {plural(shape)} are there?", str(sum(o.shape == shape for o in objs))
+    if qtype == "existence":
+        present = {(o.colour, o.shape) for o in objs}
+        if rng.random() < 0.5:
+            return f"Is there {article(pick.colour)} {pick.name}?", "yes"
+        # "no" questions: half of them share the colour or the shape of an object in the scene
+        for _ in range(50):
+            if rng.random() < 0.5:
+                c, s = (pick.colour, SHAPES[int(rng.integers(len(SHAPES)))]) if rng.random() < 0.5 else (
+                    COLOURS_LIST[int(rng.integers(len(COLOURS_LIST)))], pick.shape)
+            else:
+                c, s = COLOURS_LIST[int(rng.integers(len(COLOURS_LIST)))], SHAPES[int(rng.integers(len(SHAPES)))]
+            if (c, s) not in present:
+                return f"Is there {article(c)} {c} {s}?", "no"
+        return None
+    if qtype == "shape_of_colour":
+        counts = Counter(o.colour for o in objs)
+        unique = [o for o in objs if counts[o.colour] == 1]
+        if not unique:
+            return None
+        o = unique[int(rng.integers(len(unique)))]
+        return f"What shape is the {o.colour} object?", o.shape
+    raise ValueError(f"unknown question type {qtype!r}; valid: {', '.join(QUESTION_TYPES)}")
+
+
+# ---- drawing ------------------------------------------------------------------------------------------------
+def render(objs: list[Obj], image_size: int, grid: int):
+    """A PIL RGB image of the scene."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    cell = image_size / grid
+    for o in objs:
+        cx = (o.col + 0.5) * cell + o.dx
+        cy = (o.row + 0.5) * cell + o.dy
+        r = o.size * cell / 2
+        fill = COLOURS[o.colour]
+        box = [cx - r, cy - r, cx + r, cy + r]
+        if o.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif o.shape == "square":
+            s = r * 0.85
+            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+        elif o.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+        elif o.shape == "diamond":
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        elif o.shape == "cross":
+            t = r * 0.35
+            draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
+            draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
+        else:
+            raise ValueError(f"unknown shape {o.shape!r}")
+    return img
+
+
+def _render_batch(args: tuple[list[tuple[str, list[Obj]]], int, int]) -> int:
+    jobs, image_size, grid = args
+    for path, objs in jobs:
+        render(objs, image_size, grid).save(path, format="PNG", optimize=False, compress_level=6)
+    return len(jobs)
+
+
+# ---- generation ---------------------------------------------------------------------------------------------
+def _scene_for(seed: int, split: str, index: int, grid: int, max_objects: int, size_jitter: bool,
+               qtype: str | None) -> tuple[list[Obj], np.random.Generator, tuple[str, str] | None]:
+    """The scene at (split, index): rejection-sampled until its description hashes into ``split`` and, for a
+    fixed ``qtype``, until that question applies. The object count is drawn first, so every split has the same
+    distribution of object counts."""
+    rng = _rng(seed, split, index)
+    n = int(rng.integers(1, max_objects + 1))
+    # held-out relation questions alternate between an object answer and "nothing"
+    want = n > 1 and (index // len(QUESTION_TYPES)) % 3 != 0 if qtype == "relation" else None
+    for _ in range(100_000):
+        objs = sample_scene(rng, grid, max_objects, size_jitter, n=n)
+        if split_of(caption(objs, grid)) != split:
+            continue
+        if qtype is None:
+            return objs, rng, None
+        qa = ask(qtype, objs, grid, rng, want_object=want)
+        if qa is not None:
+            return objs, rng, qa
+    raise RuntimeError(f"could not sample a {split} scene for {qtype}; the grid is too small for this split")
+
+
+def _instruct_train(objs: list[Obj], grid: int, rng: np.random.Generator, multi_share: float):
+    """1 turn, or 2-3 turns of distinct question types."""
+    n_turns = int(rng.integers(2, 4)) if rng.random() < multi_share else 1
+    turns: list[tuple[str, str, str]] = []
+    order = rng.permutation(len(QUESTION_TYPES))
+    for i in order:
+        qa = ask(QUESTION_TYPES[i], objs, grid, rng)
+        if qa is not None:
+            turns.append((QUESTION_TYPES[i], *qa))
+        if len(turns) == n_turns:
+            break
+    return turns
+
+
+def _conversation(turns: list[tuple[str, str, str]]) -> list[dict[str, str]]:
+    conv = []
+    for k, (_, q, a) in enumerate(turns):
+        conv.append({"from": "human", "value": f"<image>\n{q}" if k == 0 else q})
+        conv.append({"from": "gpt", "value": a})
+    return conv
+
+
+def generate_toy_data(
+    out_dir: str | os.PathLike,
+    *,
+    n_train: int = 20000,
+    n_val: int = 1000,
+    n_test: int = 1000,
+    image_size: int = 64,
+    grid: int = 3,
+    max_objects: int = 4,
+    seed: int = 0,
+    size_jitter: bool = True,
+    multi_turn_share: float = 0.5,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Path]:
+    """Write the shapes world into ``out_dir``; returns the written files by name.
+
+    ``progress(done, total)`` is called as images are written. Keys of the result: ``images``, ``meta``,
+    ``align_<split>``, ``instruct_<split>``, ``scenes_<split>``.
+    """
+    if not 1 <= max_objects <= grid * grid:
+        raise ValueError(f"max_objects must be in 1..{grid * grid} for a {grid}x{grid} grid, got {max_objects}")
+    out = Path(out_dir)
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    paths: dict[str, Path] = {"images": out / "images", "meta": out / "meta.json"}
+    jobs: list[tuple[str, list[Obj]]] = []
+    for split in SPLITS:
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        align, instruct, scenes = [], [], []
+        for i in range(counts[split]):
+            sid = f"{split}_{i:06d}"
+            image = f"{split}/{sid}.png"
+            qtype = None if split == "train" else QUESTION_TYPES[i % len(QUESTION_TYPES)]
+            objs, rng, qa = _scene_for(seed, split, i, grid, max_objects, size_jitter, qtype)
+            cap = caption(objs, grid)
+            prompt = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
+            align.append({"id": sid, "image": image, "conversations": [
+                {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": cap}]})
+            if split == "train":
+                turns = _instruct_train(objs, grid, rng, multi_turn_share)
+            else:
+                turns = [(qtype, *qa)]
+            rec = {"id": sid, "image": image, "conversations": _conversation(turns)}
+            if len(turns) == 1:
+                rec["question_type"] = turns[0][0]
+                rec["answer"] = turns[0][2]
+            else:
+                rec["question_type"] = "multi"
+                rec["question_types"] = [t[0] for t in turns]
+            instruct.append(rec)
+            scenes.append({"id": sid, "image": image, "caption": cap, "objects": [
+                {"shape": o.shape, "colour": o.colour, "row": o.row, "col": o.col,
+                 "position": position_name(o.row, o.col, grid), "size": o.size} for o in objs]})
+            jobs.append((str(out / "images" / image), objs))
+        for name, records in (("align", align), ("instruct", instruct), ("scenes", scenes)):
+            p = out / f"{name}_{split}.json"
+            p.write_text(json.dumps(records, indent=None, separators=(",", ":")))
+            paths[f"{name}_{split}"] = p
+
+    meta = {
+        "format_version": FORMAT_VERSION, "seed": seed, "image_size": image_size, "grid": grid,
+        "max_objects": max_objects, "size_jitter": size_jitter, "multi_turn_share": multi_turn_share,
+        "counts": counts, "shapes": list(SHAPES), "colours": {k: list(v) for k, v in COLOURS.items()},
+        "background": list(BACKGROUND), "question_types": list(QUESTION_TYPES),
+        "positions": [position_name(r, c, grid) for r in range(grid) for c in range(grid)],
+        "caption_prompts": list(CAPTION_PROMPTS), "images_root": "images",
+    }
+    paths["meta"].write_text(json.dumps(meta, indent=2))
+
+    total = len(jobs)
+    chunk = 250
+    batches = [(jobs[k:k + chunk], image_size, grid) for k in range(0, total, chunk)]
+    workers = workers if workers is not None else min(os.cpu_count() or 1, 4)
+    done = 0
+    if workers > 1 and total > 2000:
+        with ProcessPoolExecutor(workers) as pool:
+            for n in pool.map(_render_batch, batches):
+                done += n
+                if progress:
+                    progress(done, total)
+    else:
+        for b in batches:
+            done += _render_batch(b)
+            if progress:
+                progress(done, total)
+    return paths
+
+
+def load_scenes(data_dir: str | os.PathLike, split: str) -> list[dict]:
+    """The per-image annotations of one split."""
+    return json.loads((Path(data_dir) / f"scenes_{split}.json").read_text())
