@@ -365,7 +365,7 @@ def print_summary(result: dict[str, Any], axes: list[str]) -> None:
     from vlkit.ablate.report import _fmt
 
     table = Table(title="ablation: mean ± 95% CI across seeds")
-    for col in [*axes, "tokens", "params", "seeds", "accuracy", "val loss"]:
+    for col in [*axes, "image tokens", "trainable", "seeds", "accuracy", "val loss"]:
         table.add_column(col)
     for a in result["aggregate"]:
         table.add_row(*[str(a.get(x)) for x in axes], str(a.get("image_tokens")), f"{a.get('trainable_params') or 0:,}",

@@ -55,6 +55,7 @@ def make_plan(recipe: str, overrides: list[str], cli_axes: dict[str, str], seeds
     out = Path(out or Path(base.train.output_dir) / "ablate" / base.name)
     out.mkdir(parents=True, exist_ok=True)
     plan = {"recipe": base.name, "recipe_path": str(path), "axes": list(axes), "seeds": seed_list,
+            "base_overrides": base_ov,
             "num_patches": num_patches, "command": command, "runs": [s.to_dict() for s in specs]}
     (out / "plan.json").write_text(json.dumps(plan, indent=1))
     return {**plan, "specs": specs, "out": out}
@@ -68,7 +69,7 @@ def print_plan(console: Console, plan: dict[str, Any]) -> None:
         t.add_column(col, overflow="fold")
     for s in specs:
         state = "skip" if s.skipped else run_status(plan["out"] / "runs" / s.id)
-        shown = [o for o in s.overrides if o != "grid=null"]
+        shown = [o for o in s.overrides if o not in plan["base_overrides"]]
         t.add_row(s.id, state, " ".join(shown), s.skipped or s.mapping or "")
     console.print(t)
 

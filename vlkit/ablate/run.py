@@ -33,7 +33,8 @@ def run_status(run_dir: Path) -> str:
         except ValueError:
             pass
     if (run_dir / "status.json").exists():
-        return json.loads((run_dir / "status.json").read_text()).get("status", "incomplete")
+        if json.loads((run_dir / "status.json").read_text()).get("status") == "failed":
+            return "failed"
     return "incomplete" if run_dir.exists() else "pending"
 
 

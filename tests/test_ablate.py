@@ -1,0 +1,105 @@
+"""`vlkit ablate`: grid expansion, fair combinations, feature cache equivalence, execution, rerun, report."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import losses, vlkit
+from vlkit.ablate.grid import Skip, combo_overrides, expand
+from vlkit.config import load_recipe
+
+QUICK = ["train.stages=[instruct]", "stages.instruct.max_steps=3", "stages.instruct.batch_size=4",
+         "stages.instruct.eval_max_samples=8", "stages.instruct.eval_batch_size=8", "data.max_length=112"]
+
+
+@pytest.mark.parametrize("tokens,proj,n,expected,note", [
+    ("cls", "mlp", 1, ["projector.name=mlp", "tokens.name=cls"], None),
+    ("cls", "mlp", 16, ["projector.name=cls_reshape", "tokens.name=cls", "projector.num_tokens=16"], "cls_reshape"),
+    ("patch", "mlp", 64, ["projector.name=mlp", "tokens.name=patch"], None),
+    ("patch", "linear", 16, ["projector.name=linear", "tokens.name=pooled", "tokens.num_tokens=16"], "pooled"),
+    ("patch", "cross_attention", 16, ["projector.name=cross_attention", "tokens.name=patch", "projector.num_tokens=16"],
+     "learned queries"),
+])
+def test_combinations_map_to_defined_models(tokens, proj, n, expected, note):
+    ov, why = combo_overrides(tokens, proj, n, num_patches=64)
+    assert ov == expected
+    assert (note is None and why is None) or note in why
+
+
+@pytest.mark.parametrize("tokens,proj,n,reason", [
+    ("patch", "mlp", 128, "more than the encoder's 64 patches"),
+    ("patch", "mlp", 8, "square"),
+    ("patch", "cls_reshape", 16, "one vector"),
+    ("cls_patch", "mlp", 16, r"1 \+ 64"),
+])
+def test_impossible_combinations_are_skipped_with_reason(tokens, proj, n, reason):
+    with pytest.raises(Skip, match=reason):
+        combo_overrides(tokens, proj, n, num_patches=64)
+
+
+def test_expand_ids_seeds_and_generic_axes():
+    specs = expand({"projector": ["linear", "mlp"], "stages.instruct.lr": [1e-3, 3e-4]}, [0, 1], num_patches=64)
+    assert len(specs) == 8 and len({s.id for s in specs}) == 8
+    s = specs[0]
+    assert s.id == "projector-linear_lr-0.001_seed-0"
+    assert "stages.instruct.lr=0.001" in s.overrides and "train.seed=0" in s.overrides
+
+
+def test_feature_cache_gives_same_losses(tiny_toy_world, tmp_path, monkeypatch):
+    from vlkit.cache import FeatureCache
+    from vlkit.train import train
+
+    monkeypatch.setenv("VLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    r = load_recipe("mlp_patch", QUICK + ["stages.instruct.eval_data=null", "train.stages=[align, instruct]",
+                                          "stages.align.max_steps=2", "stages.align.batch_size=4",
+                                          "stages.align.eval_data=null"])
+    train(r, tmp_path / "plain")
+    cache = FeatureCache(tmp_path / "cache")
+    train(r, tmp_path / "cached", features=cache)
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "cached")
+    assert [x[:2] for x in a] == [x[:2] for x in b]
+    assert all(abs(x[2] - y[2]) < 1e-5 for x, y in zip(a, b)), (a, b)
+    keys = list((tmp_path / "cache").iterdir())
+    # a different layer is a different key: nothing is reused
+    from vlkit.model import build_model
+
+    m2 = build_model(load_recipe("mlp_patch", ["encoder.layer=-1"]))
+    bound = cache.for_model(m2, torch.device("cpu"))
+    assert bound.dir not in keys and not bound.rows
+
+
+def test_ablate_runs_reruns_missing_and_reports(tiny_toy_world, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "abl"
+    args = ["ablate", "mlp_patch", *QUICK, "--projector", "linear,mlp", "--grid",
+            f"stages.instruct.data=toy:data/instruct_train.json,{tmp_path / 'missing.json'}", "--seeds", "1",
+            "--out", str(out), "--workers", "1"]
+    dry = vlkit(*args, "--dry-run")
+    assert "plan: 4 runs" in dry.stdout and not (out / "runs").exists()
+    vlkit(*args)
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    status = {r["run"]: r["status"] for r in rows}
+    assert sorted(status.values()) == ["failed", "failed", "finished", "finished"], status
+    failed = [r for r in rows if r["status"] == "failed"][0]
+    assert "missing.json" in failed["error"]
+    ok = [r for r in rows if r["status"] == "finished"]
+    assert all(r["image_tokens"] == "64" and int(r["trainable_params"]) > 0 and r["accuracy"] != "" for r in ok)
+    report = (out / "report.md").read_text()
+    assert "mean ± 95% CI" in report and "Paired comparisons" in report
+    assert (out / "accuracy_vs_tokens.png").stat().st_size > 1000 and (out / "loss_curves.png").exists()
+    # simulate a run killed midway: only it runs again
+    done = [r["run"] for r in ok]
+    os.remove(out / "runs" / done[1] / "summary.json")
+    before = (out / "runs" / done[0] / "summary.json").stat().st_mtime
+    again = vlkit(*args)
+    assert (out / "runs" / done[0] / "summary.json").stat().st_mtime == before
+    assert json.loads((out / "runs" / done[1] / "summary.json").read_text())["status"] == "finished"
+    assert "running 3 run(s)" in again.stdout  # the incomplete one plus the two failed ones
+    # the report regenerates from the run directories alone
+    os.remove(out / "report.md")
+    vlkit("report", str(out))
+    assert (out / "report.md").exists()
