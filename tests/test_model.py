@@ -98,3 +98,18 @@ def test_real_scale_recipe_builds_from_local_dirs(tiny_toy_world):
                                                        f"llm.model={tiny_toy_world.lm_dir}", "llm.dtype=float32"])
     m = build_model(r)
     assert m.num_image_tokens == 64 and m.llm.hidden_size == 256
+
+
+def test_xattn_fusion_starts_as_the_frozen_llm_and_learns(tiny_toy_world):
+    torch.manual_seed(0)
+    m = build_model(load_recipe("mlp_patch", ["fusion.name=xattn", "fusion.every=2"]))
+    assert m.sequence_image_tokens == 0 and m.num_image_tokens == 64 and len(m.fusion.blocks) == 2
+    b = batch_of(m, [rec(), rec(image=False, turns=(("Say hi", "hi there"),))])
+    assert not bool((b["input_ids"] == m.image_token_id).any())  # the image takes no sequence positions
+    with_img = m(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"],
+                 image_index=b["image_index"])
+    text_only = m(b["input_ids"], b["attention_mask"], b["labels"])
+    assert torch.allclose(with_img.loss, text_only.loss, atol=1e-6)  # tanh(0) gates: LLM unchanged at init
+    m.fusion.requires_grad_(True)
+    with_img.loss.backward()
+    assert m.fusion.blocks[0].attn_gate.grad is not None and float(m.fusion.blocks[0].attn_gate.grad.abs()) > 0

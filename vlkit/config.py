@@ -105,7 +105,7 @@ class Recipe(_Strict):
     data: DataConfig = DataConfig()
     stages: dict[str, StageConfig]
     train: TrainConfig = TrainConfig()
-    grid: dict[str, list[Any]] | None = None  # ablation axes: key.path -> values
+    grid: dict[str, Any] | None = None  # ablation axes: key.path or shortcut -> values; "seeds": N or list
 
     @model_validator(mode="after")
     def _stages_exist(self) -> "Recipe":
@@ -128,9 +128,10 @@ class Recipe(_Strict):
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-COMPONENT_SECTIONS = {"encoder": "encoders", "tokens": "token_strategies", "projector": "projectors", "llm": "llms"}
+COMPONENT_SECTIONS = {"encoder": "encoders", "tokens": "token_strategies", "projector": "projectors", "llm": "llms",
+                      "fusion": "fusions"}
 # Parameters vlkit itself passes to a family's factory (a recipe may not set them, except num_tokens).
-SUPPLIED = {"projector": {"in_dim", "out_dim"}}
+SUPPLIED = {"projector": {"in_dim", "out_dim"}, "fusion": {"llm"}}
 
 
 # ---- loading --------------------------------------------------------------------------------------------------
@@ -290,6 +291,11 @@ def check_components(recipe: Recipe, source: str) -> list[str]:
         params = {k: v for k, v in params.items() if k not in bad}
         if section == "projector":
             params = {**params, "in_dim": 1, "out_dim": 1, "num_tokens": params.get("num_tokens")}
+        if section == "fusion":
+            import inspect
+
+            if "llm" in inspect.signature(reg.get(comp.name)).parameters:
+                params = {**params, "llm": None}
         if section == "tokens":
             params = {**params, "num_tokens": params.get("num_tokens")}
         for msg in reg.check_params(comp.name, params):

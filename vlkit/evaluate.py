@@ -43,7 +43,8 @@ def eval_loss(model, dataset: LlavaDataset, batch_size: int, device: torch.devic
         batch = move(batch, device)
         feats = features_fn(batch) if features_fn else None
         out = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                    pixel_values=None if feats is not None else batch["pixel_values"], features=feats)
+                    pixel_values=None if feats is not None else batch["pixel_values"], features=feats,
+                    image_index=batch["image_index"])
         total += float(out.loss_sum)
         count += out.num_tokens
     model.train(was)
@@ -69,7 +70,7 @@ def generate_answers(model, records: list[dict[str, Any]], image_root, transform
     was = model.training
     model.eval()
     tok = model.tokenizer
-    examples = [prompt_example(r, tok, model.image_token_id, model.num_image_tokens)[0] for r in records]
+    examples = [prompt_example(r, tok, model.image_token_id, model.sequence_image_tokens)[0] for r in records]
     ds = LlavaDataset(examples, image_root, transform, load_images=features_fn is None)
     collator = Collator(tok.pad_token_id, left_pad=True)
     answers: list[str] = []
@@ -78,7 +79,7 @@ def generate_answers(model, records: list[dict[str, Any]], image_root, transform
         feats = features_fn(batch) if features_fn else None
         out = model.generate(batch["input_ids"], batch["attention_mask"],
                              pixel_values=None if feats is not None else batch["pixel_values"], features=feats,
-                             max_new_tokens=max_new_tokens, **gen_kwargs)
+                             image_index=batch["image_index"], max_new_tokens=max_new_tokens, **gen_kwargs)
         answers.extend(t.strip() for t in tok.batch_decode(out, skip_special_tokens=True))
     model.train(was)
     return answers
@@ -108,7 +109,7 @@ def accuracy_report(records: list[dict[str, Any]], predictions: list[str]) -> di
 def evaluate(model, records: list[dict[str, Any]], image_root, transform, device: torch.device, max_length: int,
              batch_size: int = 32, max_new_tokens: int = 16, features_fn=None) -> dict[str, Any]:
     """Validation loss and generation metrics on LLaVA-format records."""
-    examples = [tokenize_record(r, model.tokenizer, model.image_token_id, model.num_image_tokens, max_length, i)
+    examples = [tokenize_record(r, model.tokenizer, model.image_token_id, model.sequence_image_tokens, max_length, i)
                 for i, r in enumerate(records)]
     metrics: dict[str, Any] = {}
     metrics.update({f"val_{k}": v for k, v in eval_loss(model, LlavaDataset(examples, image_root, transform),

@@ -13,7 +13,8 @@ from vlkit.registry import FAMILIES
 def describe_model(recipe: Recipe) -> tuple[dict[str, Any], VLM]:
     model = build_model(recipe)
     counts = parameter_counts(model)
-    fams = {"encoder": "encoders", "tokens": "token_strategies", "projector": "projectors", "llm": "llms"}
+    fams = {"encoder": "encoders", "tokens": "token_strategies", "projector": "projectors", "fusion": "fusions",
+            "llm": "llms"}
     rows = []
     for part, fam in fams.items():
         name = getattr(recipe, part).name
@@ -60,7 +61,7 @@ def sample_view(recipe: Recipe, model: VLM, stage: str | None = None) -> Text:
     stage = stage or recipe.train.stages[0]
     cfg = recipe.stages[stage]
     records = load_records(_resolve(cfg.data))
-    ex = tokenize_record(records[0], model.tokenizer, model.image_token_id, model.num_image_tokens,
+    ex = tokenize_record(records[0], model.tokenizer, model.image_token_id, model.sequence_image_tokens,
                          recipe.data.max_length)
     head = Text(f"\nsample {records[0].get('id', '#0')} of stage '{stage}' ({ex.length} tokens, "
                 f"{ex.num_supervised} supervised: green = loss, dim = masked)\n", style="bold")

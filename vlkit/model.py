@@ -1,8 +1,9 @@
 """Assemble a recipe's components into one vision-language model.
 
-encoder -> token strategy -> projector -> the M image embeddings replace the image placeholder in the LLM's
-text embeddings (LLaVA-style prefix splicing). The collator has already expanded each ``<image>`` placeholder
-into M image-token ids, so splicing is one masked assignment and labels are -100 there.
+encoder -> token strategy -> projector -> M image embeddings -> fusion into the LLM. With ``prefix`` fusion
+(LLaVA) they replace the image placeholder in the text embeddings: the collator has already expanded each
+``<image>`` into M image-token ids, so splicing is one masked assignment and labels are -100 there. With ``xattn``
+fusion (Flamingo) the placeholder is dropped from the text and gated cross-attention layers read the embeddings.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkit.config import Recipe
-from vlkit.registry import ENCODERS, LLMS, PROJECTORS, TOKEN_STRATEGIES
+from vlkit.registry import ENCODERS, FUSIONS, LLMS, PROJECTORS, TOKEN_STRATEGIES
 from vlkit.types import EncoderOutput
 
 IGNORE = -100
@@ -30,10 +31,17 @@ class VLMOutput:
 
 
 class VLM(nn.Module):
-    def __init__(self, encoder: nn.Module, tokens: nn.Module, projector: nn.Module, llm: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, tokens: nn.Module, projector: nn.Module, llm: nn.Module,
+                 fusion: nn.Module | None = None) -> None:
         super().__init__()
         self.encoder, self.tokens, self.projector, self.llm = encoder, tokens, projector, llm
-        self.num_image_tokens = self._count_image_tokens()
+        self.fusion = fusion if fusion is not None else FUSIONS.create("prefix")
+        self.num_image_tokens = self._count_image_tokens()  # M: image embeddings per image
+
+    @property
+    def sequence_image_tokens(self) -> int:
+        """Positions an image takes in the text sequence: M for prefix fusion, 0 for cross-attention fusion."""
+        return self.num_image_tokens if self.fusion.in_sequence else 0
 
     @property
     def image_token_id(self) -> int:
@@ -80,17 +88,36 @@ class VLM(nn.Module):
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
         return embeds
 
+    def _image_embeds(self, pixel_values: torch.Tensor | None, features: EncoderOutput | None) -> torch.Tensor | None:
+        if features is not None:
+            return self.project(features)
+        if pixel_values is not None and pixel_values.shape[0]:
+            return self.encode_images(pixel_values)
+        return None
+
+    def fuse(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
+             image_index: torch.Tensor | None) -> torch.Tensor:
+        # input_ids [B, T], image_embeds [I, M, D], image_index [I] (sample of each image) -> inputs_embeds [B, T, D]
+        if self.fusion.in_sequence:
+            return self.embed_inputs(input_ids, image_embeds)
+        b = input_ids.shape[0]
+        if image_embeds is None:
+            self.fusion.set_context(None, None)
+        else:
+            if image_index is None:
+                raise ValueError("cross-attention fusion needs image_index (the sample each image belongs to)")
+            ctx = image_embeds.new_zeros(b, *image_embeds.shape[1:])
+            ctx[image_index] = image_embeds
+            has = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+            has[image_index] = True
+            self.fusion.set_context(ctx, has)
+        return self.embed_inputs(input_ids, None)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, features: EncoderOutput | None = None,
-                return_logits: bool = False) -> VLMOutput:
+                image_index: torch.Tensor | None = None, return_logits: bool = False) -> VLMOutput:
         # input_ids/attention_mask/labels [B, T], pixel_values [I, 3, H, W] -> loss over supervised tokens
-        if features is not None:
-            image_embeds = self.project(features)
-        elif pixel_values is not None and pixel_values.shape[0]:
-            image_embeds = self.encode_images(pixel_values)
-        else:
-            image_embeds = None
-        embeds = self.embed_inputs(input_ids, image_embeds)
+        embeds = self.fuse(input_ids, self._image_embeds(pixel_values, features), image_index)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         hidden = self.llm.hidden_states(embeds, attention_mask, position_ids)
         if labels is None:
@@ -106,16 +133,11 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                 features: EncoderOutput | None = None, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+                 features: EncoderOutput | None = None, image_index: torch.Tensor | None = None,
+                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0) -> torch.Tensor:
         # input_ids [B, T] left-padded prompts -> [B, <=max_new_tokens] new token ids
-        if features is not None:
-            image_embeds = self.project(features)
-        elif pixel_values is not None and pixel_values.shape[0]:
-            image_embeds = self.encode_images(pixel_values)
-        else:
-            image_embeds = None
-        embeds = self.embed_inputs(input_ids, image_embeds)
+        embeds = self.fuse(input_ids, self._image_embeds(pixel_values, features), image_index)
         tok = self.tokenizer
         eos = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(i, int) and i >= 0]
         kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -163,11 +185,16 @@ def build_vision(recipe: Recipe, out_dim: int) -> tuple[nn.Module, nn.Module, nn
 
 def build_model(recipe: Recipe) -> VLM:
     """Build the recipe's encoder, token strategy, projector and LLM and assemble them."""
-    if recipe.fusion.name != "prefix":
-        raise ValueError(f"fusion.name '{recipe.fusion.name}' is not available; use 'prefix'")
     llm = LLMS.create(recipe.llm.name, **_resolved_params(recipe.llm.params()))
     encoder, tokens, projector = build_vision(recipe, llm.hidden_size)
-    return VLM(encoder, tokens, projector, llm)
+    fusion_params = _resolved_params(recipe.fusion.params())
+    factory = FUSIONS.get(recipe.fusion.name)
+    import inspect
+
+    if "llm" in inspect.signature(factory).parameters:
+        fusion_params["llm"] = llm
+    fusion = FUSIONS.create(recipe.fusion.name, **fusion_params)
+    return VLM(encoder, tokens, projector, llm, fusion)
 
 
 def load_tokenizer(recipe: Recipe):
@@ -196,7 +223,7 @@ def count_image_tokens(recipe: Recipe) -> int:
 def parameter_counts(model: VLM) -> dict[str, dict[str, int]]:
     """Trainable and frozen parameters per component."""
     out = {}
-    for part in ("encoder", "tokens", "projector", "llm"):
+    for part in ("encoder", "tokens", "projector", "fusion", "llm"):
         mod = getattr(model, part)
         trainable = sum(p.numel() for p in mod.parameters() if p.requires_grad)
         total = sum(p.numel() for p in mod.parameters())

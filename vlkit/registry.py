@@ -206,18 +206,21 @@ ENCODERS = Registry("encoder", "vlkit.encoders", "vlkit.components.encoders")
 TOKEN_STRATEGIES = Registry("token strategy", "vlkit.token_strategies", "vlkit.components.tokens")
 PROJECTORS = Registry("projector", "vlkit.projectors", "vlkit.components.projectors")
 LLMS = Registry("llm", "vlkit.llms", "vlkit.components.llms")
+FUSIONS = Registry("fusion", "vlkit.fusions", "vlkit.components.fusion")
 
 FAMILIES: dict[str, Registry] = {
     "encoders": ENCODERS,
     "token_strategies": TOKEN_STRATEGIES,
     "projectors": PROJECTORS,
     "llms": LLMS,
+    "fusions": FUSIONS,
 }
 
 register_encoder = ENCODERS.register
 register_token_strategy = TOKEN_STRATEGIES.register
 register_projector = PROJECTORS.register
 register_llm = LLMS.register
+register_fusion = FUSIONS.register
 
 
 def create_encoder(name: str, **params: Any) -> Any:

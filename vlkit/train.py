@@ -67,8 +67,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def set_trainable(model: VLM, stage: StageConfig) -> None:
     """Freeze everything, then unfreeze what this stage trains (LoRA is attached on first use)."""
     model.requires_grad_(False)
-    if stage.train_projector:
+    if stage.train_projector:  # the connector: projector and any fusion layers
         model.projector.requires_grad_(True)
+        model.fusion.requires_grad_(True)
     if stage.llm == "lora":
         attach_lora(model, stage)
         for n, p in model.llm.model.named_parameters():
@@ -100,7 +101,7 @@ def attach_lora(model: VLM, stage: StageConfig) -> None:
 def param_groups(model: VLM, stage: StageConfig) -> list[dict[str, Any]]:
     """Per-module learning rates: projector ``lr``, LLM ``lr_llm``, encoder ``lr_encoder`` (default ``lr``)."""
     groups = []
-    for part, lr in (("projector", stage.lr), ("llm", stage.lr_llm or stage.lr), ("encoder", stage.lr_encoder or stage.lr)):
+    for part, lr in (("projector", stage.lr), ("fusion", stage.lr), ("llm", stage.lr_llm or stage.lr), ("encoder", stage.lr_encoder or stage.lr)):
         params = [p for p in getattr(model, part).parameters() if p.requires_grad]
         if params:
             decay = [p for p in params if p.dim() >= 2]
@@ -176,7 +177,7 @@ def load_stage_data(recipe: Recipe, stage_name: str, model: VLM, transform: Imag
     root = _resolve(recipe.data.image_root)
     path = _resolve(stage.data)
     records = load_records(path)
-    examples, problems = check_records(records, root, model.tokenizer, model.image_token_id, model.num_image_tokens,
+    examples, problems = check_records(records, root, model.tokenizer, model.image_token_id, model.sequence_image_tokens,
                                        recipe.data.max_length)
     if problems:
         report_problems(console, problems, path)
@@ -205,8 +206,8 @@ def preflight(model: VLM, batch: dict[str, Any], console: Console, tokenizer) ->
                                 f"'loss is 0' bug; check the chat template). Its masked template:\n{view.plain}")
     n_img = int((batch["input_ids"] == model.image_token_id).sum())
     n_images = sum(k is not None for k in batch["image_keys"])
-    if n_img != n_images * model.num_image_tokens:
-        raise TrainingError(f"{n_img} image tokens in the batch but {n_images} images x {model.num_image_tokens} "
+    if n_img != n_images * model.sequence_image_tokens:
+        raise TrainingError(f"{n_img} image tokens in the batch but {n_images} images x {model.sequence_image_tokens} "
                             "tokens expected")
     with torch.no_grad():
         text = model.llm.embed_tokens(batch["input_ids"][batch["attention_mask"].bool()
@@ -216,7 +217,7 @@ def preflight(model: VLM, batch: dict[str, Any], console: Console, tokenizer) ->
             img = model.encode_images(batch["pixel_values"])
             facts["image_embed_norm"] = float(img.norm(dim=-1).mean())
     console.print("pre-flight: " + ", ".join(f"{k}={v:.3f}" for k, v in facts.items())
-                  + f", {n_img} image tokens = {n_images} images x {model.num_image_tokens}: ok")
+                  + f", {n_img} image tokens = {n_images} images x {model.sequence_image_tokens}: ok")
     return facts
 
 
@@ -311,7 +312,8 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
                 feats = features_fn(batch) if features_fn else None
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     out = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                pixel_values=None if feats is not None else batch["pixel_values"], features=feats)
+                                pixel_values=None if feats is not None else batch["pixel_values"], features=feats,
+                                image_index=batch["image_index"])
                 (out.loss_sum / n_total).backward()  # token-weighted over the accumulated micro-batches
                 loss_sum += float(out.loss_sum.detach())
                 tokens_seen += int(batch["attention_mask"].sum())

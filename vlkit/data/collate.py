@@ -29,7 +29,9 @@ class Collator:
             mask[b, sl] = 1
         images = [it["pixel_values"] for it in items if it.get("pixel_values") is not None]
         pixel_values = torch.stack(images) if images else None
+        image_index = torch.tensor([b for b, it in enumerate(items) if it.get("image_key") is not None], dtype=torch.long)
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixel_values,
+                "image_index": image_index,
                 "index": [it["index"] for it in items], "image_keys": [it.get("image_key") for it in items]}
 
 
