@@ -49,7 +49,8 @@ def test_truncation_never_cuts_image(model):
 
 
 def batch_of(model, records):
-    examples = [tokenize_record(r, model.tokenizer, model.image_token_id, model.num_image_tokens, 400) for r in records]
+    examples = [tokenize_record(r, model.tokenizer, model.image_token_id, model.sequence_image_tokens, 400)
+                for r in records]
     items = [{"input_ids": e.input_ids, "labels": e.labels, "index": i, "image_key": e.image,
               "pixel_values": torch.randn(3, 64, 64) if e.image else None} for i, e in enumerate(examples)]
     return Collator(model.tokenizer.pad_token_id)(items)

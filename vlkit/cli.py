@@ -373,6 +373,68 @@ def print_summary(result: dict[str, Any], axes: list[str]) -> None:
     console.print(table)
 
 
+@app.command("export")
+@friendly
+def export_cmd(run: Path = typer.Argument(..., help="run directory"),
+               out: Path = typer.Argument(..., help="output directory (new or empty)"),
+               format: str = typer.Option("hf-llava", "--format",
+                                          help="hf-llava (LlavaForConditionalGeneration + processor) or vlkit "
+                                               "(recipe + trained weights; any model)"),
+               dtype: Optional[str] = typer.Option(None, help="hf-llava weight dtype: float32, bfloat16 or float16 "
+                                                              "(default: the LLM's)"),
+               overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it is not empty")) -> None:
+    """Export a trained run as a Hugging Face Llava model directory or a vlkit export."""
+    from vlkit.export import export_run
+
+    info = export_run(run, out, format=format, dtype=dtype, overwrite=overwrite)
+    if not info.get("complete", True):
+        err_console.print("[yellow]warning:[/] not every stage has finished; exported the latest checkpoints: "
+                          + ", ".join(f"{k}:{v}" for k, v in info["stages"].items()))
+    if info["format"] == "hf-llava":
+        console.print(f"[bold green]exported[/] {run} -> {out} (LlavaForConditionalGeneration, "
+                      f"{info['num_image_tokens']} image tokens, vision_feature_layer {info['vision_feature_layer']}, "
+                      f"'{info['vision_feature_select_strategy']}', {info['dtype']}); load with "
+                      "LlavaForConditionalGeneration.from_pretrained + AutoProcessor.from_pretrained")
+    else:
+        console.print(f"[bold green]exported[/] {run} -> {out} (vlkit format, {info['tensors']} trained tensors, "
+                      f"{info['parameters']:,} parameters); load with vlkit.export.load_export")
+
+
+@app.command("plan")
+@friendly
+def plan_cmd(recipe: str = typer.Argument(..., help="recipe YAML"),
+             overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value ..."),
+             gpus: int = typer.Option(1, help="data-parallel GPUs (ZeRO shards across them)"),
+             zero: int = typer.Option(0, help="ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +weights"),
+             gpu_memory: float = typer.Option(80.0, "--gpu-memory", help="memory per GPU in GB (10^9 bytes)"),
+             stage: Optional[str] = typer.Option(None, help="plan only this stage (default: train.stages)"),
+             seq_len: Optional[int] = typer.Option(None, "--seq-len",
+                                                   help="tokens per sample incl. image tokens (default data.max_length)"),
+             supervised_frac: float = typer.Option(0.3, "--supervised-frac",
+                                                   help="fraction of tokens with a label (they reach the LM head)"),
+             micro_batch: Optional[int] = typer.Option(None, "--micro-batch",
+                                                       help="samples per GPU per step (default batch_size/grad_accum)"),
+             device: str = typer.Option("cuda", help="cuda (autocast per train.precision) or cpu (fp32)"),
+             overhead_gb: Optional[float] = typer.Option(None, "--overhead-gb",
+                                                         help="CUDA context/workspace allowance (default 1 on cuda)"),
+             offline: bool = typer.Option(False, "--offline", help="never ask the hub for a config"),
+             as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
+    """Estimate per-GPU training memory of each stage (weights, gradients, AdamW, activations) without downloading."""
+    import json
+
+    from vlkit.config import load_recipe
+    from vlkit.plan import plan, print_plan
+
+    r = load_recipe(recipe, overrides or [])
+    p = plan(r, [stage] if stage else None, online=False if offline else None, gpus=gpus, zero=zero,
+             gpu_memory_gb=gpu_memory, seq_len=seq_len, supervised_frac=supervised_frac, micro_batch=micro_batch,
+             device=device, overhead_gb=overhead_gb)
+    if as_json:
+        print(json.dumps(p.to_dict(), indent=1))
+        return
+    print_plan(console, p)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

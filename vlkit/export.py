@@ -206,8 +206,10 @@ def hf_llava_problems(recipe) -> list[str]:
     elif proj != "linear":
         problems.append(f"projector '{proj}': HF Llava's projector is a per-token linear_1 -> activation -> "
                         f"linear_2 and keeps the token count; '{proj}' is not expressible; only linear / mlp export")
-    if recipe.fusion.name != "prefix":
-        problems.append(f"fusion '{recipe.fusion.name}': HF Llava splices image embeddings into the text (prefix)")
+    fusion = recipe.fusion.name
+    if fusion != "prefix":
+        problems.append(f"fusion '{fusion}': HF Llava only splices the image embeddings into the text sequence "
+                        "(prefix fusion); it has no cross-attention or other fusion layers")
     llm = recipe.llm.name
     if llm != "hf" or plugin(LLMS, llm):
         problems.append(f"llm '{llm}': HF Llava's language model must be a transformers causal LM (llm 'hf')")
@@ -222,6 +224,10 @@ def _model_problems(model) -> list[str]:
     from vlkit.components.tokens import ClsPatchTokens, PatchTokens
 
     problems = []
+    fusion = getattr(model, "fusion", None)
+    if fusion is not None and (not getattr(fusion, "in_sequence", True) or any(True for _ in fusion.parameters())):
+        problems.append(f"fusion {type(fusion).__name__}: HF Llava only splices image embeddings into the text "
+                        "sequence, with no fusion parameters")
     enc = model.encoder
     if not isinstance(enc, HFVisionEncoder) or not hasattr(enc, "hf_model"):
         problems.append(f"encoder {type(enc).__name__}: not vlkit's HFVisionEncoder with an .hf_model")
@@ -342,7 +348,8 @@ def _write_hf_llava(model, recipe, run_dir: Path, out: Path, used: dict[str, str
 
     enc, llm = model.encoder, model.llm
     # LoRA merged into the LLM's weights (the loaded model is ours to change)
-    if hasattr(llm.model, "merge_and_unload"):
+    lora = hasattr(llm.model, "merge_and_unload")
+    if lora:
         llm.model = llm.model.merge_and_unload()
     lm = llm.base()
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
@@ -351,12 +358,14 @@ def _write_hf_llava(model, recipe, run_dir: Path, out: Path, used: dict[str, str
 
     text_config = copy.deepcopy(lm.config)
     text_config.vocab_size = int(lm.get_input_embeddings().num_embeddings)
+    text_config._name_or_path = ""  # no local paths of the build machine in the export
     embed_w = lm.get_input_embeddings().weight
     same = head.weight.shape == embed_w.shape and (head.weight.data_ptr() == embed_w.data_ptr()
                                                    or torch.equal(head.weight, embed_w))
     if getattr(text_config, "tie_word_embeddings", False) and not same:
         text_config.tie_word_embeddings = False  # e.g. LoRA on the embeddings or the head untied them
     vision_config = copy.deepcopy(enc.hf_model.config)
+    vision_config._name_or_path = ""
     has_cls = bool(enc.has_cls)
     select = "default" if model.tokens.name == "patch" and has_cls else "full"
     feature_layer = enc.layer if enc.layer < 0 else enc.layer + 1
@@ -383,7 +392,7 @@ def _write_hf_llava(model, recipe, run_dir: Path, out: Path, used: dict[str, str
                        ("model.language_model.", decoder.state_dict()),
                        ("lm_head.", head.state_dict())):
         for k, v in sd.items():
-            state[prefix + k] = v.detach().to("cpu", target).clone()
+            state[prefix + k] = v.detach().to("cpu", target)  # no copy when already there: saved, not changed
     expected = set(hf.state_dict())
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -398,8 +407,7 @@ def _write_hf_llava(model, recipe, run_dir: Path, out: Path, used: dict[str, str
     for mod_name, mod in hf.named_modules():
         for b_name, buf in list(mod._buffers.items()):
             if buf is not None and buf.is_meta:
-                src = _find_buffer(model, mod, mod_name, b_name, enc, decoder)
-                mod._buffers[b_name] = src
+                mod._buffers[b_name] = _find_buffer(mod_name, b_name, enc.hf_model, decoder)
     if config.tie_word_embeddings:
         hf.tie_weights()
     hf.config.dtype = target
@@ -434,7 +442,7 @@ def _write_hf_llava(model, recipe, run_dir: Path, out: Path, used: dict[str, str
     return {
         "format": "hf-llava", "export_version": EXPORT_VERSION, "vlkit_version": __version__,
         "source_run": str(run_dir.resolve()), "recipe": recipe.name, "identity": recipe.identity(),
-        "stages": used, "complete": _complete(recipe, used), "lora_merged": True,
+        "stages": used, "complete": _complete(recipe, used), "lora_merged": lora,
         "num_image_tokens": model.num_image_tokens, "image_token": llm.image_token,
         "image_token_id": int(model.image_token_id), "vision_feature_layer": int(feature_layer),
         "vision_feature_select_strategy": select, "projector_hidden_act": act, "dtype": str(target).split(".")[-1],
@@ -442,9 +450,9 @@ def _write_hf_llava(model, recipe, run_dir: Path, out: Path, used: dict[str, str
     }
 
 
-def _find_buffer(model, hf_mod: nn.Module, hf_name: str, b_name: str, enc, decoder) -> torch.Tensor:
+def _find_buffer(hf_name: str, b_name: str, tower: nn.Module, decoder: nn.Module) -> torch.Tensor:
     """The vlkit model's copy of a non-persistent buffer of the assembled HF model."""
-    for prefix, src_root in (("model.vision_tower", enc.hf_model), ("model.language_model", decoder)):
+    for prefix, src_root in (("model.vision_tower", tower), ("model.language_model", decoder)):
         if hf_name == prefix or hf_name.startswith(prefix + "."):
             sub = hf_name[len(prefix) + 1:]
             src_mod = src_root.get_submodule(sub) if sub else src_root
