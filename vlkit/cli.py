@@ -251,7 +251,7 @@ def eval_cmd(run: Path = typer.Argument(..., help="run directory"),
     from vlkit.data.llava import ImageTransform, load_records
     from vlkit.evaluate import evaluate
     from vlkit.model import _resolve
-    from vlkit.predict import load_run
+    from vlkit.export import load_model as load_run
     from vlkit.train import print_accuracy
 
     model, recipe, device = load_run(run)
@@ -276,7 +276,8 @@ def predict_cmd(run: Path = typer.Argument(..., help="run directory"),
     """Answer a question about an image (or every record of a JSON file) with a trained run."""
     import json
 
-    from vlkit.predict import load_run, predict_records
+    from vlkit.export import load_model as load_run
+    from vlkit.predict import predict_records
 
     model, recipe, device = load_run(run)
     gen = dict(do_sample=sample, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
