@@ -103,3 +103,16 @@ def test_ablate_runs_reruns_missing_and_reports(tiny_toy_world, tmp_path, monkey
     os.remove(out / "report.md")
     vlkit("report", str(out))
     assert (out / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_cluster_executor_local_mode_same_layout(tiny_toy_world, tmp_path, monkeypatch):
+    """The Slurm path (submitit) run through submitit's local executor gives the same report layout."""
+    monkeypatch.setenv("VLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "abl"
+    vlkit("ablate", "mlp_patch", *QUICK, "--projector", "linear,mlp", "--seeds", "1", "--out", str(out),
+          "--executor", "submitit-local")
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["status"] for r in rows] == ["finished", "finished"]
+    assert {"report.md", "results.json", "accuracy_vs_tokens.png", "plan.json"} <= {p.name for p in out.iterdir()}
+    assert any((out / "submitit").rglob("*_submitted.pkl"))  # really went through submitit
