@@ -221,7 +221,7 @@ def train_cmd(recipe: str = typer.Argument(..., help="recipe YAML (e.g. recipes/
     from vlkit.train import prepare_run_dir, train
 
     r = load_recipe(recipe, overrides or [])
-    if fresh:
+    if fresh and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 clears (the others wait in train())
         d = prepare_run_dir(r, run_dir)
         for sub in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard"):
             target = d / sub
@@ -405,8 +405,10 @@ def export_cmd(run: Path = typer.Argument(..., help="run directory"),
 @friendly
 def plan_cmd(recipe: str = typer.Argument(..., help="recipe YAML"),
              overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value ..."),
-             gpus: int = typer.Option(1, help="data-parallel GPUs (ZeRO shards across them)"),
-             zero: int = typer.Option(0, help="ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +weights"),
+             gpus: int = typer.Option(1, help="data-parallel GPUs: each takes 1/gpus of a micro-batch; ZeRO "
+                                              "shards across them"),
+             zero: Optional[int] = typer.Option(None, help="ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 "
+                                                           "+weights (default: the recipe's train.deepspeed, else 0)"),
              gpu_memory: float = typer.Option(80.0, "--gpu-memory", help="memory per GPU in GB (10^9 bytes)"),
              stage: Optional[str] = typer.Option(None, help="plan only this stage (default: train.stages)"),
              seq_len: Optional[int] = typer.Option(None, "--seq-len",

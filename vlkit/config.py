@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlkit.registry import FAMILIES, RegistryError, suggest
 
@@ -92,6 +92,24 @@ class TrainConfig(_Strict):
     run_name: str | None = None
     feature_cache: bool = False
     cache_dir: str | None = None
+    # multi-process training (launch with torchrun / deepspeed / srun; see vlkit/distributed.py). auto: DDP when
+    # launched with more than one process. Launch settings are not part of a run's identity.
+    distributed: Literal["auto", "none", "ddp", "fsdp", "deepspeed"] = "auto"
+    deepspeed: dict[str, Any] | str | None = None  # DeepSpeed config, or a path to its JSON; {zero_stage: 2} shorthand
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_config(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            from vlkit.distributed import deepspeed_config_problems
+
+            problems = deepspeed_config_problems(value)
+            if problems:
+                raise ValueError("; ".join(problems))
+        return value
+
+
+LAUNCH_KEYS = ("distributed", "deepspeed")  # train.* keys that say how to run, not what to compute
 
 
 class Recipe(_Strict):
@@ -123,8 +141,14 @@ class Recipe(_Strict):
         return self.model_dump(mode="json")
 
     def identity(self) -> str:
-        """A short hash of the resolved config (what a run's results belong to)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """A short hash of the resolved config (what a run's results belong to).
+
+        Launch settings (``train.distributed``, ``train.deepspeed``) are left out: a run started on 8 GPUs resumes
+        on 4 or on one, and a distributed run computes the single-process result."""
+        data = self.to_dict()
+        for key in LAUNCH_KEYS:
+            data["train"].pop(key, None)
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -20,10 +20,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from vlkit.checkpoint import find_checkpoint, load_checkpoint, load_trainable, save_checkpoint
+from vlkit.checkpoint import find_checkpoint, load_checkpoint, load_trainable
 from vlkit.config import Recipe, StageConfig, dump_recipe
 from vlkit.data.collate import Collator, epoch_batches, padding_fraction
 from vlkit.data.llava import DataError, Example, ImageTransform, LlavaDataset, check_records, load_records
+from vlkit.distributed import DistContext, check_same_modules, make_engine, shard_batch
+from vlkit.distributed import setup as setup_distributed
 from vlkit.evaluate import evaluate, move
 from vlkit.model import VLM, _resolve, build_model, parameter_counts
 
@@ -154,6 +156,19 @@ class MetricsLog:
         self.path.write_text("".join(l + "\n" for l in keep))
 
 
+class NullLog(MetricsLog):
+    """The log of ranks other than 0 in a distributed run: writes nothing."""
+
+    def __init__(self) -> None:
+        self.path, self.tb = None, None
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def truncate_after(self, stage: str, step: int) -> None:
+        pass
+
+
 def report_problems(console: Console, problems: list, what: str, limit: int = 10) -> None:
     console.print(f"[yellow]{len(problems)} problem(s) in {what}:[/]")
     for p in problems[:limit]:
@@ -244,7 +259,8 @@ def estimate_steps(recipe: Recipe) -> dict[str, int]:
 # ---- the shared loop -----------------------------------------------------------------------------------------------
 def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device: torch.device, console: Console,
               log: MetricsLog, dry_run: bool = False, features_fn: Callable | None = None,
-              stop_after: int | None = None) -> dict[str, Any]:
+              stop_after: int | None = None, ctx: DistContext | None = None) -> dict[str, Any]:
+    ctx = ctx or DistContext(device=device)  # the process's place in a distributed job (default: alone)
     stage = recipe.stages[stage_name]
     set_trainable(model, stage)
     transform = ImageTransform(model.encoder.image_size, model.encoder.mean, model.encoder.std)
@@ -255,19 +271,21 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
         features_fn = None
     if features_fn is not None:
         images = [e.image for e in data.train.examples] + [r.get("image") for r in data.eval_records]
-        features_fn.prepare(images, _resolve(recipe.data.image_root), transform)
+        with ctx.main_first():  # rank 0 fills the cache, the others then read it
+            features_fn.prepare(images, _resolve(recipe.data.image_root), transform)
         data.train.load_images = False
 
     micro = micro_batch_size(stage)
+    if ctx.world_size > micro:
+        console.print(f"[yellow]{ctx.world_size} processes but micro-batches of {micro}: some ranks idle (weight 0) "
+                      "on every micro-batch; raise batch_size or lower grad_accum[/]")
     total_steps = stage_steps(stage, len(data.train))
-    optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999))
-    scheduler = cosine_with_warmup(optimizer, int(stage.warmup_ratio * total_steps), total_steps)
     ckpt_dir = run_dir / "checkpoints" / stage_name
     step, epoch, batch_pos = 0, 0, 0
     found = find_checkpoint(ckpt_dir / "last")
-    if found is not None:
-        state = load_checkpoint(found, model, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
+    state: dict[str, Any] = {}
+    if found is not None:  # weights and RNG now; the optimizer's state once the stage's engine exists
+        state = load_checkpoint(found, model, None)
         step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
         log.truncate_after(stage_name, step)
         console.print(f"resuming stage '{stage_name}' at step {step} (epoch {epoch}, batch {batch_pos})")
@@ -278,22 +296,42 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
     pad_frac = padding_fraction(data.lengths, all_batches)
     console.print(f"[bold]stage {stage_name}[/]: {len(data.train)} samples, {total_steps} steps x {stage.batch_size} "
                   f"(micro {micro} x accum {stage.grad_accum}), trainable {trainable:,} params, "
-                  f"padding {pad_frac:.1%}, llm={stage.llm}")
+                  f"padding {pad_frac:.1%}, llm={stage.llm}"
+                  + (f", {ctx.mode} over {ctx.world_size} processes" if ctx.active else ""))
     collator = Collator(model.tokenizer.pad_token_id)
     amp = autocast_dtype(recipe.train.precision, device)
     model.train()
 
     def micro_batches():
+        # global micro-batches from (seed, epoch); each rank collates its slice (dummy: an idle rank, weight 0)
         nonlocal epoch, batch_pos
         while True:
             order = epoch_batches(data.lengths, data.has_image, micro, seed, epoch, recipe.data.group_by_length)
             while batch_pos < len(order):
-                idx = order[batch_pos]
+                idx, dummy = shard_batch(order[batch_pos], ctx.rank, ctx.world_size)
                 batch_pos += 1
-                yield collator([data.train[i] for i in idx])
+                batch = collator([data.train[i] for i in idx])
+                batch["dummy"] = dummy
+                yield batch
             epoch, batch_pos = epoch + 1, 0
 
     stream = micro_batches()
+    first = None
+    if step == 0 and found is None:  # before wrapping: ZeRO-3 / FSDP shard the weights these checks read
+        first = [move(next(stream), device) for _ in range(stage.grad_accum)]
+        preflight(model, first[0], console, model.tokenizer)
+
+    def make_optimizer() -> torch.optim.Optimizer:
+        return torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999))
+
+    # the stage's model + optimizer under the job's strategy (none, ddp, deepspeed, fsdp: vlkit/distributed.py)
+    check_same_modules(ctx, data.has_image, recipe.data.group_by_length)
+    engine = make_engine(ctx, model, make_optimizer, stage, micro, ckpt_dir, find_unused=not all(data.has_image))
+    optimizer = engine.optimizer
+    scheduler = cosine_with_warmup(optimizer, int(stage.warmup_ratio * total_steps), total_steps)
+    if found is not None:
+        engine.load_optimizer(found, state, lambda msg: console.print(f"[yellow]{msg}[/]"))
+        scheduler.load_state_dict(state["scheduler"])
     t_start, tokens_seen, last_loss = time.time(), 0, float("nan")
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[tps]:.0f} tok/s"),
@@ -301,59 +339,82 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal and dry_run) as progress:
         task = progress.add_task(stage_name, total=total_steps, completed=step, loss=float("nan"), lr=0.0, tps=0.0)
         while step < total_steps:
-            optimizer.zero_grad(set_to_none=True)
-            parts = [move(next(stream), device) for _ in range(stage.grad_accum)]
-            if step == 0 and found is None:
-                preflight(model, parts[0], console, model.tokenizer)
-            n_total = sum(int((p["labels"][:, 1:] != -100).sum()) for p in parts)
-            loss_sum = 0.0
+            engine.zero_grad()
+            parts = first or [move(next(stream), device) for _ in range(stage.grad_accum)]
+            first = None
+            n_total = sum(int((p["labels"][:, 1:] != -100).sum()) for p in parts if not p["dummy"])
+            if ctx.active:  # token-weighted over the global batch: every rank divides by the same count
+                n_total = int(ctx.all_sum(n_total)[0])
+            loss_sum, step_tokens = 0.0, 0
             t0 = time.time()
-            for batch in parts:
+            for k, batch in enumerate(parts):
                 feats = features_fn(batch) if features_fn else None
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                pixel_values=None if feats is not None else batch["pixel_values"], features=feats,
-                                image_index=batch["image_index"])
-                (out.loss_sum / n_total).backward()  # token-weighted over the accumulated micro-batches
-                loss_sum += float(out.loss_sum.detach())
-                tokens_seen += int(batch["attention_mask"].sum())
+                with engine.sync(last=k == len(parts) - 1):  # gradients are reduced after the last micro-batch
+                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        out = engine.forward(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                             pixel_values=None if feats is not None else batch["pixel_values"],
+                                             features=feats, image_index=batch["image_index"])
+                    part = out.loss_sum / n_total  # token-weighted over the accumulated micro-batches
+                    if batch["dummy"]:
+                        part = part * 0.0
+                    elif engine.grad_scale != 1.0:
+                        part = part * engine.grad_scale  # the strategies average gradients over ranks
+                    engine.backward(part)
+                if not batch["dummy"]:
+                    loss_sum += float(out.loss_sum.detach())
+                    step_tokens += int(batch["attention_mask"].sum())
+            if ctx.active:
+                loss_sum, step_tokens = ctx.all_sum(loss_sum, step_tokens)
+            tokens_seen += int(step_tokens)
             loss = loss_sum / max(n_total, 1)
             if not math.isfinite(loss):
                 raise TrainingError(f"stage '{stage_name}' step {step + 1}: loss is {loss}; stopped. The last good "
                                     f"checkpoint is kept in {ckpt_dir / 'last'}")
-            grad_norm = None
-            if stage.max_grad_norm:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm))
-            optimizer.step()
+            grad_norm = engine.step(stage.max_grad_norm)  # clip (if set) and step
             scheduler.step()
             step += 1
             last_loss = loss
             dt = time.time() - t0
-            tps = sum(int(b["attention_mask"].sum()) for b in parts) / max(dt, 1e-9)
+            tps = step_tokens / max(dt, 1e-9)
             lr = optimizer.param_groups[0]["lr"]
             log.write({"stage": stage_name, "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": tps, "supervised_tokens": n_total, "epoch": epoch})
             progress.update(task, completed=step, loss=loss, lr=lr, tps=tps)
+            if not console.is_terminal and (step % max(1, total_steps // 20) == 0 or step == total_steps):
+                # logs and CI have no live bar: a plain line every 5% of the stage
+                console.print(f"{stage_name} step {step}/{total_steps} loss {loss:.4f} lr {lr:.2e} {tps:.0f} tok/s "
+                              f"elapsed {time.time() - t_start:.0f} s")
             if dry_run:
                 console.print(f"dry run: one step done, loss {loss:.4f}")
+                engine.close()
                 return {"dry_run": True, "loss": loss, "step_time_s": dt}
             if step % stage.save_every == 0 or step == total_steps:
-                save_checkpoint(ckpt_dir / "last", model, optimizer,
-                                {"stage": stage_name, "step": step, "epoch": epoch, "batch_pos": batch_pos,
-                                 "scheduler": scheduler.state_dict(), "recipe_identity": recipe.identity()})
+                engine.save(ckpt_dir / "last",
+                            {"stage": stage_name, "step": step, "epoch": epoch, "batch_pos": batch_pos,
+                             "scheduler": scheduler.state_dict(), "recipe_identity": recipe.identity()})
             if stop_after is not None and step >= stop_after:
+                engine.close()
                 return {"stopped_at": step}
             if stage.eval_every and step % stage.eval_every == 0 and step < total_steps and data.eval_records:
-                m = run_eval(model, recipe, stage, data, transform, device, features_fn)
-                log.write({"stage": stage_name, "step": step, **_scalars(m)})
+                if not ctx.shards_weights:  # rank 0 evaluates, the others wait
+                    m = ctx.on_main(lambda: run_eval(model, recipe, stage, data, transform, device, features_fn), {})
+                    log.write({"stage": stage_name, "step": step, **_scalars(m)})
+                elif step == stage.eval_every:
+                    console.print(f"[yellow]eval_every: skipped while {ctx.mode} shards the weights; the stage is "
+                                  "evaluated when it ends[/]")
     wall = time.time() - t_start
     metrics: dict[str, Any] = {"steps": step, "final_loss": last_loss, "wall_time_s": wall,
                                "tokens_per_s": tokens_seen / max(wall, 1e-9), "padding_fraction": pad_frac,
                                "trainable_params": trainable, "skipped_records": data.skipped,
                                "num_image_tokens": model.num_image_tokens}
+    engine.save(ckpt_dir / "final", {"stage": stage_name, "step": step, "epoch": 0, "batch_pos": 0,
+                                     "recipe_identity": recipe.identity()}, with_optimizer=False)
+    engine.close()
+    if ctx.shards_weights:  # FSDP / ZeRO-3 leave the weights split: train() evaluates a fresh unsharded copy
+        metrics["rebuild"] = True
+        return metrics
     if data.eval_records:
-        m = run_eval(model, recipe, stage, data, transform, device, features_fn)
+        m = ctx.on_main(lambda: run_eval(model, recipe, stage, data, transform, device, features_fn), {})
         log.write({"stage": stage_name, "step": step, **_scalars(m)})
         metrics.update(m)
     return metrics
@@ -385,23 +446,61 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
     return run_dir
 
 
+def rebuild_model(recipe: Recipe, run_dir: Path, device: torch.device, stages: list[str]) -> VLM:
+    """A fresh model with the finished ``stages``' trained weights (their ``final`` checkpoints), in order.
+
+    RNG-neutral: building draws initial weights, and the next stage's LoRA init must not depend on that."""
+    from vlkit.checkpoint import rng_state, set_rng_state
+
+    saved = rng_state()
+    model = build_model(recipe).to(device)
+    for name in stages:
+        set_trainable(model, recipe.stages[name])
+        load_trainable(model, run_dir / "checkpoints" / name / "final" / "trainable.safetensors")
+    set_rng_state(*saved)
+    return model
+
+
+def final_eval(model: VLM, recipe: Recipe, stage_name: str, device: torch.device, features_fn) -> dict[str, Any]:
+    """The end-of-stage evaluation of a stage trained with sharded weights, on an unsharded model."""
+    stage = recipe.stages[stage_name]
+    records = load_records(_resolve(stage.eval_data))[: stage.eval_max_samples]
+    transform = ImageTransform(model.encoder.image_size, model.encoder.mean, model.encoder.std)
+    data = StageData(None, [], [], records)  # type: ignore[arg-type]
+    return run_eval(model, recipe, stage, data, transform, device, features_fn)
+
+
 def train(recipe: Recipe, run_dir: Path | None = None, console: Console | None = None, dry_run: bool = False,
           features: Any = None, stop_after: tuple[str, int] | None = None) -> dict[str, Any]:
-    """Run the recipe's stages in order; resumes automatically from the run directory's checkpoints."""
+    """Run the recipe's stages in order; resumes automatically from the run directory's checkpoints.
+
+    Under ``torchrun``/``deepspeed``/``srun`` every process runs this; rank 0 alone writes the run directory.
+    """
     console = console or Console()
     seed_everything(recipe.train.seed, recipe.train.deterministic)
-    device = pick_device(recipe.train.device)
-    run_dir = prepare_run_dir(recipe, run_dir)
+    ctx = setup_distributed(recipe, pick_device(recipe.train.device), console)
+    device = ctx.device
+    if not ctx.is_main:
+        console.quiet = True  # one voice: rank 0 prints, logs and shows progress (errors still reach stderr)
+    if ctx.is_main:
+        run_dir = prepare_run_dir(recipe, run_dir)
+    else:
+        run_dir = Path(run_dir or Path(recipe.train.output_dir) / (recipe.train.run_name or recipe.name))
+    ctx.barrier()
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"stages": {}}
     summary.update({"recipe": recipe.name, "identity": recipe.identity(), "status": "running"})
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    log = MetricsLog(run_dir / "metrics.jsonl") if ctx.is_main else NullLog()
     t0 = time.time()
+
+    def write_summary() -> None:
+        if ctx.is_main:
+            summary_path.write_text(json.dumps(summary, indent=1))
 
     model = build_model(recipe).to(device)
     summary["num_image_tokens"] = model.num_image_tokens
     features_fn = features.for_model(model, device) if features is not None else None
-    for stage_name in recipe.train.stages:
+    for i, stage_name in enumerate(recipe.train.stages):
         done = find_checkpoint(run_dir / "checkpoints" / stage_name / "final")
         if done is not None and stage_name in summary["stages"]:
             set_trainable(model, recipe.stages[stage_name])
@@ -409,19 +508,28 @@ def train(recipe: Recipe, run_dir: Path | None = None, console: Console | None =
             console.print(f"stage '{stage_name}' already finished: loaded {done}")
             continue
         m = run_stage(model, recipe, stage_name, run_dir, device, console, log, dry_run, features_fn,
-                      stop_after[1] if stop_after and stop_after[0] == stage_name else None)
+                      stop_after[1] if stop_after and stop_after[0] == stage_name else None, ctx=ctx)
         if dry_run or "stopped_at" in m:
+            ctx.close()
             return m
-        final = run_dir / "checkpoints" / stage_name / "final"
-        save_checkpoint(final, model, None, {"stage": stage_name, "step": m["steps"], "epoch": 0, "batch_pos": 0,
-                                              "recipe_identity": recipe.identity()})
+        if m.pop("rebuild", False):  # FSDP / ZeRO-3 left the weights sharded: go on with an unsharded copy
+            model = rebuild_model(recipe, run_dir, device, recipe.train.stages[: i + 1])
+            features_fn = features.for_model(model, device) if features is not None else None
+            if recipe.stages[stage_name].eval_data:
+                ev = ctx.on_main(lambda: final_eval(model, recipe, stage_name, device, features_fn), {})
+                log.write({"stage": stage_name, "step": m["steps"], **_scalars(ev)})
+                m.update(ev)
         summary["stages"][stage_name] = {k: v for k, v in m.items() if k != "examples"}
-        summary_path.write_text(json.dumps(summary, indent=1))
+        write_summary()
         if "accuracy" in m:
             print_accuracy(console, stage_name, m)
     summary.update({"status": "finished", "wall_time_s": summary.get("wall_time_s", 0) + time.time() - t0,
                     "peak_rss_mb": _peak_rss_mb(), "parameters": parameter_counts(model)})
-    summary_path.write_text(json.dumps(summary, indent=1))
+    if ctx.active:
+        summary["distributed"] = {"mode": ctx.mode, "world_size": ctx.world_size}
+    write_summary()
+    ctx.barrier()
+    ctx.close()
     return summary
 
 
