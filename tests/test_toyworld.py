@@ -70,7 +70,7 @@ def test_clip_loads_as_vision_tower(tiny_toy_world):
     pixels = proc(images=image, return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 64, 64)
     # the processor reproduces the normalisation used in training
-    manual = tw._normalize(torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)[None])
+    manual = tw._normalize(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None])
     assert torch.allclose(pixels, manual, atol=1e-4)
     with torch.no_grad():
         out = vision(pixel_values=pixels, output_hidden_states=True)
@@ -100,7 +100,8 @@ def test_lm_loads_and_generates(tiny_toy_world):
 def test_report_has_probes(tiny_toy_world):
     r = tiny_toy_world.report
     assert json.loads((tiny_toy_world.root / "report.json").read_text()) == r
-    assert set(r["build_seconds"]) >= {"data", "tokenizer", "toy-clip", "toy-lm", "probes", "total"}
+    assert set(r["build_seconds"]) >= {"data", "tokenizer", "toy-clip", "toy-lm", "toy-clip probes", "toy-lm probes",
+                                       "total"}
     lm = r["toy_lm"]
     assert 1.0 < lm["val_perplexity"] < 50  # far below uniform over the vocabulary
     assert lm["train_loss_last"] < lm["train_loss_first"]
@@ -110,6 +111,9 @@ def test_report_has_probes(tiny_toy_world):
     assert probes["position"]["patch_cells"]["exact"] > probes["position"]["cls"]["exact"] + 0.2
     assert probes["position"]["patch_cells"]["per_label"] > 0.85
     assert probes["colour"]["cls"]["per_label"] > probes["colour"]["majority"]["per_label"]
+    per_object = probes["per_object"]
+    assert per_object["colour"]["cell_mean"] > per_object["colour"]["majority"] + 0.3
+    assert set(per_object["shape"]) == {"majority", "cell_mean", "patch_window_3x3"}
 
 
 def test_same_seed_same_weights(tiny_toy_world, tmp_path):

@@ -174,6 +174,7 @@ def build_toy_world(cache_dir: str | os.PathLike | None = None, *, seed: int = 0
         for stale in [*root.parent.glob(f".{root.name}.building-*"), *root.parent.glob(f".{root.name}.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted build (we hold the lock)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+        tmp.chmod(0o755)
         try:
             report = _build(tmp, config, console)
             (tmp / "report.json").write_text(json.dumps(report, indent=2))
@@ -293,15 +294,16 @@ def _clip_job(out: Path, cfg: dict[str, Any], update: Callable[..., None]) -> di
 
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
     data_dir, clip_dir = out / "data", out / "toy-clip"
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     stats = train_clip(data_dir, tok, clip_dir, cfg, update)
-    t_train = time.perf_counter() - t
+    t_train, c_train = time.perf_counter() - t, time.process_time() - c
     update(cfg["clip_steps"], "probing")
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     stats["retrieval_top1_batch100"] = probe_retrieval(clip_dir, data_dir, tok)
     probes = probe_features(clip_dir, data_dir, cfg)
     return {"toy_clip": stats, "linear_probes": probes,
-            "seconds": {"toy-clip": t_train, "toy-clip probes": time.perf_counter() - t}}
+            "seconds": {"toy-clip": t_train, "toy-clip probes": time.perf_counter() - t},
+            "cpu_seconds": {"toy-clip": c_train, "toy-clip probes": time.process_time() - c}}
 
 
 def _lm_job(out: Path, cfg: dict[str, Any], update: Callable[..., None]) -> dict[str, Any]:
@@ -309,13 +311,14 @@ def _lm_job(out: Path, cfg: dict[str, Any], update: Callable[..., None]) -> dict
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     stats = train_lm(tok, out / "toy-lm", cfg, update)
-    t_train = time.perf_counter() - t
+    t_train, c_train = time.perf_counter() - t, time.process_time() - c
     update(cfg["lm_steps"], "probing")
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     stats.update(probe_lm(out / "toy-lm", out / "data"))
-    return {"toy_lm": stats, "seconds": {"toy-lm": t_train, "toy-lm probes": time.perf_counter() - t}}
+    return {"toy_lm": stats, "seconds": {"toy-lm": t_train, "toy-lm probes": time.perf_counter() - t},
+            "cpu_seconds": {"toy-lm": c_train, "toy-lm probes": time.process_time() - c}}
 
 
 _JOBS = {"toy-clip": _clip_job, "toy-lm": _lm_job}
@@ -421,13 +424,25 @@ def _build(out: Path, cfg: dict[str, Any], console: Any) -> dict[str, Any]:
 
         t = time.perf_counter()
         updates = {"toy-clip": phase("toy-clip", cfg["clip_steps"]), "toy-lm": phase("toy-lm", cfg["lm_steps"])}
+        cpu: dict[str, float] = {}
         for result in _run_jobs(out, cfg, threads, parallel, updates):
             times.update(result.pop("seconds"))
+            cpu.update(result.pop("cpu_seconds"))
             report.update(result)
         times["models + probes (wall)"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
     report["build_seconds"] = {k: round(v, 1) for k, v in times.items()}
+    # CPU time of each job (its own process): the work, independent of how busy the machine was
+    report["job_cpu_seconds"] = {k: round(v, 1) for k, v in cpu.items()}
+    report["machine"] = {"cpu_count": os.cpu_count(), "load_avg_1min_at_end": _loadavg()}
     return report
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------------------
@@ -498,7 +513,8 @@ def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def train_clip(data_dir: Path, tok, out_dir: Path, cfg: dict[str, Any], update: Callable[..., None]) -> dict:
-    """Contrastive pretraining of a tiny CLIPModel on position-free captions; saves model + image processor."""
+    """Contrastive pretraining of a tiny CLIPModel on position-free captions (objects in random order);
+    saves model + image processor (+ tokenizer, for the text tower)."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
@@ -514,7 +530,8 @@ def train_clip(data_dir: Path, tok, out_dir: Path, cfg: dict[str, Any], update: 
     model = CLIPModel(config)
     scenes = toy.load_scenes(data_dir, "train")
     images = _load_images(data_dir, scenes)
-    objs = [[toy.Obj(o["shape"], o["colour"], o["row"], o["col"], 0, 0, 0) for o in s["objects"]] for s in scenes]
+    objs = [[toy.Obj(o["shape"], o["colour"], o["row"], o["col"], o["size"], 0, 0) for o in s["objects"]]
+            for s in scenes]
     rng = np.random.default_rng([seed, 101])
     steps, batch = cfg["clip_steps"], cfg["clip_batch"]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["clip_lr"], weight_decay=0.05, betas=(0.9, 0.98))
@@ -523,10 +540,11 @@ def train_clip(data_dir: Path, tok, out_dir: Path, cfg: dict[str, Any], update: 
     for step in range(steps):
         idx = rng.choice(len(scenes), size=batch, replace=False)
         caps = [toy.clip_caption(objs[i], rng) for i in idx]
+        pixels = images[torch.from_numpy(idx)]
         lr = _cosine_lr(step, steps, cfg["clip_lr"], max(1, steps // 10))
         for g in opt.param_groups:
             g["lr"] = lr
-        out = model(pixel_values=_normalize(images[torch.from_numpy(idx)]), **_clip_text(tok, caps), return_loss=True)
+        out = model(pixel_values=_normalize(pixels), **_clip_text(tok, caps), return_loss=True)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -727,15 +745,54 @@ def clip_features(clip_dir: Path, images_u8, grid: int = 3, batch: int = 250) ->
         for c in range(side):
             assign[cell_of[r] * grid + cell_of[c], r * side + c] = 1.0
     assign = assign / assign.sum(1, keepdim=True)
-    feats: dict[str, list] = {"cls": [], "patch_cells": [], "patch_mean": []}
+    feats: dict[str, list] = {"cls": [], "patch_cells": [], "patch_mean": [], "patch_grid": []}
     with torch.no_grad():
         for k in range(0, len(images_u8), batch):
             out = model(pixel_values=_normalize(images_u8[k:k + batch]))
             patches = out.last_hidden_state[:, 1:]  # [B, side*side, D]
-            feats["cls"].append(out.pooler_output)
-            feats["patch_cells"].append(torch.einsum("cp,bpd->bcd", assign, patches).flatten(1))
-            feats["patch_mean"].append(patches.mean(1))
+            feats["cls"].append(out.pooler_output)  # [B, D]
+            feats["patch_cells"].append(torch.einsum("cp,bpd->bcd", assign, patches).flatten(1))  # [B, cells*D]
+            feats["patch_mean"].append(patches.mean(1))  # [B, D]
+            feats["patch_grid"].append(patches.reshape(len(patches), side, side, -1))  # [B, side, side, D]
     return {k: torch.cat(v) for k, v in feats.items()}
+
+
+def softmax_probe(x_train, y_train, x_test, y_test, n_classes: int, epochs: int = 300, lr: float = 0.01,
+                  weight_decay: float = 1e-3, seed: int = 0) -> float:
+    """Multi-class linear probe (softmax regression, full batch Adam) on standardised features: test accuracy."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    xtr, xte = (x_train - mu) / sd, (x_test - mu) / sd
+    lin = torch.nn.Linear(xtr.shape[1], n_classes)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.01)
+        lin.bias.zero_()
+    opt = torch.optim.Adam(lin.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(lin(xtr), y_train).backward()
+        opt.step()
+    with torch.no_grad():
+        return round((lin(xte).argmax(-1) == y_test).float().mean().item(), 3)
+
+
+def _object_features(scenes: list[dict], feats: dict, grid: int, image_size: int, patch: int):
+    """Per object: its cell's mean patch feature and the 3x3 patch window around its cell centre; labels."""
+    import torch
+
+    side = image_size // patch
+    cells, windows, shapes, colours = [], [], [], []
+    for i, s in enumerate(scenes):
+        for o in s["objects"]:
+            cells.append(feats["patch_cells"][i].view(grid * grid, -1)[o["row"] * grid + o["col"]])
+            r, c = (min(max(int((v + 0.5) * image_size / grid / patch), 1), side - 2) for v in (o["row"], o["col"]))
+            windows.append(feats["patch_grid"][i, r - 1:r + 2, c - 1:c + 2].flatten())
+            shapes.append(toy.SHAPES.index(o["shape"]))
+            colours.append(toy.COLOURS_LIST.index(o["colour"]))
+    return ({"cell_mean": torch.stack(cells), "patch_window_3x3": torch.stack(windows)},
+            {"shape": torch.tensor(shapes), "colour": torch.tensor(colours)})
 
 
 def logistic_probe(x_train, y_train, x_test, y_test, epochs: int = 300, lr: float = 0.01,
@@ -790,9 +847,14 @@ def _labels(scenes: list[dict], grid: int) -> dict[str, "torch.Tensor"]:
 
 def probe_features(clip_dir: Path, data_dir: Path, cfg: dict[str, Any],
                    update: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Linear probes on frozen toy-clip features (fit on train images, scored on val): which cells are occupied,
-    which colours and which shapes are present, from CLS vs patch tokens."""
-    grid = json.loads((data_dir / "meta.json").read_text())["grid"]
+    """Linear probes on frozen toy-clip features (last layer; fit on train images, scored on val).
+
+    Per image (multi-label): which cells are occupied, which colours and which shapes are present, from the pooled
+    CLS, from patch tokens averaged per grid cell (concatenated), and from all patches averaged. Per object
+    (multi-class): its shape and colour from its cell's mean patch token and from the 3x3 patch window around it.
+    """
+    meta = json.loads((data_dir / "meta.json").read_text())
+    grid = meta["grid"]
     train = toy.load_scenes(data_dir, "train")[: cfg["probe_train"]]
     val = toy.load_scenes(data_dir, "val")
     f_tr = clip_features(clip_dir, _load_images(data_dir, train), grid)
@@ -803,10 +865,22 @@ def probe_features(clip_dir: Path, data_dir: Path, cfg: dict[str, Any],
     result: dict[str, Any] = {"n_train": len(train), "n_test": len(val), "metric": "exact-set accuracy (per-label)"}
     for target in y_tr:
         row = {"majority": _majority(y_tr[target], y_te[target])}
-        for inp in f_tr:
+        for inp in ("cls", "patch_cells", "patch_mean"):
             row[inp] = logistic_probe(f_tr[inp], y_tr[target], f_te[inp], y_te[target], epochs=cfg["probe_epochs"],
                                       seed=cfg["seed"])
         result[target] = row
+    patch = CLIP_ARCH["vision"]["patch_size"]
+    x_tr, o_tr = _object_features(train, f_tr, grid, meta["image_size"], patch)
+    x_te, o_te = _object_features(val, f_te, grid, meta["image_size"], patch)
+    per_object: dict[str, Any] = {"metric": "accuracy", "n_train": len(o_tr["shape"]), "n_test": len(o_te["shape"])}
+    for target, n_classes in (("shape", len(toy.SHAPES)), ("colour", len(toy.COLOURS_LIST))):
+        majority = int(o_tr[target].bincount(minlength=n_classes).argmax())
+        row = {"majority": round((o_te[target] == majority).float().mean().item(), 3)}
+        for inp in x_tr:
+            row[inp] = softmax_probe(x_tr[inp], o_tr[target], x_te[inp], o_te[target], n_classes,
+                                     epochs=cfg["probe_epochs"], seed=cfg["seed"])
+        per_object[target] = row
+    result["per_object"] = per_object
     if update:
         update(2)
     return result
