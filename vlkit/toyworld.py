@@ -32,7 +32,7 @@ import numpy as np
 
 from vlkit.data import toy
 
-WORLD_VERSION = 1
+WORLD_VERSION = 1  # bump when the build code changes what gets built (the cache key is the build config)
 ENV_DIR = "VLKIT_TOY_DIR"
 ENV_PRESET = "VLKIT_TOY_PRESET"
 ENV_THREADS = "VLKIT_TOY_THREADS"
@@ -60,7 +60,8 @@ CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if not (loop.first and message.role == 'system') -%}"
     "{%- if message.role == 'assistant' -%}"
-    "{{- '<|im_start|>assistant\\n' -}}{% generation %}{{- render(message.content) + '<|im_end|>' -}}{% endgeneration %}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{% generation %}{{- render(message.content) + '<|im_end|>' -}}{% endgeneration %}"
     "{{- '\\n' -}}"
     "{%- else -%}"
     "{{- '<|im_start|>' + message.role + '\\n' + render(message.content) + '<|im_end|>\\n' -}}"
