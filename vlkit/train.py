@@ -549,6 +549,13 @@ def print_accuracy(console: Console, stage: str, m: dict[str, Any]) -> None:
 
 
 def _peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM): ru_maxrss would inherit a larger parent's peak across fork + exec."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
