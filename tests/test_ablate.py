@@ -12,8 +12,8 @@ from helpers import losses, vlkit
 from vlkit.ablate.grid import Skip, combo_overrides, expand
 from vlkit.config import load_recipe
 
-QUICK = ["train.stages=[instruct]", "stages.instruct.max_steps=3", "stages.instruct.batch_size=4",
-         "stages.instruct.eval_max_samples=8", "stages.instruct.eval_batch_size=8", "data.max_length=112"]
+QUICK = ["train.stages=[instruct]", "stages.instruct.max_steps=2", "stages.instruct.batch_size=4",
+         "stages.instruct.eval_max_samples=4", "stages.instruct.eval_batch_size=4", "data.max_length=112"]
 
 
 @pytest.mark.parametrize("tokens,proj,n,expected,note", [
