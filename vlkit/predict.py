@@ -6,36 +6,18 @@ from typing import Any
 
 import torch
 
-from vlkit.checkpoint import find_checkpoint, load_trainable
-from vlkit.config import load_recipe
 from vlkit.data.llava import ImageTransform
 from vlkit.evaluate import generate_answers
-from vlkit.model import VLM, build_model
-from vlkit.train import attach_lora, pick_device
+from vlkit.model import VLM
+from vlkit.train import pick_device
 
 
 def load_run(run_dir: str | Path) -> tuple[VLM, Any, torch.device]:
     """The model of a run: the recipe in ``config.yaml`` plus every finished stage's trained weights."""
-    run_dir = Path(run_dir)
-    cfg = run_dir / "config.yaml"
-    if not cfg.exists():
-        raise FileNotFoundError(f"{run_dir} is not a vlkit run directory (no config.yaml)")
-    recipe = load_recipe(cfg)
+    from vlkit.export import _load_run_tracked  # one implementation of "rebuild + load stage checkpoints"
+
+    model, recipe, *_ = _load_run_tracked(Path(run_dir))
     device = pick_device(recipe.train.device)
-    model = build_model(recipe)
-    loaded = []
-    for stage_name in recipe.train.stages:
-        stage = recipe.stages[stage_name]
-        ckpt = find_checkpoint(run_dir / "checkpoints" / stage_name / "final") or \
-            find_checkpoint(run_dir / "checkpoints" / stage_name / "last")
-        if ckpt is None:
-            continue
-        if stage.llm == "lora":
-            attach_lora(model, stage)
-        load_trainable(model, ckpt / "trainable.safetensors")
-        loaded.append(f"{stage_name}:{ckpt.name}")
-    if not loaded:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/<stage>/final or last)")
     return model.to(device).eval(), recipe, device
 
 
