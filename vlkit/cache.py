@@ -7,11 +7,9 @@ written atomically under a file lock, so parallel runs of a grid can share one c
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,6 +18,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from vlkit._locks import locked
 from vlkit.data.llava import ImageTransform, load_image, safe_image_path
 from vlkit.types import EncoderOutput
 
@@ -46,17 +45,6 @@ def cache_key(encoder: torch.nn.Module, dtype: str) -> str:
             "std": [float(x) for x in encoder.std], "resize": "bicubic-shortest-centercrop", "dtype": dtype,
             "layer": getattr(encoder, "layer", None), "encoder": encoder_identity(encoder)}
     return hashlib.sha256(json.dumps(prep, sort_keys=True).encode()).hexdigest()[:20]
-
-
-@contextmanager
-def locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class FeatureCache:

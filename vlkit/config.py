@@ -255,20 +255,11 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     """Valid keys at a location inside the Recipe schema (for suggestions)."""
     model: Any = Recipe
     for part in loc:
-        if model is None:
-            return []
         fields = getattr(model, "model_fields", None)
-        if fields is None:
-            return []
-        if part not in fields:
-            if isinstance(part, str) and model is Recipe and loc and loc[0] == "stages":
-                model = StageConfig
-                continue
+        if not fields or part not in fields:
             return []
         ann = fields[part].annotation
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        if part == "stages" and model is None:
-            model = None
     return list(getattr(model, "model_fields", {}) or {})
 
 

@@ -230,21 +230,11 @@ def _console():
     return Console(stderr=True)
 
 
-@contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    """One builder per target directory at a time (POSIX advisory lock; no-op elsewhere)."""
-    lock_path = root.parent / f".{root.name}.lock"
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(lock_path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _lock(root: Path):
+    """One builder per target directory at a time."""
+    from vlkit._locks import locked
+
+    return locked(root.parent / f".{root.name}.lock")
 
 
 def build_threads() -> int:
@@ -758,25 +748,35 @@ def clip_features(clip_dir: Path, images_u8, grid: int = 3, batch: int = 250) ->
     return {k: torch.cat(v) for k, v in feats.items()}
 
 
-def softmax_probe(x_train, y_train, x_test, y_test, n_classes: int, epochs: int = 300, lr: float = 0.01,
-                  weight_decay: float = 1e-3, seed: int = 0) -> float:
-    """Multi-class linear probe (softmax regression, full batch Adam) on standardised features: test accuracy."""
+def _fit_linear(x_train, y_train, x_test, out_dim: int, loss_fn, epochs: int, lr: float, weight_decay: float,
+                seed: int):
+    """A linear map fitted full-batch with Adam on standardised features; returns its logits on ``x_test``."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
     xtr, xte = (x_train - mu) / sd, (x_test - mu) / sd
-    lin = torch.nn.Linear(xtr.shape[1], n_classes)
+    lin = torch.nn.Linear(xtr.shape[1], out_dim)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.01)
         lin.bias.zero_()
     opt = torch.optim.Adam(lin.parameters(), lr=lr, weight_decay=weight_decay)
     for _ in range(epochs):
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(lin(xtr), y_train).backward()
+        loss_fn(lin(xtr), y_train).backward()
         opt.step()
     with torch.no_grad():
-        return round((lin(xte).argmax(-1) == y_test).float().mean().item(), 3)
+        return lin(xte)
+
+
+def softmax_probe(x_train, y_train, x_test, y_test, n_classes: int, epochs: int = 300, lr: float = 0.01,
+                  weight_decay: float = 1e-3, seed: int = 0) -> float:
+    """Multi-class linear probe (softmax regression, full batch Adam) on standardised features: test accuracy."""
+    import torch
+
+    logits = _fit_linear(x_train, y_train, x_test, n_classes, torch.nn.functional.cross_entropy, epochs, lr,
+                         weight_decay, seed)
+    return round((logits.argmax(-1) == y_test).float().mean().item(), 3)
 
 
 def _object_features(scenes: list[dict], feats: dict, grid: int, image_size: int, patch: int):
@@ -802,20 +802,8 @@ def logistic_probe(x_train, y_train, x_test, y_test, epochs: int = 300, lr: floa
     exact-set accuracy and per-label accuracy on the test set."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
-    xtr, xte = (x_train - mu) / sd, (x_test - mu) / sd
-    lin = torch.nn.Linear(xtr.shape[1], y_train.shape[1])
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.01)
-        lin.bias.zero_()
-    opt = torch.optim.Adam(lin.parameters(), lr=lr, weight_decay=weight_decay)
-    for _ in range(epochs):
-        opt.zero_grad()
-        torch.nn.functional.binary_cross_entropy_with_logits(lin(xtr), y_train).backward()
-        opt.step()
-    with torch.no_grad():
-        pred = lin(xte) > 0
+    pred = _fit_linear(x_train, y_train, x_test, y_train.shape[1],
+                       torch.nn.functional.binary_cross_entropy_with_logits, epochs, lr, weight_decay, seed) > 0
     truth = y_test > 0.5
     return {"exact": round((pred == truth).all(1).float().mean().item(), 3),
             "per_label": round((pred == truth).float().mean().item(), 3)}
