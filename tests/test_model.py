@@ -9,6 +9,7 @@ from vlkit.config import load_recipe
 from vlkit.data.collate import Collator
 from vlkit.data.llava import IGNORE, DataError, tokenize_record
 from vlkit.model import build_model, count_image_tokens
+from vlkit.toyworld import LM_ARCH
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_real_scale_recipe_builds_from_local_dirs(tiny_toy_world):
     r = load_recipe("llava15_qwen2.5-1.5b_clip-l336", [f"encoder.model={tiny_toy_world.clip_dir}",
                                                        f"llm.model={tiny_toy_world.lm_dir}", "llm.dtype=float32"])
     m = build_model(r)
-    assert m.num_image_tokens == 64 and m.llm.hidden_size == 256
+    assert m.num_image_tokens == 64 and m.llm.hidden_size == LM_ARCH["hidden_size"]
 
 
 def test_xattn_fusion_starts_as_the_frozen_llm_and_learns(tiny_toy_world):

@@ -86,7 +86,7 @@ def test_lm_loads_and_generates(tiny_toy_world):
     tok = AutoTokenizer.from_pretrained(tiny_toy_world.lm_dir)
     lm = AutoModelForCausalLM.from_pretrained(tiny_toy_world.lm_dir).eval()
     assert type(lm).__name__ == "Qwen2ForCausalLM"
-    assert lm.config.hidden_size == 256 and lm.config.num_hidden_layers == 4
+    assert lm.config.hidden_size == tw.LM_ARCH["hidden_size"] and lm.config.num_hidden_layers == tw.LM_ARCH["num_hidden_layers"]
     assert lm.config.vocab_size == len(tok)
     assert lm.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
     prompt = tok.apply_chat_template([{"role": "user", "content": "Scene: a red circle in the top left. "
@@ -159,5 +159,5 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv(tw.ENV_DIR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     root = tw.toy_cache_dir()
-    assert root.name == "toyworld-v1" and "vlkit" in root.parts
-    assert tw.toy_cache_dir("tiny").name == "toyworld-v1-tiny"
+    assert root.name == f"toyworld-v{tw.WORLD_VERSION}" and "vlkit" in root.parts
+    assert tw.toy_cache_dir("tiny").name == f"toyworld-v{tw.WORLD_VERSION}-tiny"

@@ -168,3 +168,16 @@ def test_inspect_shows_components_and_mask(tiny_toy_world):
     res = vlkit("inspect", "recipes/mlp_patch.yaml")
     for text in ("hf_clip", "built-in", "image tokens per image: 64", "<image>×64", "supervised"):
         assert text in res.stdout, text
+
+
+def test_loader_workers_keep_the_batch_order(tiny_toy_world, tmp_path):
+    """data.num_workers > 0 loads images in worker processes; the batches, and so the losses, are unchanged."""
+    from rich.console import Console
+
+    curves = []
+    for workers in (0, 2):
+        r = load_recipe("mlp_patch", [*FAST, "train.stages=[align]", "stages.align.eval_data=null",
+                                      f"data.num_workers={workers}"])
+        train(r, tmp_path / f"w{workers}", console=Console(quiet=True))
+        curves.append(losses(tmp_path / f"w{workers}"))
+    assert len(curves[0]) == 3 and curves[0] == curves[1]

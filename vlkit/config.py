@@ -47,7 +47,7 @@ class DataConfig(_Strict):
     max_length: int = Field(256, ge=8)
     skip_bad: bool = False  # drop samples that fail pre-flight checks (reported) instead of stopping
     group_by_length: bool = True  # LLaVA's group_by_modality_length
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)  # image-loading processes per training process (0: in the main process)
 
 
 class LoraConfig(_Strict):

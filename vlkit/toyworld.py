@@ -32,7 +32,7 @@ import numpy as np
 
 from vlkit.data import toy
 
-WORLD_VERSION = 1  # bump when the build code changes what gets built (the cache key is the build config)
+WORLD_VERSION = 2  # bump when the build code changes what gets built (the cache key is the build config)
 ENV_DIR = "VLKIT_TOY_DIR"
 ENV_PRESET = "VLKIT_TOY_PRESET"
 ENV_THREADS = "VLKIT_TOY_THREADS"
@@ -77,7 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         n_train=20000, n_val=1000, n_test=1000,
         clip_steps=200, clip_batch=128, clip_lr=2e-3,
-        lm_steps=300, lm_batch=32, lm_lr=3e-3,
+        lm_steps=1500, lm_batch=32, lm_lr=3e-3,
         probe_train=3000, probe_epochs=300,
     ),
     "tiny": dict(
@@ -94,8 +94,10 @@ CLIP_ARCH = dict(
               max_position_embeddings=48),
     projection_dim=128,
 )
-LM_ARCH = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-               intermediate_size=688, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=10000.0)
+# Width 128 rather than 256: ~3x cheaper per token, so the same build time buys 5x the pretraining steps; at equal
+# CPU time that answered more questions from text (0.44 vs 0.38) and made the VLM steps ~3x faster.
+LM_ARCH = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=352, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=10000.0)
 
 
 @dataclass
@@ -129,7 +131,7 @@ def _default_root(preset: str) -> Path:
 
 
 def toy_cache_dir(preset: str = "default") -> Path:
-    """Where the toy world lives: ``$VLKIT_TOY_DIR`` if set, else ``~/.cache/vlkit/toyworld-v1`` (presets other
+    """Where the toy world lives: ``$VLKIT_TOY_DIR`` if set, else ``~/.cache/vlkit/toyworld-v2`` (presets other
     than "default" get a ``-<preset>`` suffix there)."""
     env = os.environ.get(ENV_DIR)
     return Path(env).expanduser() if env else _default_root(preset)

@@ -303,14 +303,16 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
     model.train()
 
     def micro_batches():
-        # global micro-batches from (seed, epoch); each rank collates its slice (dummy: an idle rank, weight 0)
+        # global micro-batches from (seed, epoch); each rank collates its slice (dummy: an idle rank, weight 0).
+        # The order is fixed before loading, so data.num_workers loader processes keep it (and exact resume).
         nonlocal epoch, batch_pos
         while True:
             order = epoch_batches(data.lengths, data.has_image, micro, seed, epoch, recipe.data.group_by_length)
-            while batch_pos < len(order):
-                idx, dummy = shard_batch(order[batch_pos], ctx.rank, ctx.world_size)
+            shards = [shard_batch(b, ctx.rank, ctx.world_size) for b in order[batch_pos:]]
+            loader = torch.utils.data.DataLoader(data.train, batch_sampler=[idx for idx, _ in shards],
+                                                 collate_fn=collator, num_workers=recipe.data.num_workers)
+            for (_, dummy), batch in zip(shards, loader):
                 batch_pos += 1
-                batch = collator([data.train[i] for i in idx])
                 batch["dummy"] = dummy
                 yield batch
             epoch, batch_pos = epoch + 1, 0

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -97,13 +97,14 @@ class GridProgress:
 
 
 def default_workers(n_runs: int) -> int:
-    """Runs are CPU-bound: one worker per 2 cores, bounded by memory (~4 GiB per toy run)."""
+    """Runs are CPU-bound small models: one single-threaded worker per core beats fewer multi-threaded ones on
+    these machines (OpenMP threads spin-wait when a core is shared), bounded by memory (~3 GiB per toy run)."""
     cores = os.cpu_count() or 1
     try:
         mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         mem_gb = 8
-    return max(1, min(n_runs, cores // 2, int(mem_gb // 4)))
+    return max(1, min(n_runs, cores, int(mem_gb // 3)))
 
 
 def run_grid(recipe: str, specs: list[RunSpec], out: Path, executor: str = "local", workers: int | None = None,
@@ -128,25 +129,29 @@ def run_grid(recipe: str, specs: list[RunSpec], out: Path, executor: str = "loca
     workers = workers or default_workers(len(todo))
     threads = max(1, (os.cpu_count() or 1) // workers)
     progress = GridProgress(specs, states, time.time())
-    submit: Callable[..., Any]
     if executor == "local":
         pool = ThreadPoolExecutor(max_workers=workers)  # threads only wait on child processes
-        submit = pool.submit
+
+        def local_run(s: RunSpec) -> dict[str, Any]:
+            states[s.id] = "running"
+            return execute_run(recipe, s.to_dict(), str(runs_dir / s.id), feature_cache, threads)
+
+        def submit(s: RunSpec) -> Any:
+            return pool.submit(local_run, s)
     elif executor in ("slurm", "submitit-local"):
         from vlkit.ablate.cluster import submitit_submitter
 
-        submit, pool = submitit_submitter(out, executor, slurm or {})
+        submit_job, pool = submitit_submitter(out, executor, slurm or {})
+
+        def submit(s: RunSpec) -> Any:
+            return submit_job(execute_run, recipe, s.to_dict(), str(runs_dir / s.id), feature_cache, threads)
     else:
         raise ValueError(f"unknown executor '{executor}'; valid: local, slurm, submitit-local")
-    console.print(f"running {len(todo)} run(s) with the {executor} executor, {workers} at a time")
+    console.print(f"running {len(todo)} run(s) with the {executor} executor, {workers} at a time"
+                  + (f", {threads} thread(s) each" if executor == "local" else ""))
     with Live(progress.table(), console=console, refresh_per_second=2, transient=False) as live:
-        futures = {}
-        for s in todo:
-            futures[submit(execute_run, recipe, s.to_dict(), str(runs_dir / s.id), feature_cache, threads)] = s
-        for s in todo[:workers] if executor == "local" else todo:
-            states[s.id] = "running"
-        live.update(progress.table())
-        for fut in as_completed(futures) if executor == "local" else _wait_submitit(futures, live, progress, states):
+        futures = {submit(s): s for s in todo}
+        for fut in _as_done(futures, live, progress, states):
             s = futures[fut]
             try:
                 states[s.id] = fut.result()["status"]
@@ -154,23 +159,21 @@ def run_grid(recipe: str, specs: list[RunSpec], out: Path, executor: str = "loca
                 states[s.id] = "failed"
                 (runs_dir / s.id).mkdir(parents=True, exist_ok=True)
                 (runs_dir / s.id / "status.json").write_text(json.dumps({"status": "failed", "error": repr(exc)}))
-            queued = [x for x in todo if states[x.id] == "queued"]
-            if queued and executor == "local":
-                states[queued[0].id] = "running"
             live.update(progress.table())
     if executor == "local":
         pool.shutdown()
     return states
 
 
-def _wait_submitit(futures, live, progress, states):
+def _as_done(futures, live, progress, states):
+    """Yield futures as they finish, refreshing the grid view; a submitit job shows as running once it starts."""
     pending = set(futures)
     while pending:
         for fut in list(pending):
             if fut.done():
                 pending.discard(fut)
                 yield fut
-            elif states[futures[fut].id] == "queued" and fut.state in ("RUNNING", "COMPLETING"):
+            elif states[futures[fut].id] == "queued" and getattr(fut, "state", None) in ("RUNNING", "COMPLETING"):
                 states[futures[fut].id] = "running"
         live.update(progress.table())
         time.sleep(1)
