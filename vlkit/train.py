@@ -309,8 +309,11 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
         while True:
             order = epoch_batches(data.lengths, data.has_image, micro, seed, epoch, recipe.data.group_by_length)
             shards = [shard_batch(b, ctx.rank, ctx.world_size) for b in order[batch_pos:]]
+            # its own generator: a DataLoader draws a seed when iterated, which would shift the global RNG that
+            # dropout uses (and break exact resume, which restores that RNG mid-epoch)
             loader = torch.utils.data.DataLoader(data.train, batch_sampler=[idx for idx, _ in shards],
-                                                 collate_fn=collator, num_workers=recipe.data.num_workers)
+                                                 collate_fn=collator, num_workers=recipe.data.num_workers,
+                                                 generator=torch.Generator().manual_seed(seed))
             for (_, dummy), batch in zip(shards, loader):
                 batch_pos += 1
                 batch["dummy"] = dummy
@@ -538,15 +541,17 @@ def train(recipe: Recipe, run_dir: Path | None = None, console: Console | None =
 def print_accuracy(console: Console, stage: str, m: dict[str, Any]) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{stage}: generation accuracy (exact match) on {m['n']} samples")
-    table.add_column("question type")
-    table.add_column("n", justify="right")
-    table.add_column("accuracy", justify="right")
-    if list(m["accuracy_by_type"]) != ["all"]:
+    if list(m["accuracy_by_type"]) == ["all"]:  # no question types (a caption set): BLEU is the measure
+        console.print(f"{stage}: {m['n']} generations, exact match {m['accuracy']:.3f}")
+    else:
+        table = Table(title=f"{stage}: generation accuracy (exact match) on {m['n']} samples")
+        table.add_column("question type")
+        table.add_column("n", justify="right")
+        table.add_column("accuracy", justify="right")
         for k, v in m["accuracy_by_type"].items():
             table.add_row(k, str(m["count_by_type"][k]), f"{v:.3f}")
-    table.add_row("[bold]all", str(m["n"]), f"[bold]{m['accuracy']:.3f}")
-    console.print(table)
+        table.add_row("[bold]all", str(m["n"]), f"[bold]{m['accuracy']:.3f}")
+        console.print(table)
     console.print(f"val loss {m['val_loss']:.4f} (ppl {m['val_perplexity']:.2f}), BLEU {m['bleu']:.1f}")
 
 
