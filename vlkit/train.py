@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from vlkit.checkpoint import find_checkpoint, load_checkpoint, load_trainable
 from vlkit.config import Recipe, StageConfig, dump_recipe
 from vlkit.data.collate import Collator, epoch_batches, padding_fraction
-from vlkit.data.llava import DataError, Example, ImageTransform, LlavaDataset, check_records, load_records
+from vlkit.data.llava import DataError, ImageTransform, LlavaDataset, check_records, load_records
 from vlkit.distributed import DistContext, check_same_modules, make_engine, shard_batch
 from vlkit.distributed import setup as setup_distributed
 from vlkit.evaluate import evaluate, move
