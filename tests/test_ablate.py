@@ -116,3 +116,10 @@ def test_cluster_executor_local_mode_same_layout(tiny_toy_world, tmp_path, monke
     assert [r["status"] for r in rows] == ["finished", "finished"]
     assert {"report.md", "results.json", "accuracy_vs_tokens.png", "plan.json"} <= {p.name for p in out.iterdir()}
     assert any((out / "submitit").rglob("*_submitted.pkl"))  # really went through submitit
+
+
+def test_report_orders_numeric_axis_values_numerically():
+    from vlkit.ablate.report import _order
+
+    assert sorted([64, 9, 16, 1, 4], key=_order) == [1, 4, 9, 16, 64]
+    assert sorted(["mlp", 2, "linear", None], key=_order) == [2, None, "linear", "mlp"]  # numbers, then by text

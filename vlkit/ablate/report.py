@@ -143,6 +143,11 @@ def comparisons(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str, A
     return out
 
 
+def _order(v: Any) -> tuple:
+    """Sort key for axis values: numbers numerically (1, 4, 16, 64), then everything else by text."""
+    return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
+
+
 def _fmt(mc: Any) -> str:
     if not isinstance(mc, tuple):
         return "" if mc is None else str(mc)
@@ -239,7 +244,7 @@ def write_report(out: Path, command: str | None = None) -> dict[str, Any]:
               "cells are mean ± 95% CI (t) across seeds.", ""]
     head = axes + ["image tokens", "trainable params", "seeds"] + metrics + ["val loss", "tokens/s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for a in sorted(agg, key=lambda a: tuple(str(a.get(x)) for x in axes)):
+    for a in sorted(agg, key=lambda a: tuple(_order(a.get(x)) for x in axes)):
         cells = [str(a.get(x)) for x in axes] + [str(a.get("image_tokens")), f"{a.get('trainable_params') or 0:,}",
                                                  str(a["seeds"])]
         cells += [_fmt(a.get(m)) for m in metrics] + [_fmt(a.get("val_loss")), _fmt(a.get("tokens_per_s"))]
