@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -97,7 +98,11 @@ def attach_lora(model: VLM, stage: StageConfig) -> None:
         return
     cfg = LoraConfig(r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
                      target_modules=stage.lora.target_modules, task_type="CAUSAL_LM")
-    model.llm.model = get_peft_model(model.llm.model, cfg)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` property: a FutureWarning about
+        # peft's code, printed on every instruct stage, that a vlkit user can do nothing about
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model.llm.model = get_peft_model(model.llm.model, cfg)
 
 
 def param_groups(model: VLM, stage: StageConfig) -> list[dict[str, Any]]:
