@@ -65,7 +65,13 @@ def test_sigkill_then_resume_reproduces_loss_curve(tiny_toy_world, tmp_path):
     partial = losses(killed)
     assert any(s == "instruct" for s, _, _ in partial) and len(partial) < 13, partial
     vlkit(*args, "--run-dir", str(killed))
-    assert losses(killed) == losses(tmp_path / "straight")
+    resumed, straight = losses(killed), losses(tmp_path / "straight")
+    assert [(s, st) for s, st, _ in resumed] == [(s, st) for s, st, _ in straight]
+    # Bit-identical in most runs; CI runs have shown a 2.7e-6 relative difference from the first step after the
+    # resume on (same batch, weights from the checkpoint; cause not yet found, see the issue notes). Not restoring
+    # the RNG state (so other dropout masks) was measured to move step 5's loss by 1.3e-4 relative: 13x the bound.
+    for (stage, step, a), (_, _, b) in zip(resumed, straight):
+        assert abs(a - b) <= 1e-5 * abs(b), (stage, step, a, b)
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_toy_world, tmp_path, monkeypatch):
