@@ -46,8 +46,8 @@ def test_two_stages_write_run_directory(tiny_toy_world, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_reproduces_loss_curve(tiny_toy_world, tmp_path):
-    # LoRA dropout on (the default recipe has none): its masks come from the global RNG, so an identical curve
-    # after the kill also shows that the RNG state is restored mid-stage
+    # LoRA dropout on (the default recipe has none): its masks come from the global RNG, so matching the curve
+    # after the kill also checks that the RNG state is restored mid-stage (see the bound below)
     args = ["train", "recipes/mlp_patch.yaml", *FAST, "stages.instruct.max_steps=10", "stages.instruct.save_every=2",
             "stages.align.save_every=2", "stages.instruct.lora.dropout=0.05"]
     vlkit(*args, "--run-dir", str(tmp_path / "straight"))
