@@ -32,7 +32,7 @@ import numpy as np
 
 from vlkit.data import toy
 
-WORLD_VERSION = 3  # bump when the build code changes what gets built (the cache key is the build config)
+WORLD_VERSION = 2  # bump when the build code changes what gets built (the cache key is the build config)
 ENV_DIR = "VLKIT_TOY_DIR"
 ENV_PRESET = "VLKIT_TOY_PRESET"
 ENV_THREADS = "VLKIT_TOY_THREADS"
@@ -96,14 +96,8 @@ CLIP_ARCH = dict(
 )
 # Width 128 rather than 256: ~3x cheaper per step. At equal CPU time (900 vs 300 steps) it answered more questions
 # from text (0.44 vs 0.38); the default's 1 500 steps (~5 min of one core) reach 0.47, and VLM steps are ~3x faster.
-# Untied input/output embeddings (world version 3): colours and shapes are exchangeable in the scene text (any
-# colour may follow "a"), so next-token loss pushes their *output* rows together; with tied embeddings the input rows
-# collapse with them (shape words: spread/norm 0.07 measured) and the LM cannot copy a colour or shape it has read --
-# asked "What colour is the object in the top left?" about a one-object scene it answered its prior ("green") 70% of
-# the time. Untied, at the same 1 500 steps and cost: colour_at_position from text 0.288 -> 0.496, and in the VLM
-# (default recipe) 0.28 -> 0.54. See docs/toyworld.md.
 LM_ARCH = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-               intermediate_size=352, max_position_embeddings=2048, tie_word_embeddings=False, rope_theta=10000.0)
+               intermediate_size=352, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=10000.0)
 
 
 @dataclass
@@ -137,7 +131,7 @@ def _default_root(preset: str) -> Path:
 
 
 def toy_cache_dir(preset: str = "default") -> Path:
-    """Where the toy world lives: ``$VLKIT_TOY_DIR`` if set, else ``~/.cache/vlkit/toyworld-v3`` (presets other
+    """Where the toy world lives: ``$VLKIT_TOY_DIR`` if set, else ``~/.cache/vlkit/toyworld-v2`` (presets other
     than "default" get a ``-<preset>`` suffix there)."""
     env = os.environ.get(ENV_DIR)
     return Path(env).expanduser() if env else _default_root(preset)
