@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from vlkit._proc import peak_rss_mb  # noqa: F401 - re-exported for the benchmarks
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,15 +57,6 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process image in MiB: VmHWM (ru_maxrss would carry the parent's peak over
-    fork + exec on Linux, so a child started by subprocess would report its parent's peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def environment() -> dict[str, Any]:

@@ -102,6 +102,9 @@ def test_report_has_probes(tiny_toy_world):
     assert json.loads((tiny_toy_world.root / "report.json").read_text()) == r
     assert set(r["build_seconds"]) >= {"data", "tokenizer", "toy-clip", "toy-lm", "toy-clip probes", "toy-lm probes",
                                        "total"}
+    if r["parallel_jobs"]:  # each job's own process reports its peak memory (the README's build figure)
+        assert set(r["job_peak_rss_mb"]) == {"toy-clip", "toy-lm"}
+        assert all(50 < mb < 24 * 1024 for mb in r["job_peak_rss_mb"].values()), r["job_peak_rss_mb"]
     lm = r["toy_lm"]
     assert 1.0 < lm["val_perplexity"] < 50  # far below uniform over the vocabulary
     assert lm["train_loss_last"] < lm["train_loss_first"]

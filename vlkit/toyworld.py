@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from vlkit._proc import peak_rss_mb
 from vlkit.data import toy
 
 WORLD_VERSION = 2  # bump when the build code changes what gets built (the cache key is the build config)
@@ -328,7 +329,9 @@ def _job_main(name: str, out: str, cfg: dict[str, Any], threads: int, step, info
                 info.value = text.encode()[:63]
                 step.value = done
 
-            queue.put(("ok", _JOBS[name](Path(out), cfg, update)))
+            result = _JOBS[name](Path(out), cfg, update)
+            result["peak_rss_mb"] = {name: round(peak_rss_mb(), 1)}
+            queue.put(("ok", result))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
         queue.put(("error", traceback.format_exc()))
 
@@ -418,15 +421,20 @@ def _build(out: Path, cfg: dict[str, Any], console: Any) -> dict[str, Any]:
         t = time.perf_counter()
         updates = {"toy-clip": phase("toy-clip", cfg["clip_steps"]), "toy-lm": phase("toy-lm", cfg["lm_steps"])}
         cpu: dict[str, float] = {}
+        rss: dict[str, float] = {}
         for result in _run_jobs(out, cfg, threads, parallel, updates):
             times.update(result.pop("seconds"))
             cpu.update(result.pop("cpu_seconds"))
+            rss.update(result.pop("peak_rss_mb", {}))
             report.update(result)
         times["models + probes (wall)"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
     report["build_seconds"] = {k: round(v, 1) for k, v in times.items()}
     # CPU time of each job (its own process): the work, independent of how busy the machine was
     report["job_cpu_seconds"] = {k: round(v, 1) for k, v in cpu.items()}
+    # peak RSS of each job's own process (absent when the jobs ran in the calling process: see its own figure)
+    if rss:
+        report["job_peak_rss_mb"] = rss
     report["machine"] = {"cpu_count": os.cpu_count(), "load_avg_1min_at_end": _loadavg()}
     return report
 

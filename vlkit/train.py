@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from vlkit._proc import peak_rss_mb
 from vlkit.checkpoint import find_checkpoint, load_checkpoint, load_trainable
 from vlkit.config import Recipe, StageConfig, dump_recipe
 from vlkit.data.collate import Collator, epoch_batches, padding_fraction
@@ -534,7 +535,7 @@ def train(recipe: Recipe, run_dir: Path | None = None, console: Console | None =
         if "accuracy" in m:
             print_accuracy(console, stage_name, m)
     summary.update({"status": "finished", "wall_time_s": summary.get("wall_time_s", 0) + time.time() - t0,
-                    "peak_rss_mb": _peak_rss_mb(), "parameters": parameter_counts(model)})
+                    "peak_rss_mb": peak_rss_mb(), "parameters": parameter_counts(model)})
     if ctx.active:
         summary["distributed"] = {"mode": ctx.mode, "world_size": ctx.world_size}
     write_summary()
@@ -558,16 +559,3 @@ def print_accuracy(console: Console, stage: str, m: dict[str, Any]) -> None:
         table.add_row("[bold]all", str(m["n"]), f"[bold]{m['accuracy']:.3f}")
         console.print(table)
     console.print(f"val loss {m['val_loss']:.4f} (ppl {m['val_perplexity']:.2f}), BLEU {m['bleu']:.1f}")
-
-
-def _peak_rss_mb() -> float:
-    """This process's own peak RSS (VmHWM): ru_maxrss would inherit a larger parent's peak across fork + exec."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
