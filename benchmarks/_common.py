@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from vlkit._proc import peak_rss_mb  # noqa: F401 - re-exported for the benchmarks
+from vlkit._proc import peak_rss_mb, rss_mb  # noqa: F401 - re-exported for the benchmarks
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,14 +49,6 @@ def set_threads(n: int) -> int:
     if n > 0:
         torch.set_num_threads(n)
     return torch.get_num_threads()
-
-
-def rss_mb() -> float:
-    """Current resident set size (VmRSS) in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def environment() -> dict[str, Any]:

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import ROOT, environment, table, write_result  # noqa: E402
+from vlkit._proc import status_kb  # noqa: E402
 
 RECIPE = "recipes/mlp_patch.yaml"
 MiB = 1024 * 1024
@@ -80,10 +81,8 @@ def case_overrides(stage: str, extra: list[str], steps: int, batch: int, out: st
 
 # ---- child: one training run, measured ------------------------------------------------------------------------------
 def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return -1
+    kb = status_kb(field)
+    return -1 if kb is None else kb
 
 
 def _reset_peak() -> bool:

@@ -1,17 +1,32 @@
-"""Facts about the running process, shared by the trainer and the toy-world build."""
+"""Facts about the running process, shared by the trainer, the toy-world build and the benchmarks."""
 from __future__ import annotations
+
+
+def status_kb(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``, ...) in KiB; None where there is no such file
+    (not Linux) or field."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float:
+    """Current resident set size (VmRSS) in MiB; NaN where unknown."""
+    kb = status_kb("VmRSS")
+    return float("nan") if kb is None else kb / 1024
 
 
 def peak_rss_mb() -> float:
     """This process's own peak RSS in MiB (VmHWM): ``ru_maxrss`` would inherit a larger parent's peak across
     fork + exec, and counts only the largest child for RUSAGE_CHILDREN."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    kb = status_kb("VmHWM")
+    if kb is not None:
+        return kb / 1024
     import resource  # not Linux: the kernel's figure, in KiB on Linux/BSD (bytes on macOS, not corrected here)
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
