@@ -150,8 +150,11 @@ def test_captions_match_scenes(data_dir):
             assert cap == scenes[rec["id"]]["caption"]
             order = sorted(objects, key=lambda o: (o["row"], o["col"]))
             assert objects == order  # canonical row-major order
-            for o in objects:
-                assert f"{o['colour']} {o['shape']} in the {o['position']}" in cap
+            # every cell, row-major, with its object or "nothing"
+            cells = [part.split(": ") for part in cap.split(", ")]
+            assert [c[0] for c in cells] == [toy.position_name(r, c, 3) for r in range(3) for c in range(3)]
+            held = {o["position"]: f"{o['colour']} {o['shape']}" for o in objects}
+            assert {c[0]: c[1] for c in cells} == {c[0]: held.get(c[0], toy.NOTHING) for c in cells}
             assert 1 <= len(objects) <= 4
             assert len({(o["row"], o["col"]) for o in objects}) == len(objects)
 

@@ -1,40 +1,140 @@
-"""The embedded default (tiny preset): offline build, loadable HF artefacts, chat template, determinism, probes."""
+"""The embedded default: shipped weights checked on load, the tiny preset pretrained from scratch, HF artefacts,
+chat template, determinism, probes."""
 from __future__ import annotations
 
 import json
-import time
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from vlkit import toyworld as tw
+from vlkit.data.toy import QUESTION_TYPES
+from vlkit.toyworld import shipped, world
 
 
-def test_layout_and_marker(tiny_toy_world):
+# ---- the shipped weights --------------------------------------------------------------------------------------
+def test_shipped_weights_load_offline():
+    """The package's weights match their manifest, were made by this version's config, and load through HF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+    manifest = tw.verify(tw.PACKAGE_WEIGHTS, tw.shipped_config_hash())
+    assert manifest["config"] == tw.pretrain_config("default", 0)
+    assert sum(f["bytes"] for f in manifest["files"].values()) <= 25 * 2**20  # the budget for weights in git
+    for name in ("toy:clip", "toy:lm", "toy:tokenizer"):
+        assert tw.resolve_toy(name).startswith(str(tw.PACKAGE_WEIGHTS)) or tw.env_preset() != "default"
+    vision = CLIPVisionModel.from_pretrained(tw.PACKAGE_WEIGHTS / "toy-clip")
+    assert vision.config.image_size == 64
+    lm = AutoModelForCausalLM.from_pretrained(tw.PACKAGE_WEIGHTS / "toy-lm")
+    tok = AutoTokenizer.from_pretrained(tw.PACKAGE_WEIGHTS / "toy-lm")
+    assert lm.config.vocab_size == len(tok) and not lm.config.tie_word_embeddings
+    report = manifest["report"]
+    assert {"toy_lm", "toy_clip", "linear_probes", "seconds", "machine"} <= set(report)
+
+
+@pytest.fixture
+def weights_copy(tmp_path):
+    dst = tmp_path / "weights"
+    shutil.copytree(tw.PACKAGE_WEIGHTS, dst)
+    return dst
+
+
+def test_altered_weight_file_is_named(weights_copy):
+    target = weights_copy / "toy-lm" / "model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(tw.ToyWeightsError, match=r"toy-lm/model\.safetensors does not match its sha256"):
+        tw.verify(weights_copy)
+
+
+def test_truncated_and_missing_files_are_named(weights_copy):
+    target = weights_copy / "toy-clip" / "model.safetensors"
+    target.write_bytes(target.read_bytes()[:1000])
+    with pytest.raises(tw.ToyWeightsError, match=r"toy-clip/model\.safetensors has 1000 bytes"):
+        tw.verify(weights_copy)
+    target.unlink()
+    with pytest.raises(tw.ToyWeightsError, match=r"toy-clip/model\.safetensors is missing"):
+        tw.verify(weights_copy)
+    (weights_copy / "manifest.json").unlink()
+    with pytest.raises(tw.ToyWeightsError, match="manifest.json is missing"):
+        tw.verify(weights_copy)
+
+
+def test_manifest_from_another_version(weights_copy):
+    path = weights_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    with pytest.raises(tw.ToyWeightsError, match="expects 0123456789abcdef"):
+        tw.verify(weights_copy, "0123456789abcdef")
+    manifest["config"]["lm"]["steps"] += 1  # config edited without re-hashing
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(tw.ToyWeightsError, match="does not match its hash"):
+        tw.verify(weights_copy)
+    path.write_text(json.dumps(manifest)[:200])
+    with pytest.raises(tw.ToyWeightsError, match="unreadable"):
+        tw.verify(weights_copy)
+
+
+def test_damaged_package_weights_stop_the_cli(monkeypatch, weights_copy, tmp_path):
+    """`vlkit toy build` on a damaged install: one clear line naming the file and the fix, no data written."""
+    from typer.testing import CliRunner
+
+    from vlkit.cli import app
+
+    (weights_copy / "toy-lm" / "config.json").write_text("{}")
+    monkeypatch.setattr(shipped, "PACKAGE_WEIGHTS", weights_copy)
+    monkeypatch.setattr(world, "_VERIFIED", {})
+    monkeypatch.setenv(tw.ENV_PRESET, "default")
+    out = CliRunner().invoke(app, ["toy", "build", "--cache-dir", str(tmp_path / "world")])
+    assert out.exit_code == 1
+    assert "toy-lm/config.json" in out.output and "sha256" in out.output and "vlkit toy pretrain" in out.output
+    assert not (tmp_path / "world").exists()
+
+
+def test_world_directory_named_by_config(monkeypatch, tmp_path):
+    monkeypatch.delenv(tw.ENV_DIR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    root = tw.toy_cache_dir("default")
+    assert root == tmp_path / "vlkit" / f"toyworld-{tw.world_id('default')}"
+    assert tw.toy_cache_dir("tiny").name == f"toyworld-tiny-{tw.world_id('tiny')}"
+    assert tw.world_id("default") == tw.shipped_config_hash()
+    # an older world in the same place (a v2 marker) is not taken for this one
+    root.mkdir(parents=True)
+    (root / "build.json").write_text(json.dumps({"hash": "abc", "config": {"world_version": 2}}))
+    assert not tw.is_built(root, "default")
+
+
+# ---- the tiny preset, pretrained here --------------------------------------------------------------------------
+def test_tiny_layout_and_marker(tiny_toy_world):
     w = tiny_toy_world
     for d in (w.data_dir, w.tokenizer_dir, w.clip_dir, w.lm_dir):
         assert d.is_dir()
     assert (w.data_dir / "instruct_val.json").is_file() and (w.data_dir / "images" / "train").is_dir()
-    marker = json.loads((w.root / "build.json").read_text())
-    assert marker["hash"] == tw.config_hash(tw.build_config(0, "tiny"))
-    assert tw.is_built(w.root, 0, "tiny") and not tw.is_built(w.root, 1, "tiny")
+    assert tw.is_built(w.root, "tiny") and not tw.is_built(w.root, "default")
+    tw.verify(w.weights_dir, tw.world_id("tiny"))
     assert not [p for p in w.root.parent.iterdir() if ".building-" in p.name]
 
 
 def test_second_build_is_a_cache_hit(tiny_toy_world):
     before = (tiny_toy_world.root / "build.json").stat().st_mtime_ns
-    t = time.perf_counter()
     again = tw.build_toy_world(tiny_toy_world.root, preset="tiny")
-    assert time.perf_counter() - t < 5
     assert (again.root / "build.json").stat().st_mtime_ns == before
     assert again.report == tiny_toy_world.report
+
+
+def test_two_tiny_pretrains_give_identical_hashes(tiny_toy_world, tmp_path):
+    """Pretraining is a function of its config: every file of a second tiny pretrain hashes the same."""
+    again = tw.pretrain(tmp_path / "weights", "tiny", 0, data_dir=tiny_toy_world.data_dir)
+    first = json.loads((tiny_toy_world.weights_dir / "manifest.json").read_text())
+    assert again["files"] == first["files"]
+    assert again["config_hash"] == first["config_hash"] == tw.world_id("tiny")
 
 
 def test_tokenizer_chat_template(tiny_toy_world):
     from transformers import AutoTokenizer
 
-    for d in (tiny_toy_world.tokenizer_dir, tiny_toy_world.lm_dir):
+    for d in (tiny_toy_world.tokenizer_dir, tiny_toy_world.lm_dir, tw.PACKAGE_WEIGHTS / "toy-lm"):
         tok = AutoTokenizer.from_pretrained(d)
         msgs = [{"role": "user", "content": "<image>\nWhat colour is the object in the top left?"},
                 {"role": "assistant", "content": "red"}]
@@ -70,7 +170,7 @@ def test_clip_loads_as_vision_tower(tiny_toy_world):
     pixels = proc(images=image, return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 64, 64)
     # the processor reproduces the normalisation used in training
-    manual = tw._normalize(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None])
+    manual = tw.normalize(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None])
     assert torch.allclose(pixels, manual, atol=1e-4)
     with torch.no_grad():
         out = vision(pixel_values=pixels, output_hidden_states=True)
@@ -97,45 +197,39 @@ def test_lm_loads_and_generates(tiny_toy_world):
     assert out.shape[1] > prompt["input_ids"].shape[1]
 
 
+def test_lm_loss_only_on_assistant_turns(tiny_toy_world):
+    from transformers import AutoTokenizer
+
+    from vlkit.toyworld import models
+
+    tok = AutoTokenizer.from_pretrained(tiny_toy_world.tokenizer_dir)
+    convs = models.lm_conversations(4, 0, tw.pretrain_config("tiny")["lm"], grid=3, max_objects=4)
+    batch = models.lm_batch(tok, convs, assistant_only=True)
+    kept = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    answers = [m["content"] for m in convs[0] if m["role"] == "assistant"]
+    assert tok.decode(kept) == "".join(a + "<|im_end|>" for a in answers)
+    assert (models.lm_batch(tok, convs, assistant_only=False)["labels"] != -100).sum() > len(kept)
+
+
 def test_report_has_probes(tiny_toy_world):
     r = tiny_toy_world.report
-    assert json.loads((tiny_toy_world.root / "report.json").read_text()) == r
-    assert set(r["build_seconds"]) >= {"data", "tokenizer", "toy-clip", "toy-lm", "toy-clip probes", "toy-lm probes",
-                                       "total"}
-    if r["parallel_jobs"]:  # each job's own process reports its peak memory (the README's build figure)
+    assert set(r["seconds"]) >= {"tokenizer", "toy-clip", "toy-lm", "toy-clip probes", "toy-lm probes", "total"}
+    if r["machine"]["parallel_jobs"]:  # each job's own process reports its peak memory
         assert set(r["job_peak_rss_mb"]) == {"toy-clip", "toy-lm"}
         assert all(50 < mb < 24 * 1024 for mb in r["job_peak_rss_mb"].values()), r["job_peak_rss_mb"]
+    assert r["machine"]["fp32_matmul_gflops_1_thread"] > 0
     lm = r["toy_lm"]
-    assert 1.0 < lm["val_perplexity"] < 50  # far below uniform over the vocabulary
     assert lm["train_loss_last"] < lm["train_loss_first"]
+    assert set(lm["val_answer_accuracy_by_type"]) == set(QUESTION_TYPES)
     assert 0.0 <= r["toy_clip"]["retrieval_top1_batch100"] <= 1.0
     probes = r["linear_probes"]
     # where objects are lives in the patch tokens, not in the pooled CLS (ANCHORS.md)
     assert probes["position"]["patch_cells"]["exact"] > probes["position"]["cls"]["exact"] + 0.2
     assert probes["position"]["patch_cells"]["per_label"] > 0.85
-    assert probes["colour"]["cls"]["per_label"] > probes["colour"]["majority"]["per_label"]
     per_object = probes["per_object"]
     assert per_object["colour"]["cell_mean"] > per_object["colour"]["majority"] + 0.3
+    assert per_object["occupancy"]["cell_mean"] > per_object["occupancy"]["majority"]
     assert set(per_object["shape"]) == {"majority", "cell_mean", "patch_window_3x3"}
-
-
-def test_same_seed_same_weights(tiny_toy_world, tmp_path):
-    """Retrain toy-clip and toy-lm from the same seed: every tensor is bit-identical."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
-
-    cfg = tw.build_config(0, "tiny")
-    tok = AutoTokenizer.from_pretrained(tiny_toy_world.tokenizer_dir)
-    with tw._quiet_runtime(tw.build_threads()):
-        tw.train_clip(tiny_toy_world.data_dir, tok, tmp_path / "clip", cfg, lambda *a: None)
-        tw.train_lm(tok, tmp_path / "lm", cfg, lambda *a: None)
-    for new, old in ((tmp_path / "clip", tiny_toy_world.clip_dir), (tmp_path / "lm", tiny_toy_world.lm_dir)):
-        a, b = load_file(new / "model.safetensors"), load_file(old / "model.safetensors")
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), k
-    # the tokenizer is a pure function of the data as well
-    assert tw.build_tokenizer(tiny_toy_world.data_dir).get_vocab() == tok.get_vocab()
 
 
 def test_resolve_toy(tiny_toy_world, monkeypatch):
@@ -155,12 +249,10 @@ def test_resolve_toy(tiny_toy_world, monkeypatch):
     with pytest.raises(ValueError, match="unknown toy world reference"):
         tw.resolve_toy("toy:clip/extra")
     with pytest.raises(ValueError, match="preset"):
-        tw.build_config(0, "huge")
-
-
-def test_default_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.delenv(tw.ENV_DIR, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    root = tw.toy_cache_dir()
-    assert root.name == f"toyworld-v{tw.WORLD_VERSION}" and "vlkit" in root.parts
-    assert tw.toy_cache_dir("tiny").name == f"toyworld-v{tw.WORLD_VERSION}-tiny"
+        tw.pretrain_config("huge")
+    # the shipped preset's model references point into the package and build nothing
+    monkeypatch.setenv(tw.ENV_PRESET, "default")
+    monkeypatch.setenv(tw.ENV_DIR, str(tiny_toy_world.root.parent / "never-built"))
+    assert tw.resolve_toy("toy:lm") == str(tw.PACKAGE_WEIGHTS / "toy-lm")
+    assert tw.toy_path_if_available("toy:data") is None
+    assert not (tiny_toy_world.root.parent / "never-built").exists()

@@ -30,3 +30,20 @@ def peak_rss_mb() -> float:
     import resource  # not Linux: the kernel's figure, in KiB on Linux/BSD (bytes on macOS, not corrected here)
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fp32_matmul_gflops(n: int = 1024, reps: int = 5) -> float:
+    """This machine's fp32 matmul rate (GFLOP/s of wall time, best of ``reps`` n x n products) at torch's current
+    thread count: the figure to state beside any time measured on it (machines of one kind differ ~2.5x)."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return round(2 * n**3 / best / 1e9, 1)

@@ -42,6 +42,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         from vlkit.config import ConfigError
         from vlkit.data.llava import DataError
         from vlkit.registry import RegistryError
+        from vlkit.toyworld.shipped import ToyWeightsError
 
         try:
             return fn(*args, **kwargs)
@@ -50,7 +51,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             for e in exc.errors:
                 err_console.print(f"  - {e}", markup=False, highlight=False)
             raise typer.Exit(2)
-        except (RegistryError, DataError, FileNotFoundError, ValueError, TypeError) as exc:
+        except (RegistryError, DataError, ToyWeightsError, FileNotFoundError, ValueError, TypeError) as exc:
             err_console.print(f"[bold red]error:[/] {type(exc).__name__}: ", end="")
             err_console.print(str(exc), markup=False, highlight=False)
             if exc.__cause__ is not None:
@@ -190,17 +191,36 @@ def data_toy_cmd(out: Path = typer.Option(..., "--out", help="output folder"),
 @toy_app.command("build")
 @friendly
 def toy_build_cmd(cache_dir: Optional[Path] = typer.Option(None, help="default: $VLKIT_TOY_DIR or ~/.cache/vlkit"),
-                  seed: int = typer.Option(0), preset: str = typer.Option("default", help="default or tiny"),
-                  force: bool = typer.Option(False, help="rebuild even if built")) -> None:
-    """Build (or find) the toy tokenizer, toy-clip, toy-lm and shapes data; prints the quality probes."""
+                  preset: str = typer.Option("default", help="default (shipped weights) or tiny (pretrained here)"),
+                  force: bool = typer.Option(False, help="remake the data even if present")) -> None:
+    """Check the shipped toy-clip / toy-lm weights and generate the shapes data (what a first run does)."""
     import time
 
     from vlkit.toyworld import build_toy_world
 
     t0 = time.time()
-    world = build_toy_world(cache_dir, seed=seed, preset=preset, force=force, console=console)
-    console.print(f"toy world at {world.root} ({time.time() - t0:.0f} s)")
+    world = build_toy_world(cache_dir, preset=preset, force=force, console=console)
+    console.print(f"toy world: data in {world.data_dir}, weights in {world.weights_dir} "
+                  f"(checked against their manifest; {time.time() - t0:.0f} s)")
     for k, v in (world.report or {}).items():
+        console.print(f"  {k}: {v}", markup=False)
+
+
+@toy_app.command("pretrain")
+@friendly
+def toy_pretrain_cmd(out: Optional[Path] = typer.Option(None, help="weights directory (default: the package's "
+                                                                   "vlkit/toyworld/weights, replaced when done)"),
+                     preset: str = typer.Option("default", help="default or tiny"),
+                     seed: int = typer.Option(0)) -> None:
+    """Maintainers: pretrain the toy tokenizer, toy-clip and toy-lm from a fixed seed and write the weights with
+    their manifest (sha256 per file, config, quality report). The default preset takes about an hour on 2 cores."""
+    from vlkit.toyworld import PACKAGE_WEIGHTS, pretrain
+
+    target = out or PACKAGE_WEIGHTS
+    manifest = pretrain(target, preset, seed, console=console)
+    console.print(f"[bold green]done[/]: {target} (config {manifest['config_hash']}, "
+                  f"{sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB in {len(manifest['files'])} files)")
+    for k, v in manifest["report"].items():
         console.print(f"  {k}: {v}", markup=False)
 
 

@@ -197,13 +197,10 @@ def _read_json(path: str | Path) -> dict[str, Any]:
 
 
 def _toy_path(spec: str) -> str | None:
-    """A ``toy:`` reference resolved only when the toy world is already built (planning never builds it)."""
-    from vlkit.toyworld import _env_preset, is_built, resolve_toy, toy_cache_dir
+    """A ``toy:`` reference resolved only when that needs no work (planning never builds the toy world)."""
+    from vlkit.toyworld import toy_path_if_available
 
-    preset = _env_preset()
-    if is_built(toy_cache_dir(preset), 0, preset):
-        return resolve_toy(spec)
-    return None
+    return toy_path_if_available(spec)
 
 
 def load_config(model: str, online: bool | None = None) -> LoadedConfig:

@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: captions list every cell in a fixed order
 SPLITS = ("train", "val", "test")
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -41,6 +41,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 COLOURS_LIST = tuple(COLOURS)
 BACKGROUND = (30, 30, 30)
+NOTHING = "nothing"  # an empty cell in captions, and the answer to a relation question about one
 QUESTION_TYPES = (
     "colour_at_position",
     "shape_at_position",
@@ -104,8 +105,12 @@ def _join(parts: list[str]) -> str:
 
 
 def caption(objects: list[Obj], grid: int) -> str:
-    """Canonical caption: objects in row-major order with their positions."""
-    return _join([f"{article(o.colour)} {o.name} in the {position_name(o.row, o.col, grid)}" for o in objects])
+    """Canonical caption: every cell in row-major order with what it holds ('top left: red circle, top: nothing,
+    ...'). A fixed layout puts each cell at the same place in every caption, as a patch grid does for an image,
+    so a small LM reads a cell's content by its place rather than by searching free text."""
+    by_cell = {(o.row, o.col): o.name for o in objects}
+    return ", ".join(f"{position_name(r, c, grid)}: {by_cell.get((r, c), NOTHING)}"
+                     for r in range(grid) for c in range(grid))
 
 
 def clip_caption(objects: list[Obj], rng: np.random.Generator | None = None) -> str:
@@ -179,7 +184,7 @@ def ask(qtype: str, objs: list[Obj], grid: int, rng: np.random.Generator,
         o, rel = pool[int(rng.integers(len(pool)))]
         dr, dc = RELATIONS[rel]
         other = by_cell.get((o.row + dr, o.col + dc))
-        return f"What is {rel} the {o.name}?", other.name if other else "nothing"
+        return f"What is {rel} the {o.name}?", other.name if other else NOTHING
     if qtype == "count":
         return "How many objects are there?", str(len(objs))
     if qtype == "count_by_attribute":

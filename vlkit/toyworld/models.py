@@ -1,0 +1,192 @@
+"""Pretraining of toy-clip (contrastive, on position-free captions) and toy-lm (scene text + questions as chat).
+
+Both are plain step loops from a fixed seed; with a fixed torch thread count the weights are a function of the
+config. ``pretrain.py`` runs them (side by side, one process each) and writes the shipped files.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from vlkit.data import toy
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+Update = Callable[..., None]
+
+
+# ---- shared helpers -------------------------------------------------------------------------------------------
+def load_images(data_dir: Path, records: list[dict]) -> "torch.Tensor":
+    """The records' images as one uint8 tensor ``[N, 3, H, W]``."""
+    import torch
+    from PIL import Image
+
+    arr = np.stack([np.asarray(Image.open(data_dir / "images" / r["image"]).convert("RGB")) for r in records])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def normalize(images_u8: "torch.Tensor") -> "torch.Tensor":
+    """uint8 ``[B, 3, H, W]`` -> CLIP-normalised float ``[B, 3, H, W]`` (what the saved image processor does)."""
+    import torch
+
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (images_u8.float() / 255.0 - mean) / std
+
+
+def clip_text(tok, captions: list[str]) -> dict[str, "torch.Tensor"]:
+    enc = tok([c + tok.eos_token for c in captions], padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _step(model_loss: "torch.Tensor", model, opt) -> float:
+    """One optimiser step with gradient clipping at 1.0; returns the loss."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    model_loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return model_loss.item()
+
+
+# ---- toy-clip -------------------------------------------------------------------------------------------------
+def train_clip(data_dir: Path, tok, out_dir: Path, cfg: dict[str, Any], seed: int, update: Update) -> dict:
+    """Contrastive pretraining of a tiny CLIPModel on position-free captions (objects in random order), so that
+    the pooled CLS learns *what* is in an image and not *where*; saves model + image processor + tokenizer."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    arch = cfg["arch"]
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), eos_token_id=eos, pad_token_id=eos, bos_token_id=eos, **arch["text"]),
+        vision_config=dict(**arch["vision"]), projection_dim=arch["projection_dim"])
+    model = CLIPModel(config)
+    scenes = toy.load_scenes(data_dir, "train")
+    images = load_images(data_dir, scenes)
+    objs = [[toy.Obj(o["shape"], o["colour"], o["row"], o["col"], o["size"], 0, 0) for o in s["objects"]]
+            for s in scenes]
+    rng = np.random.default_rng([seed, 101])
+    steps, batch = cfg["steps"], cfg["batch"]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.05, betas=(0.9, 0.98))
+    model.train()
+    losses = []
+    for step in range(steps):
+        idx = rng.choice(len(scenes), size=batch, replace=False)
+        caps = [toy.clip_caption(objs[i], rng) for i in idx]
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, cfg["lr"], max(1, steps // 20))
+        out = model(pixel_values=normalize(images[torch.from_numpy(idx)]), **clip_text(tok, caps), return_loss=True)
+        losses.append(_step(out.loss, model, opt))
+        update(step + 1, f"loss {np.mean(losses[-10:]):.3f}")
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    size = arch["vision"]["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_resize=True, do_center_crop=True
+                       ).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return {"params_vision": sum(p.numel() for p in model.vision_model.parameters()),
+            "params_total": sum(p.numel() for p in model.parameters()),
+            "train_loss_first": round(float(np.mean(losses[:10])), 4),
+            "train_loss_last": round(float(np.mean(losses[-10:])), 4)}
+
+
+# ---- toy-lm ---------------------------------------------------------------------------------------------------
+def scene_messages(objs: list, grid: int, qas: list[tuple[str, str, str]]) -> list[dict[str, str]]:
+    """A chat about a scene given as text: the first user turn carries ``Scene: <caption>.``."""
+    msgs = []
+    for k, (_, q, a) in enumerate(qas):
+        content = f"Scene: {toy.caption(objs, grid)}. {q}" if k == 0 else q
+        msgs += [{"role": "user", "content": content}, {"role": "assistant", "content": a}]
+    return msgs
+
+
+def lm_conversations(n: int, seed: int, cfg: dict[str, Any], grid: int, max_objects: int) -> list[list[dict]]:
+    """Chats for LM pretraining, from scenes whose description falls in the train split:
+
+    - ``caption_share`` of them caption a scene: half with the scene given as text (a copy), half without (so the
+      LM learns the caption language the align stage asks of it);
+    - the rest ask ``turns`` = (min, max) questions of random types about a scene given as text."""
+    rng = np.random.default_rng([seed, 202])
+    lo, hi = cfg["turns"]
+    convs: list[list[dict]] = []
+    while len(convs) < n:
+        objs = toy.sample_scene(rng, grid, max_objects)
+        cap = toy.caption(objs, grid)
+        if toy.split_of(cap) != "train":
+            continue
+        r = rng.random()
+        if r < cfg["caption_share"]:
+            prompt = toy.CAPTION_PROMPTS[int(rng.integers(len(toy.CAPTION_PROMPTS)))]
+            user = prompt if r < cfg["caption_share"] / 2 else f"Scene: {cap}. {prompt}"
+            convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": cap}])
+            continue
+        want = int(rng.integers(lo, hi + 1))
+        qas: list[tuple[str, str, str]] = []
+        for _ in range(4 * hi):
+            qtype = toy.QUESTION_TYPES[int(rng.integers(len(toy.QUESTION_TYPES)))]
+            qa = toy.ask(qtype, objs, grid, rng)
+            if qa is not None:
+                qas.append((qtype, *qa))
+            if len(qas) == want:
+                break
+        convs.append(scene_messages(objs, grid, qas))
+    return convs
+
+
+def lm_batch(tok, convs: list[list[dict]], assistant_only: bool) -> dict[str, "torch.Tensor"]:
+    """Right-padded ids, mask and labels; labels keep only assistant tokens when ``assistant_only``."""
+    import torch
+
+    enc = tok.apply_chat_template(convs, tokenize=True, return_dict=True, padding=True, return_tensors="pt",
+                                  return_assistant_tokens_mask=True)
+    ids, att = enc["input_ids"], enc["attention_mask"]
+    keep = torch.as_tensor(enc["assistant_masks"]).bool() if assistant_only else att.bool()
+    return {"input_ids": ids, "attention_mask": att, "labels": ids.masked_fill(~keep, -100)}
+
+
+def train_lm(tok, out_dir: Path, cfg: dict[str, Any], seed: int, data_cfg: dict[str, Any], update: Update) -> dict:
+    """Pretraining of a tiny Qwen2 on toy chats (no images); saves model + tokenizer + generation config.
+
+    Loss is on assistant tokens only (``loss: assistant``): the scene descriptions are unpredictable, and their
+    loss would drown the signal that teaches the LM to read answers out of its context."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    config = Qwen2Config(vocab_size=len(tok), bos_token_id=None, eos_token_id=im_end,
+                         pad_token_id=tok.pad_token_id, **cfg["arch"])
+    model = Qwen2ForCausalLM(config)
+    steps, batch = cfg["steps"], cfg["batch"]
+    convs = lm_conversations(steps * batch, seed, cfg, data_cfg["grid"], data_cfg["max_objects"])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.95))
+    model.train()
+    losses = []
+    for step in range(steps):
+        b = lm_batch(tok, convs[step * batch:(step + 1) * batch], cfg["loss"] == "assistant")
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, cfg["lr"], max(1, steps // 20))
+        losses.append(_step(model(**b).loss, model, opt))
+        update(step + 1, f"loss {np.mean(losses[-10:]):.3f}")
+    model.eval()
+    model.generation_config = GenerationConfig(eos_token_id=im_end, pad_token_id=tok.pad_token_id,
+                                               do_sample=False, max_new_tokens=64)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "train_loss_first": round(float(np.mean(losses[:10])), 4),
+            "train_loss_last": round(float(np.mean(losses[-10:])), 4)}

@@ -1,0 +1,238 @@
+"""Pretraining the toy world's models once: tokenizer, then toy-clip and toy-lm side by side, then the probes, then
+the manifest. ``vlkit toy pretrain`` runs it for the shipped ``default`` preset (about an hour on 2 cores);
+the ``tiny`` preset is pretrained on first use in seconds (tests).
+
+Everything is a function of ``pretrain_config(preset, seed)``: fixed step counts (never time budgets), fixed
+seeds and one torch thread per job (float reduction order depends on the thread count).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from vlkit._proc import fp32_matmul_gflops, peak_rss_mb
+from vlkit.data import toy
+from vlkit.toyworld import _runtime, models, probes, shipped
+from vlkit.toyworld.tokenizer import build_tokenizer
+
+CONFIG_FORMAT = 3  # the layout of the config below (not a world version: the world is named by the config's hash)
+THREADS = 1  # torch threads per job: part of what fixes the weights
+
+CLIP_ARCH = dict(
+    vision=dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                num_attention_heads=4),
+    text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+              max_position_embeddings=48),
+    projection_dim=128,
+)
+# Untied embeddings: tied ones collapse the exchangeable colour/shape words of this tiny vocabulary into one
+# direction, and the LM then cannot tell which word to copy out of its context.
+LM_ARCH = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+               intermediate_size=352, max_position_embeddings=2048, tie_word_embeddings=False, rope_theta=10000.0)
+DATA = dict(n_train=20000, n_val=1000, n_test=1000, image_size=64, grid=3, max_objects=4, multi_turn_share=0.5)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": dict(
+        data=DATA,
+        clip=dict(steps=2500, batch=128, lr=2e-3, arch=CLIP_ARCH),
+        lm=dict(steps=6000, batch=32, lr=3e-3, turns=(1, 4), caption_share=0.15, loss="assistant", arch=LM_ARCH),
+        probes=dict(n_train=3000, epochs=300),
+    ),
+    "tiny": dict(
+        data=dict(DATA, n_train=400, n_val=160, n_test=40),
+        clip=dict(steps=12, batch=32, lr=2e-3, arch=CLIP_ARCH),
+        lm=dict(steps=12, batch=16, lr=3e-3, turns=(1, 4), caption_share=0.15, loss="assistant", arch=LM_ARCH),
+        probes=dict(n_train=300, epochs=100),
+    ),
+}
+SHIPPED_PRESET, SHIPPED_SEED = "default", 0
+
+
+def pretrain_config(preset: str = "default", seed: int = 0) -> dict[str, Any]:
+    """Everything that determines the pretrained files (its hash names them)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown toy world preset '{preset}'; valid: {', '.join(PRESETS)}")
+    cfg = copy.deepcopy(PRESETS[preset])
+    cfg["lm"]["turns"] = list(cfg["lm"]["turns"])
+    return {"format": CONFIG_FORMAT, "preset": preset, "seed": seed, "threads": THREADS,
+            "data_format": toy.FORMAT_VERSION, **cfg}
+
+
+def shipped_config_hash() -> str:
+    """The config hash the package's shipped weights must carry for this version of vlkit."""
+    return shipped.config_hash(pretrain_config(SHIPPED_PRESET, SHIPPED_SEED))
+
+
+def generate_data(data_dir: Path, config: dict[str, Any], progress: Callable[[int, int], None] | None = None):
+    """The shapes world of a pretraining config (the same images and JSON at pretraining and at first use)."""
+    return toy.generate_toy_data(data_dir, seed=config["seed"], progress=progress, **config["data"])
+
+
+# ---- the two jobs ---------------------------------------------------------------------------------------------
+def _clip_job(weights: Path, data_dir: Path, config: dict[str, Any], update) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(weights / "tokenizer")
+    out = weights / "toy-clip"
+    t, c = time.perf_counter(), time.process_time()
+    stats = models.train_clip(data_dir, tok, out, config["clip"], config["seed"], update)
+    t_train, c_train = time.perf_counter() - t, time.process_time() - c
+    update(config["clip"]["steps"], "probing")
+    t, c = time.perf_counter(), time.process_time()
+    stats["retrieval_top1_batch100"] = probes.probe_retrieval(out, data_dir, tok)
+    linear = probes.probe_features(out, data_dir, config["probes"]["n_train"], config["probes"]["epochs"],
+                                   config["seed"])
+    return {"toy_clip": stats, "linear_probes": linear,
+            "seconds": {"toy-clip": t_train, "toy-clip probes": time.perf_counter() - t},
+            "cpu_seconds": {"toy-clip": c_train, "toy-clip probes": time.process_time() - c}}
+
+
+def _lm_job(weights: Path, data_dir: Path, config: dict[str, Any], update) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(weights / "tokenizer")
+    out = weights / "toy-lm"
+    t, c = time.perf_counter(), time.process_time()
+    stats = models.train_lm(tok, out, config["lm"], config["seed"], config["data"], update)
+    t_train, c_train = time.perf_counter() - t, time.process_time() - c
+    update(config["lm"]["steps"], "probing")
+    t, c = time.perf_counter(), time.process_time()
+    stats.update(probes.probe_lm(out, data_dir))
+    return {"toy_lm": stats, "seconds": {"toy-lm": t_train, "toy-lm probes": time.perf_counter() - t},
+            "cpu_seconds": {"toy-lm": c_train, "toy-lm probes": time.process_time() - c}}
+
+
+JOBS = {"toy-clip": _clip_job, "toy-lm": _lm_job}
+
+
+def _job_main(name: str, weights: str, data_dir: str, config: dict[str, Any], step, info, queue) -> None:
+    """Entry point of a job process: runs ``JOBS[name]`` and puts ("ok", result) or ("error", traceback)."""
+    import traceback
+
+    try:
+        _runtime.tune_malloc()
+        with _runtime.quiet_runtime(config["threads"]):
+            def update(done: int, text: str = "") -> None:
+                info.value = text.encode()[:63]
+                step.value = done
+
+            result = JOBS[name](Path(weights), Path(data_dir), config, update)
+            result["peak_rss_mb"] = {name: round(peak_rss_mb(), 1)}
+            queue.put(("ok", result))
+    except BaseException:  # noqa: BLE001 - sent to the parent, which raises it with the job's name
+        queue.put(("error", traceback.format_exc()))
+
+
+def _run_jobs(weights: Path, data_dir: Path, config: dict[str, Any], updates: dict[str, Callable[..., None]]):
+    """toy-clip and toy-lm are independent: each trains in its own single-threaded process, side by side."""
+    if not _runtime.parallel_jobs():
+        with _runtime.quiet_runtime(config["threads"]):
+            return [job(weights, data_dir, config, updates[name]) for name, job in JOBS.items()]
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    ctx = mp.get_context("spawn")
+    procs = {}
+    for name in JOBS:
+        step, info, q = ctx.Value("i", 0), ctx.Array("c", 64), ctx.Queue()
+        p = ctx.Process(target=_job_main, args=(name, str(weights), str(data_dir), config, step, info, q),
+                        daemon=True)
+        p.start()
+        procs[name] = (p, step, info, q)
+    results: dict[str, Any] = {}
+    try:
+        while len(results) < len(procs):
+            for name, (p, step, info, q) in procs.items():
+                if name in results:
+                    continue
+                updates[name](step.value, info.value.decode(errors="replace"))
+                try:
+                    status, payload = q.get(timeout=0.1)
+                except queue_mod.Empty:
+                    if not p.is_alive() and q.empty():
+                        raise RuntimeError(f"toy world: the {name} process died (exit code {p.exitcode})") from None
+                    continue
+                if status == "error":
+                    raise RuntimeError(f"toy world: pretraining {name} failed:\n{payload}")
+                results[name] = payload
+                updates[name](step.value, "done")
+    finally:
+        for p, *_ in procs.values():
+            if p.is_alive():
+                p.terminate()
+            p.join()
+    return [results[name] for name in JOBS]
+
+
+# ---- the whole pretraining ------------------------------------------------------------------------------------
+def pretrain(out_dir: str | os.PathLike, preset: str = "default", seed: int = 0, *,
+             data_dir: str | os.PathLike | None = None, console: Any = None) -> dict[str, Any]:
+    """Pretrain tokenizer, toy-clip and toy-lm of ``preset`` into ``out_dir`` (replaced whole, only once
+    everything succeeded) and write its manifest; returns the manifest. ``data_dir`` holds (or receives) the
+    preset's shapes world; by default it is generated into a temporary directory and removed."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    config = pretrain_config(preset, seed)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    console = console or _runtime.console()
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        weights = work / "weights"
+        data = Path(data_dir) if data_dir is not None else work / "data"
+        times: dict[str, float] = {}
+        t_all = time.perf_counter()
+        columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+        with Progress(*columns, console=console) as progress, _runtime.quiet_runtime(config["threads"]):
+            def phase(name: str, total: int) -> Callable[..., None]:
+                task = progress.add_task(name, total=total, info="")
+                return lambda done, info="": progress.update(task, completed=done, info=info)
+
+            if not (data / "meta.json").is_file():
+                t = time.perf_counter()
+                up = phase("data", sum(config["data"][k] for k in ("n_train", "n_val", "n_test")))
+                generate_data(data, config, lambda done, total: up(done))
+                times["data"] = time.perf_counter() - t
+            t = time.perf_counter()
+            up = phase("tokenizer", 1)
+            tok = build_tokenizer(data, weights / "tokenizer")
+            up(1, f"vocab {len(tok)}")
+            times["tokenizer"] = time.perf_counter() - t
+            t = time.perf_counter()
+            updates = {"toy-clip": phase("toy-clip", config["clip"]["steps"]),
+                       "toy-lm": phase("toy-lm", config["lm"]["steps"])}
+            report: dict[str, Any] = {}
+            cpu: dict[str, float] = {}
+            rss: dict[str, float] = {}
+            for result in _run_jobs(weights, data, config, updates):
+                times.update(result.pop("seconds"))
+                cpu.update(result.pop("cpu_seconds"))
+                rss.update(result.pop("peak_rss_mb", {}))
+                report.update(result)
+            times["models + probes (wall)"] = time.perf_counter() - t
+            times["total"] = time.perf_counter() - t_all
+            report["seconds"] = {k: round(v, 1) for k, v in times.items()}
+            report["job_cpu_seconds"] = {k: round(v, 1) for k, v in cpu.items()}
+            if rss:
+                report["job_peak_rss_mb"] = rss
+            report["machine"] = {"cpu_count": os.cpu_count(), "parallel_jobs": _runtime.parallel_jobs(),
+                                 "fp32_matmul_gflops_1_thread": fp32_matmul_gflops(),
+                                 "load_avg_1min_at_end": _runtime.loadavg()}
+        manifest = shipped.write_manifest(weights, config, report)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            weights.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            weights.rename(out)
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

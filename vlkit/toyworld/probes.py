@@ -1,0 +1,270 @@
+"""Quality probes of the toy world's models: toy-lm answering from scene text, toy-clip retrieval and linear probes
+on frozen toy-clip features (per image and per object). Their results go into the shipped manifest's report."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlkit.data import toy
+from vlkit.toyworld.models import clip_text, load_images, normalize
+
+# ---- quality probes -------------------------------------------------------------------------------------------
+def _val_lm_convs(data_dir: Path) -> tuple[list[list[dict]], list[str]]:
+    scenes = {s["id"]: s for s in toy.load_scenes(data_dir, "val")}
+    convs, types = [], []
+    for rec in json.loads((data_dir / "instruct_val.json").read_text()):
+        q = rec["conversations"][0]["value"].replace("<image>\n", "")
+        convs.append([{"role": "user", "content": f"Scene: {scenes[rec['id']]['caption']}. {q}"},
+                      {"role": "assistant", "content": rec["answer"]}])
+        types.append(rec["question_type"])
+    return convs, types
+
+
+def probe_lm(lm_dir: Path, data_dir: Path, batch: int = 50) -> dict[str, Any]:
+    """Held-out perplexity (all tokens of val chat text), answer perplexity, and teacher-forced answer accuracy
+    (every answer token is the argmax) by question type, given the scene as text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    model = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+    convs, types = _val_lm_convs(data_dir)
+    nll_all = n_all = nll_ans = n_ans = 0.0
+    correct: dict[str, list[bool]] = {}
+    with torch.no_grad():
+        for k in range(0, len(convs), batch):
+            enc = tok.apply_chat_template(convs[k:k + batch], tokenize=True, return_dict=True, padding=True,
+                                          return_tensors="pt", return_assistant_tokens_mask=True)
+            ids, att = enc["input_ids"], enc["attention_mask"]
+            ans = torch.as_tensor(enc["assistant_masks"]).bool()
+            logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+            target, valid, ans_t = ids[:, 1:], att[:, 1:].bool(), ans[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+            nll_all += nll[valid].sum().item()
+            n_all += valid.sum().item()
+            nll_ans += nll[ans_t].sum().item()
+            n_ans += ans_t.sum().item()
+            hit = (logits.argmax(-1) == target) | ~ans_t
+            for j, t in enumerate(types[k:k + batch]):
+                correct.setdefault(t, []).append(bool(hit[j].all()))
+    acc = {t: round(float(np.mean(v)), 3) for t, v in sorted(correct.items())}
+    return {"val_perplexity": round(math.exp(nll_all / n_all), 3),
+            "val_answer_perplexity": round(math.exp(nll_ans / n_ans), 3),
+            "val_answer_accuracy_from_text": round(float(np.mean([x for v in correct.values() for x in v])), 3),
+            "val_answer_accuracy_by_type": acc}
+
+
+def probe_retrieval(clip_dir: Path, data_dir: Path, tok, batch: int = 100) -> float:
+    """Image->caption top-1 among the captions of its batch of ``batch`` val images (a caption identical to the
+    right one counts as right)."""
+    import torch
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    scenes = toy.load_scenes(data_dir, "val")
+    images = load_images(data_dir, scenes)
+    caps = [toy.clip_caption([toy.Obj(o["shape"], o["colour"], 0, 0, 0, 0, 0) for o in s["objects"]])
+            for s in scenes]
+    hits = []
+    with torch.no_grad():
+        for k in range(0, len(scenes) - batch + 1, batch):
+            img = model.get_image_features(pixel_values=normalize(images[k:k + batch]))
+            txt = model.get_text_features(**clip_text(tok, caps[k:k + batch]))
+            img = getattr(img, "pooler_output", img)
+            txt = getattr(txt, "pooler_output", txt)
+            pred = (img @ txt.T).argmax(-1).tolist()
+            hits += [caps[k + p] == caps[k + i] for i, p in enumerate(pred)]
+    return round(float(np.mean(hits)), 3) if hits else float("nan")
+
+
+def clip_features(clip_dir: Path, images_u8, grid: int = 3, batch: int = 250) -> dict[str, "torch.Tensor"]:
+    """Frozen toy-clip features: pooled CLS, patch tokens averaged per grid cell (concatenated), all patches
+    averaged. Patches are assigned to the cell that holds their centre."""
+    import torch
+    from transformers import CLIPVisionModel
+
+    model = CLIPVisionModel.from_pretrained(clip_dir).eval()
+    vc = model.config
+    side = vc.image_size // vc.patch_size
+    centres = (torch.arange(side) * vc.patch_size + vc.patch_size / 2) * grid / vc.image_size
+    cell_of = centres.floor().long()  # [side] patch row/col -> cell row/col
+    assign = torch.zeros(grid * grid, side * side)
+    for r in range(side):
+        for c in range(side):
+            assign[cell_of[r] * grid + cell_of[c], r * side + c] = 1.0
+    assign = assign / assign.sum(1, keepdim=True)
+    feats: dict[str, list] = {"cls": [], "patch_cells": [], "patch_mean": [], "patch_grid": []}
+    with torch.no_grad():
+        for k in range(0, len(images_u8), batch):
+            out = model(pixel_values=normalize(images_u8[k:k + batch]))
+            patches = out.last_hidden_state[:, 1:]  # [B, side*side, D]
+            feats["cls"].append(out.pooler_output)  # [B, D]
+            feats["patch_cells"].append(torch.einsum("cp,bpd->bcd", assign, patches).flatten(1))  # [B, cells*D]
+            feats["patch_mean"].append(patches.mean(1))  # [B, D]
+            feats["patch_grid"].append(patches.reshape(len(patches), side, side, -1))  # [B, side, side, D]
+    return {k: torch.cat(v) for k, v in feats.items()}
+
+
+def _fit_linear(x_train, y_train, x_test, out_dim: int, loss_fn, epochs: int, lr: float, weight_decay: float,
+                seed: int):
+    """A linear map fitted full-batch with Adam on standardised features; returns its logits on ``x_test``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    xtr, xte = (x_train - mu) / sd, (x_test - mu) / sd
+    lin = torch.nn.Linear(xtr.shape[1], out_dim)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.01)
+        lin.bias.zero_()
+    opt = torch.optim.Adam(lin.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss_fn(lin(xtr), y_train).backward()
+        opt.step()
+    with torch.no_grad():
+        return lin(xte)
+
+
+def softmax_probe(x_train, y_train, x_test, y_test, n_classes: int, epochs: int = 300, lr: float = 0.01,
+                  weight_decay: float = 1e-3, seed: int = 0) -> float:
+    """Multi-class linear probe (softmax regression, full batch Adam) on standardised features: test accuracy."""
+    import torch
+
+    logits = _fit_linear(x_train, y_train, x_test, n_classes, torch.nn.functional.cross_entropy, epochs, lr,
+                         weight_decay, seed)
+    return round((logits.argmax(-1) == y_test).float().mean().item(), 3)
+
+
+def _object_features(scenes: list[dict], feats: dict, grid: int, image_size: int, patch: int):
+    """Per object: its cell's mean patch feature and the 3x3 patch window around its cell centre; labels."""
+    import torch
+
+    side = image_size // patch
+    cells, windows, shapes, colours = [], [], [], []
+    for i, s in enumerate(scenes):
+        for o in s["objects"]:
+            cells.append(feats["patch_cells"][i].view(grid * grid, -1)[o["row"] * grid + o["col"]])
+            r, c = (min(max(int((v + 0.5) * image_size / grid / patch), 1), side - 2) for v in (o["row"], o["col"]))
+            windows.append(feats["patch_grid"][i, r - 1:r + 2, c - 1:c + 2].flatten())
+            shapes.append(toy.SHAPES.index(o["shape"]))
+            colours.append(toy.COLOURS_LIST.index(o["colour"]))
+    return ({"cell_mean": torch.stack(cells), "patch_window_3x3": torch.stack(windows)},
+            {"shape": torch.tensor(shapes), "colour": torch.tensor(colours)})
+
+
+def logistic_probe(x_train, y_train, x_test, y_test, epochs: int = 300, lr: float = 0.01,
+                   weight_decay: float = 1e-4, seed: int = 0) -> dict[str, float]:
+    """Multi-label linear probe (one logistic regression per label, full batch Adam) on standardised features:
+    exact-set accuracy and per-label accuracy on the test set."""
+    import torch
+
+    pred = _fit_linear(x_train, y_train, x_test, y_train.shape[1],
+                       torch.nn.functional.binary_cross_entropy_with_logits, epochs, lr, weight_decay, seed) > 0
+    truth = y_test > 0.5
+    return {"exact": round((pred == truth).all(1).float().mean().item(), 3),
+            "per_label": round((pred == truth).float().mean().item(), 3)}
+
+
+def _majority(y_train, y_test) -> dict[str, float]:
+    """Baselines: the most common label set of the train set, and each label's majority value."""
+    import torch
+
+    sets, counts = torch.unique(y_train, dim=0, return_counts=True)
+    top = sets[counts.argmax()]
+    per = (y_train.mean(0) > 0.5).float()
+    return {"exact": round((y_test == top).all(1).float().mean().item(), 3),
+            "per_label": round((y_test == per).float().mean().item(), 3)}
+
+
+def _labels(scenes: list[dict], grid: int) -> dict[str, "torch.Tensor"]:
+    import torch
+
+    pos = torch.zeros(len(scenes), grid * grid)
+    col = torch.zeros(len(scenes), len(toy.COLOURS_LIST))
+    shp = torch.zeros(len(scenes), len(toy.SHAPES))
+    for i, s in enumerate(scenes):
+        for o in s["objects"]:
+            pos[i, o["row"] * grid + o["col"]] = 1
+            col[i, toy.COLOURS_LIST.index(o["colour"])] = 1
+            shp[i, toy.SHAPES.index(o["shape"])] = 1
+    return {"position": pos, "colour": col, "shape": shp}
+
+
+def probe_features(clip_dir: Path, data_dir: Path, n_train: int, epochs: int, seed: int) -> dict[str, Any]:
+    """Linear probes on frozen toy-clip features (last layer; fit on train images, scored on val).
+
+    Per image (multi-label): which cells are occupied, which colours and which shapes are present, from the pooled
+    CLS, from patch tokens averaged per grid cell (concatenated), and from all patches averaged. Per object
+    (multi-class): its shape and colour from its cell's mean patch token and from the 3x3 patch window around it.
+    """
+    meta = json.loads((data_dir / "meta.json").read_text())
+    grid = meta["grid"]
+    train = toy.load_scenes(data_dir, "train")[:n_train]
+    val = toy.load_scenes(data_dir, "val")
+    f_tr = clip_features(clip_dir, load_images(data_dir, train), grid)
+    f_te = clip_features(clip_dir, load_images(data_dir, val), grid)
+    y_tr, y_te = _labels(train, grid), _labels(val, grid)
+    result: dict[str, Any] = {"n_train": len(train), "n_test": len(val), "metric": "exact-set accuracy (per-label)"}
+    for target in y_tr:
+        row = {"majority": _majority(y_tr[target], y_te[target])}
+        for inp in ("cls", "patch_cells", "patch_mean"):
+            row[inp] = logistic_probe(f_tr[inp], y_tr[target], f_te[inp], y_te[target], epochs=epochs, seed=seed)
+        result[target] = row
+    patch = json.loads((Path(clip_dir) / "config.json").read_text())["vision_config"]["patch_size"]
+    x_tr, o_tr = _object_features(train, f_tr, grid, meta["image_size"], patch)
+    x_te, o_te = _object_features(val, f_te, grid, meta["image_size"], patch)
+    per_object: dict[str, Any] = {"metric": "accuracy", "n_train": len(o_tr["shape"]), "n_test": len(o_te["shape"])}
+    for target, n_classes in (("shape", len(toy.SHAPES)), ("colour", len(toy.COLOURS_LIST))):
+        majority = int(o_tr[target].bincount(minlength=n_classes).argmax())
+        row = {"majority": round((o_te[target] == majority).float().mean().item(), 3)}
+        for inp in x_tr:
+            row[inp] = softmax_probe(x_tr[inp], o_tr[target], x_te[inp], o_te[target], n_classes,
+                                     epochs=epochs, seed=seed)
+        per_object[target] = row
+    # occupancy: one probe shared by all cells, from each cell's mean patch token (is there an object?)
+    cells_tr, occ_tr = _cell_features(f_tr, y_tr["position"], grid)
+    cells_te, occ_te = _cell_features(f_te, y_te["position"], grid)
+    per_object["occupancy"] = {
+        "majority": round(max(occ_te.float().mean().item(), 1 - occ_te.float().mean().item()), 3),
+        "cell_mean": softmax_probe(cells_tr, occ_tr, cells_te, occ_te, 2, epochs=epochs, seed=seed)}
+    result["per_object"] = per_object
+    return result
+
+
+def _cell_features(feats: dict, occupied: "torch.Tensor", grid: int):
+    """Every cell's mean patch feature ``[N*cells, D]`` and whether an object occupies it ``[N*cells]``."""
+    cells = feats["patch_cells"].view(len(occupied) * grid * grid, -1)
+    return cells, occupied.flatten().long()
+
+
+def answer_baselines(data_dir: Path, n_eval: int = 400) -> dict[str, dict[str, float]]:
+    """What a model that ignores the image reaches, per question type, on the first ``n_eval`` val questions (the
+    default recipe's evaluation set): ``blind`` always gives the type's most frequent training answer; ``uniform``
+    picks uniformly among the type's distinct training answers."""
+    from collections import Counter
+
+    answers: dict[str, Counter] = {}
+    for rec in json.loads((Path(data_dir) / "instruct_train.json").read_text()):
+        types = rec.get("question_types") or [rec["question_type"]]
+        for qtype, turn in zip(types, rec["conversations"][1::2]):
+            answers.setdefault(qtype, Counter())[turn["value"]] += 1
+    val = json.loads((Path(data_dir) / "instruct_val.json").read_text())[:n_eval]
+    out: dict[str, dict[str, float]] = {}
+    for qtype in toy.QUESTION_TYPES:
+        recs = [r for r in val if r["question_type"] == qtype]
+        if not recs or qtype not in answers:
+            continue
+        top = answers[qtype].most_common(1)[0][0]
+        out[qtype] = {"blind": round(float(np.mean([r["answer"] == top for r in recs])), 3),
+                      "uniform": round(1 / len(answers[qtype]), 3), "n": len(recs)}
+    every = [r for r in val if r["question_type"] in out]
+    out["all"] = {"blind": round(float(np.mean([r["answer"] == answers[r["question_type"]].most_common(1)[0][0]
+                                                 for r in every])), 3),
+                  "uniform": round(float(np.mean([out[r["question_type"]]["uniform"] for r in every])), 3),
+                  "n": len(every)}
+    return out

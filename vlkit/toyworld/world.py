@@ -1,0 +1,207 @@
+"""A user's toy world: the shipped (or, for small presets, freshly pretrained) weights plus the shapes data,
+generated on first use into a cache directory named by the weights' config hash.
+
+``resolve_toy("toy:clip")`` (and ``toy:lm``, ``toy:tokenizer``, ``toy:data``, ``toy:data/<path>``) returns a local
+path. For the shipped ``default`` preset the model references point into the package after a hash check and
+never build anything; ``toy:data`` generates the images on first use (seconds). Other presets (``tiny``) are
+pretrained on first use into the cache directory as well.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlkit._locks import locked
+from vlkit.toyworld import _runtime, shipped
+from vlkit.toyworld.probes import answer_baselines
+from vlkit.toyworld.pretraining import SHIPPED_PRESET, SHIPPED_SEED, generate_data, pretrain, pretrain_config
+
+ENV_DIR = "VLKIT_TOY_DIR"
+ENV_PRESET = "VLKIT_TOY_PRESET"
+MARKER = "build.json"
+
+
+@dataclass
+class ToyWorld:
+    """Paths of a toy world and its report (the weights' manifest report plus the first-use times)."""
+
+    root: Path
+    data_dir: Path
+    weights_dir: Path
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.weights_dir / "tokenizer"
+
+    @property
+    def clip_dir(self) -> Path:
+        return self.weights_dir / "toy-clip"
+
+    @property
+    def lm_dir(self) -> Path:
+        return self.weights_dir / "toy-lm"
+
+
+def env_preset() -> str:
+    return os.environ.get(ENV_PRESET) or SHIPPED_PRESET
+
+
+def _shipped(preset: str, seed: int) -> bool:
+    return preset == SHIPPED_PRESET and seed == SHIPPED_SEED
+
+
+_VERIFIED: dict[str, dict[str, Any]] = {}
+
+
+def shipped_manifest() -> dict[str, Any]:
+    """The package's weights, checked against their manifest (once per process)."""
+    from vlkit.toyworld.pretraining import shipped_config_hash
+
+    key = str(shipped.PACKAGE_WEIGHTS)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = shipped.verify(shipped.PACKAGE_WEIGHTS, shipped_config_hash())
+    return _VERIFIED[key]
+
+
+def world_id(preset: str = SHIPPED_PRESET, seed: int = SHIPPED_SEED) -> str:
+    """Names a world: the hash of its pretraining config (which holds the data config)."""
+    return shipped.config_hash(pretrain_config(preset, seed))
+
+
+def toy_cache_dir(preset: str | None = None, seed: int = SHIPPED_SEED) -> Path:
+    """``$VLKIT_TOY_DIR`` if set, else ``~/.cache/vlkit/toyworld-<world id>`` (``toyworld-<preset>-<id>`` for
+    presets other than the shipped one). A world of another config never has the same directory."""
+    env = os.environ.get(ENV_DIR)
+    if env:
+        return Path(env).expanduser()
+    preset = preset or env_preset()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlkit"
+    name = "toyworld-" + ("" if preset == SHIPPED_PRESET else f"{preset}-") + world_id(preset, seed)
+    return base / name
+
+
+def _marker(preset: str, seed: int) -> dict[str, Any]:
+    return {"world": world_id(preset, seed), "preset": preset, "seed": seed}
+
+
+def is_built(root: str | os.PathLike, preset: str | None = None, seed: int = SHIPPED_SEED) -> bool:
+    """Whether ``root`` holds this world's data (and, for non-shipped presets, weights), complete."""
+    preset = preset or env_preset()
+    try:
+        found = json.loads((Path(root) / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return {k: found.get(k) for k in ("world", "preset", "seed")} == _marker(preset, seed)
+
+
+def _world_at(root: Path, preset: str, seed: int) -> ToyWorld:
+    if _shipped(preset, seed):
+        weights, manifest = shipped.PACKAGE_WEIGHTS, shipped_manifest()
+    else:
+        weights = root / "weights"
+        manifest = shipped.verify(weights, world_id(preset, seed))
+    report = dict(manifest.get("report", {}))
+    try:
+        marker = json.loads((root / MARKER).read_text())
+        report["first_use_seconds"] = marker.get("seconds", {})
+        report["answer_baselines"] = marker.get("answer_baselines", {})
+    except (OSError, ValueError):
+        pass
+    return ToyWorld(root, root / "data", weights, report)
+
+
+def build_toy_world(cache_dir: str | os.PathLike | None = None, *, preset: str | None = None, seed: int = SHIPPED_SEED,
+                    force: bool = False, console: Any = None) -> ToyWorld:
+    """The toy world in ``cache_dir`` (default ``toy_cache_dir(preset)``), made first if needed: the shipped
+    preset checks its weights and generates the data; other presets also pretrain their weights. Everything is
+    made in a temporary sibling directory and renamed into place, so an interrupted first use leaves nothing
+    half-written behind."""
+    preset = preset or env_preset()
+    pretrain_config(preset, seed)  # validates the preset
+    root = Path(cache_dir) if cache_dir is not None else toy_cache_dir(preset, seed)
+    if _shipped(preset, seed):
+        shipped_manifest()  # a damaged install fails here, before any work
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with locked(root.parent / f".{root.name}.lock"):
+        if not force and is_built(root, preset, seed):
+            return _world_at(root, preset, seed)
+        for stale in [*root.parent.glob(f".{root.name}.building-*"), *root.parent.glob(f".{root.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted first use (we hold the lock)
+        console = console or _runtime.console()
+        console.print(f"toy world (first use): generating the shapes data into {root}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+        tmp.chmod(0o755)
+        try:
+            seconds = {}
+            t = time.perf_counter()
+            generate_data(tmp / "data", pretrain_config(preset, seed))
+            seconds["data"] = round(time.perf_counter() - t, 1)
+            if not _shipped(preset, seed):
+                t = time.perf_counter()
+                pretrain(tmp / "weights", preset, seed, data_dir=tmp / "data", console=console)
+                seconds["pretrain"] = round(time.perf_counter() - t, 1)
+            marker = {**_marker(preset, seed), "seconds": seconds,
+                      "answer_baselines": answer_baselines(tmp / "data")}
+            (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+            if root.exists():
+                old = root.parent / f".{root.name}.old-{os.getpid()}"
+                root.rename(old)
+                tmp.rename(root)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(root)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return _world_at(root, preset, seed)
+
+
+def ensure_toy_world(cache_dir: str | os.PathLike | None = None, *, preset: str | None = None,
+                     console: Any = None) -> ToyWorld:
+    """The toy world of ``preset`` (default ``$VLKIT_TOY_PRESET`` or the shipped one), made on first use."""
+    preset = preset or env_preset()
+    root = Path(cache_dir) if cache_dir is not None else toy_cache_dir(preset)
+    if is_built(root, preset):
+        return _world_at(root, preset, SHIPPED_SEED)
+    return build_toy_world(root, preset=preset, console=console)
+
+
+_NAMES = {"clip": "clip_dir", "lm": "lm_dir", "tokenizer": "tokenizer_dir", "data": "data_dir"}
+
+
+def _parse(spec: str) -> tuple[str, str]:
+    head, _, rest = spec[len("toy:"):].partition("/")
+    if head not in _NAMES or (rest and head != "data"):
+        valid = ", ".join(f"toy:{n}" for n in _NAMES) + ", toy:data/<path>"
+        raise ValueError(f"unknown toy world reference '{spec}'; valid: {valid}")
+    return head, rest
+
+
+def resolve_toy(spec: str) -> str:
+    """``toy:clip|lm|tokenizer|data`` or ``toy:data/<relative path>`` -> a local path; any other string is
+    returned unchanged. Shipped model references never build anything; ``toy:data`` makes the data on first use."""
+    if not isinstance(spec, str) or not spec.startswith("toy:"):
+        return spec
+    head, rest = _parse(spec)
+    preset = env_preset()
+    if head != "data" and _shipped(preset, SHIPPED_SEED):
+        shipped_manifest()
+        return str(shipped.PACKAGE_WEIGHTS / {"clip": "toy-clip", "lm": "toy-lm", "tokenizer": "tokenizer"}[head])
+    path = getattr(ensure_toy_world(), _NAMES[head])
+    return str(path / rest) if rest else str(path)
+
+
+def toy_path_if_available(spec: str) -> str | None:
+    """A ``toy:`` reference resolved only when it needs no work (planning never builds anything)."""
+    head, _ = _parse(spec)
+    preset = env_preset()
+    if (head != "data" and _shipped(preset, SHIPPED_SEED)) or is_built(toy_cache_dir(preset), preset):
+        return resolve_toy(spec)
+    return None
