@@ -127,9 +127,17 @@ def data_check_cmd(file: Path = typer.Argument(..., help="LLaVA-format JSON / JS
                    recipe: Optional[str] = typer.Option(None, help="also template/length-check with this recipe's "
                                                                    "tokenizer and image-token count"),
                    overrides: Optional[list[str]] = typer.Argument(None, help="recipe overrides key.path=value"),
+                   workers: int = typer.Option(os.cpu_count() or 1, min=1,
+                                               help="processes decoding images (default: one per CPU core)"),
                    show: int = typer.Option(20, help="problems to list")) -> None:
-    """Validate a data file before training on it; exits non-zero when anything would make training fail."""
+    """Validate a data file before training on it; exits non-zero when anything would make training fail.
+
+    Every image is decoded in full, as the training loader reads it, so a truncated file is named here."""
+    import time
     from collections import Counter
+
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     from vlkit.data.llava import check_records, load_records
 
@@ -142,7 +150,28 @@ def data_check_cmd(file: Path = typer.Argument(..., help="LLaVA-format JSON / JS
         r = load_recipe(recipe, overrides or [])
         tok, image_token_id = load_tokenizer(r)
         n_img, max_len = count_image_tokens(r), r.data.max_length
-    good, problems = check_records(records, image_root, tok, image_token_id, n_img, max_len)
+    columns = [TextColumn("decoding images"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]:.0f} images/s"), TimeElapsedColumn(), TextColumn("eta"),
+               TimeRemainingColumn()]
+    timing = {"start": time.perf_counter(), "end": time.perf_counter(), "n": 0}
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("decode", total=None, rate=0.0)
+
+        def on_images(n: int) -> None:
+            timing.update(start=time.perf_counter(), n=n)
+            progress.update(task, total=n)
+
+        def advance(k: int) -> None:
+            done = progress.tasks[0].completed + k
+            timing["end"] = time.perf_counter()
+            progress.update(task, completed=done, rate=done / max(timing["end"] - timing["start"], 1e-9))
+
+        good, problems = check_records(records, image_root, tok, image_token_id, n_img, max_len,
+                                       decode_images=True, workers=workers, on_images=on_images, advance=advance)
+    if timing["n"]:
+        secs = timing["end"] - timing["start"]
+        console.print(f"decoded {timing['n']} images in {secs:.1f} s ({timing['n'] / max(secs, 1e-9):.0f} images/s, "
+                      f"{workers} worker process(es))")
     table = Table(title=f"vlkit data check: {file}")
     table.add_column("check")
     table.add_column("count", justify="right")

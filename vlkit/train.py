@@ -184,6 +184,36 @@ def report_problems(console: Console, problems: list, what: str, limit: int = 10
 
 
 @dataclass
+class BadImages:
+    """Images that fail to decode during training (changed after the check): with ``data.skip_bad`` they are
+    skipped and counted, otherwise the run stops naming the record and file, its last checkpoint kept."""
+
+    skip: bool
+    ckpt_dir: Path
+    count: int = 0
+    records: list[str] = field(default_factory=list)  # the first 100 skipped record ids (for summary.json)
+
+    def take(self, bad: list[dict[str, Any]], n_global: int, console: Console) -> None:
+        """Account for this step's bad images: ``bad`` on this process, ``n_global`` over all processes."""
+        if not n_global:
+            return
+        if not self.skip:
+            last = find_checkpoint(self.ckpt_dir / "last")
+            kept = f"the last checkpoint is kept in {last}" if last else "the stage has no checkpoint yet"
+            what = (f"record {bad[0]['id']} (#{bad[0]['index']}): {bad[0]['error']}" if bad
+                    else f"{n_global} image(s) on another process failed to decode")
+            raise DataError(f"{what}; training stopped ({kept}). Repair or remove the file (`vlkit data check` "
+                            "decodes every image and lists each one that fails), then rerun the same command to "
+                            "resume; or set data.skip_bad=true to skip such images (they are counted)")
+        for b in bad:
+            console.print(f"[yellow]skipped record {b['id']} (#{b['index']}): {b['error']} (data.skip_bad=true)[/]",
+                          highlight=False)
+            if len(self.records) < 100:
+                self.records.append(str(b["id"]))
+        self.count += int(n_global)
+
+
+@dataclass
 class StageData:
     train: LlavaDataset
     lengths: list[int]
@@ -209,7 +239,7 @@ def load_stage_data(recipe: Recipe, stage_name: str, model: VLM, transform: Imag
     if not examples:
         raise DataError(f"no usable records in {path}")
     eval_records = load_records(_resolve(stage.eval_data))[: stage.eval_max_samples] if stage.eval_data else []
-    return StageData(LlavaDataset(examples, root, transform), [e.length for e in examples],
+    return StageData(LlavaDataset(examples, root, transform, keep_bad=True), [e.length for e in examples],
                      [e.image is not None for e in examples], eval_records, len(problems))
 
 
@@ -290,9 +320,12 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
     step, epoch, batch_pos = 0, 0, 0
     found = find_checkpoint(ckpt_dir / "last")
     state: dict[str, Any] = {}
+    bad_images = BadImages(recipe.data.skip_bad, ckpt_dir)
     if found is not None:  # weights and RNG now; the optimizer's state once the stage's engine exists
         state = load_checkpoint(found, model, None)
         step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
+        bad_images.count = state.get("skipped_images", 0)
+        bad_images.records = list(state.get("skipped_image_records", []))
         log.truncate_after(stage_name, step)
         console.print(f"resuming stage '{stage_name}' at step {step} (epoch {epoch}, batch {batch_pos})")
 
@@ -322,7 +355,7 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
                                                  generator=torch.Generator().manual_seed(seed))
             for (_, dummy), batch in zip(shards, loader):
                 batch_pos += 1
-                batch["dummy"] = dummy
+                batch["dummy"] = dummy or batch.pop("all_bad")  # every image of this slice failed: weight 0
                 yield batch
             epoch, batch_pos = epoch + 1, 0
 
@@ -354,8 +387,11 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
             parts = first or [move(next(stream), device) for _ in range(stage.grad_accum)]
             first = None
             n_total = sum(int((p["labels"][:, 1:] != -100).sum()) for p in parts if not p["dummy"])
+            bad = [b for p in parts for b in p["bad"]]
+            n_bad = len(bad)
             if ctx.active:  # token-weighted over the global batch: every rank divides by the same count
-                n_total = int(ctx.all_sum(n_total)[0])
+                n_total, n_bad = (int(v) for v in ctx.all_sum(n_total, n_bad))
+            bad_images.take(bad, n_bad, console)  # stops here (before the step) unless data.skip_bad
             loss_sum, step_tokens = 0.0, 0
             t0 = time.time()
             for k, batch in enumerate(parts):
@@ -365,7 +401,7 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
                         out = engine.forward(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                              pixel_values=None if feats is not None else batch["pixel_values"],
                                              features=feats, image_index=batch["image_index"])
-                    part = out.loss_sum / n_total  # token-weighted over the accumulated micro-batches
+                    part = out.loss_sum / max(n_total, 1)  # token-weighted over the accumulated micro-batches
                     if batch["dummy"]:
                         part = part * 0.0
                     elif engine.grad_scale != 1.0:
@@ -388,8 +424,11 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
             dt = time.time() - t0
             tps = step_tokens / max(dt, 1e-9)
             lr = optimizer.param_groups[0]["lr"]
-            log.write({"stage": stage_name, "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": tps, "supervised_tokens": n_total, "epoch": epoch})
+            row = {"stage": stage_name, "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": tps, "supervised_tokens": n_total, "epoch": epoch}
+            if bad_images.count:
+                row["skipped_images"] = bad_images.count  # so far in this stage (data.skip_bad)
+            log.write(row)
             progress.update(task, completed=step, loss=loss, lr=lr, tps=tps)
             if not console.is_terminal and (step % max(1, total_steps // 20) == 0 or step == total_steps):
                 # logs and CI have no live bar: a plain line every 5% of the stage
@@ -402,7 +441,8 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
             if step % stage.save_every == 0 or step == total_steps:
                 engine.save(ckpt_dir / "last",
                             {"stage": stage_name, "step": step, "epoch": epoch, "batch_pos": batch_pos,
-                             "scheduler": scheduler.state_dict(), "recipe_identity": recipe.identity()})
+                             "scheduler": scheduler.state_dict(), "recipe_identity": recipe.identity(),
+                             "skipped_images": bad_images.count, "skipped_image_records": bad_images.records})
             if stop_after is not None and step >= stop_after:
                 engine.close()
                 return {"stopped_at": step}
@@ -417,6 +457,7 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
     metrics: dict[str, Any] = {"steps": step, "final_loss": last_loss, "wall_time_s": wall,
                                "tokens_per_s": tokens_seen / max(wall, 1e-9), "padding_fraction": pad_frac,
                                "trainable_params": trainable, "skipped_records": data.skipped,
+                               "skipped_images": bad_images.count, "skipped_image_records": bad_images.records,
                                "num_image_tokens": model.num_image_tokens}
     engine.save(ckpt_dir / "final", {"stage": stage_name, "step": step, "epoch": 0, "batch_pos": 0,
                                      "recipe_identity": recipe.identity()}, with_optimizer=False)
