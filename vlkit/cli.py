@@ -303,8 +303,6 @@ def predict_cmd(run: Path = typer.Argument(..., help="run directory"),
                 temperature: float = typer.Option(1.0), top_p: float = typer.Option(1.0),
                 max_new_tokens: int = typer.Option(32)) -> None:
     """Answer a question about an image (or every record of a JSON file) with a trained run."""
-    import json
-
     from vlkit.export import load_model as load_run
     from vlkit.predict import predict_records
 
@@ -318,7 +316,9 @@ def predict_cmd(run: Path = typer.Argument(..., help="run directory"),
         answers = predict_records(model, records, _resolve(image_root or recipe.data.image_root), device, **gen)
         rows = [{"id": r.get("id"), "prediction": a} for r, a in zip(records, answers)]
         if out:
-            out.write_text(json.dumps(rows, indent=1))
+            from vlkit._atomic import write_json_atomic
+
+            write_json_atomic(out, rows)
         for row in rows[:20]:
             console.print(f"{row['id']}: {row['prediction']}", markup=False)
         return

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from vlkit._atomic import StateError, read_json, write_json_atomic, write_text_atomic
 from vlkit._proc import peak_rss_mb
 from vlkit.checkpoint import find_checkpoint, load_checkpoint, load_trainable
 from vlkit.config import Recipe, StageConfig, dump_recipe
@@ -150,16 +151,24 @@ class MetricsLog:
                     self.tb.add_scalar(f"{row.get('stage', '')}/{k}", v, row["step"])
 
     def truncate_after(self, stage: str, step: int) -> None:
-        """Drop lines logged after the checkpoint we resume from (they will be written again)."""
+        """Drop lines logged after the checkpoint we resume from (they will be written again), and a last line
+        cut short by a kill during its append (it was logged after that checkpoint)."""
         if not self.path.exists():
             return
+        lines = self.path.read_text().splitlines()
         keep = []
-        for line in self.path.read_text().splitlines():
-            row = json.loads(line)
+        for n, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if n == len(lines):
+                    continue
+                raise StateError(f"{self.path} line {n} is not valid JSON ({exc}); only the last line can be cut "
+                                 "short by a kill. Delete or repair that line and run again") from None
             if row.get("stage") == stage and row.get("step", 0) > step:
                 continue
             keep.append(line)
-        self.path.write_text("".join(l + "\n" for l in keep))
+        write_text_atomic(self.path, "".join(l + "\n" for l in keep))
 
 
 class NullLog(MetricsLog):
@@ -326,8 +335,8 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
         step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
         bad_images.count = state.get("skipped_images", 0)
         bad_images.records = list(state.get("skipped_image_records", []))
-        log.truncate_after(stage_name, step)
         console.print(f"resuming stage '{stage_name}' at step {step} (epoch {epoch}, batch {batch_pos})")
+    log.truncate_after(stage_name, step)  # also a restart from step 0: rows of a run killed before its checkpoint
 
     counts = parameter_counts(model)
     trainable = sum(c["trainable"] for c in counts.values())
@@ -493,9 +502,49 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
         raise ValueError(f"run directory {run_dir} holds a run of a different config (identity "
                          f"{ident.read_text().strip()} != {recipe.identity()}); choose another train.run_name or "
                          "remove the directory")
-    cfg.write_text(dump_recipe(recipe))
-    ident.write_text(recipe.identity() + "\n")
+    write_text_atomic(cfg, dump_recipe(recipe))
+    write_text_atomic(ident, recipe.identity() + "\n")
     return run_dir
+
+
+STAGE_METRICS = "metrics.json"  # a finished stage's summary entry, kept beside its final checkpoint
+
+
+def stage_metrics_path(run_dir: Path, stage: str) -> Path:
+    return run_dir / "checkpoints" / stage / "final" / STAGE_METRICS
+
+
+def load_summary(run_dir: Path, recipe: Recipe, console: Console) -> dict[str, Any]:
+    """``summary.json`` as written last; when it is cut short or damaged, rebuilt (see :func:`recorded_stages`)."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return {"stages": {}}
+    try:
+        summary = read_json(path, "")
+        if not isinstance(summary, dict) or not isinstance(summary.get("stages"), dict):
+            raise StateError(f"{path} does not hold a run summary (an object with 'stages')")
+        return summary
+    except StateError as exc:
+        stages = recorded_stages(run_dir, recipe)
+        console.print(str(exc), style="yellow", markup=False, highlight=False)
+        console.print(f"[yellow]rebuilt {path.name} from the final checkpoints of the finished stages "
+                      f"({', '.join(stages) or 'none'}); the others resume from their checkpoints[/]")
+        return {"stages": stages, "wall_time_s": sum(m.get("wall_time_s", 0.0) for m in stages.values()),
+                "rebuilt": {"from": "checkpoints/*/final/" + STAGE_METRICS, "reason": str(exc)}}
+
+
+def recorded_stages(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
+    """The summary entries of finished stages, in order, from ``checkpoints/<stage>/final/metrics.json``.
+
+    Stops at the first stage without one: later stages were trained on top of it. A stage whose final checkpoint
+    lacks the file (written by vlkit before it kept one) resumes at its last step, which re-runs its evaluation."""
+    stages: dict[str, Any] = {}
+    for name in recipe.train.stages:
+        path = stage_metrics_path(run_dir, name)
+        if find_checkpoint(path.parent) is None or not path.exists():
+            break
+        stages[name] = read_json(path, f"Delete it to have stage '{name}' evaluated again on the next run")
+    return stages
 
 
 def rebuild_model(recipe: Recipe, run_dir: Path, device: torch.device, stages: list[str]) -> VLM:
@@ -540,20 +589,24 @@ def train(recipe: Recipe, run_dir: Path | None = None, console: Console | None =
         run_dir = Path(run_dir or Path(recipe.train.output_dir) / (recipe.train.run_name or recipe.name))
     ctx.barrier()
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"stages": {}}
+    summary = load_summary(run_dir, recipe, console)
     summary.update({"recipe": recipe.name, "identity": recipe.identity(), "status": "running"})
     log = MetricsLog(run_dir / "metrics.jsonl") if ctx.is_main else NullLog()
     t0 = time.time()
 
     def write_summary() -> None:
         if ctx.is_main:
-            summary_path.write_text(json.dumps(summary, indent=1))
+            write_json_atomic(summary_path, summary)
 
     model = build_model(recipe).to(device)
     summary["num_image_tokens"] = model.num_image_tokens
     features_fn = features.for_model(model, device) if features is not None else None
     for i, stage_name in enumerate(recipe.train.stages):
         done = find_checkpoint(run_dir / "checkpoints" / stage_name / "final")
+        if done is not None and stage_name not in summary["stages"] and stage_metrics_path(run_dir, stage_name).exists():
+            # killed after the stage was recorded beside its checkpoint, before summary.json was rewritten
+            summary["stages"][stage_name] = read_json(stage_metrics_path(run_dir, stage_name),
+                                                      f"Delete it to have stage '{stage_name}' evaluated again")
         if done is not None and stage_name in summary["stages"]:
             set_trainable(model, recipe.stages[stage_name])
             load_trainable(model, done / "trainable.safetensors")
@@ -572,6 +625,8 @@ def train(recipe: Recipe, run_dir: Path | None = None, console: Console | None =
                 log.write({"stage": stage_name, "step": m["steps"], **_scalars(ev)})
                 m.update(ev)
         summary["stages"][stage_name] = {k: v for k, v in m.items() if k != "examples"}
+        if ctx.is_main:  # first beside the checkpoint: summary.json can always be rebuilt from these
+            write_json_atomic(stage_metrics_path(run_dir, stage_name), summary["stages"][stage_name])
         write_summary()
         if "accuracy" in m:
             print_accuracy(console, stage_name, m)

@@ -20,22 +20,29 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from vlkit._atomic import write_json_atomic
 from vlkit.ablate.grid import RunSpec
 
 
 def run_status(run_dir: Path) -> str:
-    """finished / failed / incomplete / pending, from the run directory alone."""
-    summary = run_dir / "summary.json"
-    if summary.exists():
-        try:
-            if json.loads(summary.read_text()).get("status") == "finished":
-                return "finished"
-        except ValueError:
-            pass
-    if (run_dir / "status.json").exists():
-        if json.loads((run_dir / "status.json").read_text()).get("status") == "failed":
-            return "failed"
+    """finished / failed / incomplete / pending, from the run directory alone.
+
+    An unreadable ``summary.json`` or ``status.json`` (cut short by a kill while an older vlkit wrote it in place)
+    counts as incomplete: the point runs again, resumes from its checkpoints and rewrites both."""
+    if _read_status(run_dir / "summary.json") == "finished":
+        return "finished"
+    if _read_status(run_dir / "status.json") == "failed":
+        return "failed"
     return "incomplete" if run_dir.exists() else "pending"
+
+
+def _read_status(path: Path) -> str | None:
+    """The ``status`` field of a JSON state file; None when the file is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("status") if isinstance(data, dict) else None
 
 
 def train_command(recipe: str, spec: RunSpec, run_dir: Path, feature_cache: bool) -> list[str]:
@@ -52,7 +59,7 @@ def execute_run(recipe: str, spec: dict[str, Any], run_dir: str, feature_cache: 
     spec_obj = RunSpec(**spec)
     rd = Path(run_dir)
     rd.mkdir(parents=True, exist_ok=True)
-    (rd / "status.json").write_text(json.dumps({"status": "running", "started": time.time(), "host": os.uname().nodename}))
+    write_json_atomic(rd / "status.json", {"status": "running", "started": time.time(), "host": os.uname().nodename})
     env = dict(os.environ)
     if threads:
         env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
@@ -66,7 +73,7 @@ def execute_run(recipe: str, spec: dict[str, Any], run_dir: str, feature_cache: 
     if proc.returncode != 0:
         tail = (rd / "train.log").read_text().splitlines()[-15:]
         status["error"] = "\n".join(tail)
-    (rd / "status.json").write_text(json.dumps(status, indent=1))
+    write_json_atomic(rd / "status.json", status)
     return status
 
 
@@ -158,7 +165,7 @@ def run_grid(recipe: str, specs: list[RunSpec], out: Path, executor: str = "loca
             except Exception as exc:  # an executor-level failure of one run is recorded, the grid goes on
                 states[s.id] = "failed"
                 (runs_dir / s.id).mkdir(parents=True, exist_ok=True)
-                (runs_dir / s.id / "status.json").write_text(json.dumps({"status": "failed", "error": repr(exc)}))
+                write_json_atomic(runs_dir / s.id / "status.json", {"status": "failed", "error": repr(exc)})
             live.update(progress.table())
     if executor == "local":
         pool.shutdown()
