@@ -12,7 +12,6 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +30,7 @@ from vlkit.distributed import DistContext, check_same_modules, make_engine, shar
 from vlkit.distributed import setup as setup_distributed
 from vlkit.evaluate import evaluate, move
 from vlkit.model import VLM, _resolve, build_model, parameter_counts
+from vlkit.runs import attach_lora, pick_device
 
 
 class TrainingError(RuntimeError):
@@ -50,12 +50,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -91,20 +85,6 @@ def set_trainable(model: VLM, stage: StageConfig) -> None:
             block.requires_grad_(True)
     if stage.gradient_checkpointing:
         model.llm.base().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def attach_lora(model: VLM, stage: StageConfig) -> None:
-    from peft import LoraConfig, get_peft_model
-
-    if hasattr(model.llm.model, "peft_config"):
-        return
-    cfg = LoraConfig(r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
-                     target_modules=stage.lora.target_modules, task_type="CAUSAL_LM")
-    with warnings.catch_warnings():
-        # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` property: a FutureWarning about
-        # peft's code, printed on every instruct stage, that a vlkit user can do nothing about
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model.llm.model = get_peft_model(model.llm.model, cfg)
 
 
 def param_groups(model: VLM, stage: StageConfig) -> list[dict[str, Any]]:
@@ -603,10 +583,10 @@ def train(recipe: Recipe, run_dir: Path | None = None, console: Console | None =
     features_fn = features.for_model(model, device) if features is not None else None
     for i, stage_name in enumerate(recipe.train.stages):
         done = find_checkpoint(run_dir / "checkpoints" / stage_name / "final")
-        if done is not None and stage_name not in summary["stages"] and stage_metrics_path(run_dir, stage_name).exists():
+        recorded = stage_metrics_path(run_dir, stage_name)
+        if done is not None and stage_name not in summary["stages"] and recorded.exists():
             # killed after the stage was recorded beside its checkpoint, before summary.json was rewritten
-            summary["stages"][stage_name] = read_json(stage_metrics_path(run_dir, stage_name),
-                                                      f"Delete it to have stage '{stage_name}' evaluated again")
+            summary["stages"][stage_name] = read_json(recorded, f"Delete it to have stage '{stage_name}' evaluated again")
         if done is not None and stage_name in summary["stages"]:
             set_trainable(model, recipe.stages[stage_name])
             load_trainable(model, done / "trainable.safetensors")
