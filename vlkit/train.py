@@ -52,6 +52,21 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def pin_threads(state: dict[str, Any], deterministic: bool, console: Console) -> None:
+    """Resume with the intra-op thread count the checkpointed steps ran with (``train.deterministic``).
+
+    Large matmuls and reductions split their sums over threads, so another count changes results in the last bits
+    (measured on this CPU: a [64 x 20000] @ [20000 x 64] matmul and a 1e7-element sum differ between 1 and 2
+    threads). A process's count comes from its cores and ``OMP_NUM_THREADS``, which differ when a run resumes on
+    another machine or in a grid rerun (``vlkit ablate`` gives each run cores / workers threads)."""
+    recorded = state.get("threads")
+    if not deterministic or recorded is None or recorded == torch.get_num_threads():
+        return
+    console.print(f"[yellow]using {recorded} torch threads as the checkpointed steps did (this process had "
+                  f"{torch.get_num_threads()}): bit-exact resume under train.deterministic=true[/]")
+    torch.set_num_threads(int(recorded))
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """Mixed precision only on GPUs: bf16/fp16 matmuls on CPUs are far slower than fp32."""
     if device.type != "cuda" or precision == "fp32":
@@ -316,6 +331,7 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
         bad_images.count = state.get("skipped_images", 0)
         bad_images.records = list(state.get("skipped_image_records", []))
         console.print(f"resuming stage '{stage_name}' at step {step} (epoch {epoch}, batch {batch_pos})")
+        pin_threads(state, recipe.train.deterministic, console)
     log.truncate_after(stage_name, step)  # also a restart from step 0: rows of a run killed before its checkpoint
 
     counts = parameter_counts(model)
@@ -431,7 +447,8 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
                 engine.save(ckpt_dir / "last",
                             {"stage": stage_name, "step": step, "epoch": epoch, "batch_pos": batch_pos,
                              "scheduler": scheduler.state_dict(), "recipe_identity": recipe.identity(),
-                             "skipped_images": bad_images.count, "skipped_image_records": bad_images.records})
+                             "skipped_images": bad_images.count, "skipped_image_records": bad_images.records,
+                             "threads": torch.get_num_threads()})
             if stop_after is not None and step >= stop_after:
                 engine.close()
                 return {"stopped_at": step}
@@ -447,9 +464,10 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
                                "tokens_per_s": tokens_seen / max(wall, 1e-9), "padding_fraction": pad_frac,
                                "trainable_params": trainable, "skipped_records": data.skipped,
                                "skipped_images": bad_images.count, "skipped_image_records": bad_images.records,
-                               "num_image_tokens": model.num_image_tokens}
+                               "num_image_tokens": model.num_image_tokens, "threads": torch.get_num_threads()}
     engine.save(ckpt_dir / "final", {"stage": stage_name, "step": step, "epoch": 0, "batch_pos": 0,
-                                     "recipe_identity": recipe.identity()}, with_optimizer=False)
+                                     "recipe_identity": recipe.identity(), "threads": torch.get_num_threads()},
+                with_optimizer=False)
     engine.close()
     if ctx.shards_weights:  # FSDP / ZeRO-3 leave the weights split: train() evaluates a fresh unsharded copy
         metrics["rebuild"] = True
@@ -556,8 +574,17 @@ def train(recipe: Recipe, run_dir: Path | None = None, console: Console | None =
     """Run the recipe's stages in order; resumes automatically from the run directory's checkpoints.
 
     Under ``torchrun``/``deepspeed``/``srun`` every process runs this; rank 0 alone writes the run directory.
+    The caller's torch thread count is restored afterwards (a resumed stage may pin another, see pin_threads).
     """
-    console = console or Console()
+    threads = torch.get_num_threads()
+    try:
+        return _train(recipe, run_dir, console or Console(), dry_run, features, stop_after)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(recipe: Recipe, run_dir: Path | None, console: Console, dry_run: bool, features: Any,
+           stop_after: tuple[str, int] | None) -> dict[str, Any]:
     seed_everything(recipe.train.seed, recipe.train.deterministic)
     ctx = setup_distributed(recipe, pick_device(recipe.train.device), console)
     device = ctx.device
@@ -591,6 +618,9 @@ def train(recipe: Recipe, run_dir: Path | None = None, console: Console | None =
             set_trainable(model, recipe.stages[stage_name])
             load_trainable(model, done / "trainable.safetensors")
             console.print(f"stage '{stage_name}' already finished: loaded {done}")
+            # the next stage starts as it would have in the first process: with that process's thread count
+            pin_threads(read_json(done / "state.json", f"Delete {done.parent} to train stage '{stage_name}' "
+                                  "again"), recipe.train.deterministic, console)
             continue
         m = run_stage(model, recipe, stage_name, run_dir, device, console, log, dry_run, features_fn,
                       stop_after[1] if stop_after and stop_after[0] == stage_name else None, ctx=ctx)
