@@ -246,18 +246,24 @@ def train_cmd(recipe: str = typer.Argument(..., help="recipe YAML (e.g. recipes/
     """Run a recipe's stages (align -> instruct); resumes from the run directory's checkpoints."""
     import shutil
 
+    from vlkit._locks import hold_run_dir, release_run
     from vlkit.config import load_recipe
-    from vlkit.train import prepare_run_dir, train
+    from vlkit.train import default_run_dir, prepare_run_dir, train
 
     r = load_recipe(recipe, overrides or [])
     if fresh and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 clears (the others wait in train())
-        d = prepare_run_dir(r, run_dir)
-        for sub in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard"):
-            target = d / sub
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        lock = hold_run_dir(default_run_dir(r, run_dir))  # never clears a directory another process trains
+        try:
+            d = prepare_run_dir(r, run_dir)
+            for sub in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard"):
+                target = d / sub
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        finally:
+            if lock is not None:
+                release_run(lock)
     features = None
     if feature_cache if feature_cache is not None else r.train.feature_cache:
         from vlkit.cache import FeatureCache

@@ -8,6 +8,7 @@ LoRA (or the full LLM) on conversations. Every stage uses the same loop; a stage
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from vlkit._atomic import StateError, read_json, write_json_atomic, write_text_atomic
+from vlkit._locks import hold_run_dir, release_run
 from vlkit._proc import peak_rss_mb
 from vlkit.checkpoint import find_checkpoint, load_checkpoint, load_trainable
 from vlkit.config import Recipe, StageConfig, dump_recipe
@@ -491,8 +493,13 @@ def run_eval(model: VLM, recipe: Recipe, stage: StageConfig, data: StageData, tr
 
 
 # ---- the recipe ----------------------------------------------------------------------------------------------------
+def default_run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
+    """``run_dir`` as given, else ``train.output_dir/<train.run_name or recipe name>``."""
+    return Path(run_dir or Path(recipe.train.output_dir) / (recipe.train.run_name or recipe.name))
+
+
 def prepare_run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
-    run_dir = Path(run_dir or Path(recipe.train.output_dir) / (recipe.train.run_name or recipe.name))
+    run_dir = default_run_dir(recipe, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = run_dir / "config.yaml"
     ident = run_dir / "identity.txt"
@@ -575,25 +582,30 @@ def train(recipe: Recipe, run_dir: Path | None = None, console: Console | None =
 
     Under ``torchrun``/``deepspeed``/``srun`` every process runs this; rank 0 alone writes the run directory.
     The caller's torch thread count is restored afterwards (a resumed stage may pin another, see pin_threads).
+    Rank 0 holds the run directory's lock while it trains (vlkit/_locks.py): a second trainer is refused.
     """
     threads = torch.get_num_threads()
-    try:
-        return _train(recipe, run_dir, console or Console(), dry_run, features, stop_after)
-    finally:
-        torch.set_num_threads(threads)
+    with contextlib.ExitStack() as held:
+        try:
+            return _train(recipe, run_dir, console or Console(), dry_run, features, stop_after, held)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _train(recipe: Recipe, run_dir: Path | None, console: Console, dry_run: bool, features: Any,
-           stop_after: tuple[str, int] | None) -> dict[str, Any]:
+           stop_after: tuple[str, int] | None, held: contextlib.ExitStack) -> dict[str, Any]:
     seed_everything(recipe.train.seed, recipe.train.deterministic)
     ctx = setup_distributed(recipe, pick_device(recipe.train.device), console)
     device = ctx.device
     if not ctx.is_main:
         console.quiet = True  # one voice: rank 0 prints, logs and shows progress (errors still reach stderr)
     if ctx.is_main:
+        lock = hold_run_dir(default_run_dir(recipe, run_dir))  # RunBusyError while another process trains it
+        if lock is not None:
+            held.callback(release_run, lock)
         run_dir = prepare_run_dir(recipe, run_dir)
     else:
-        run_dir = Path(run_dir or Path(recipe.train.output_dir) / (recipe.train.run_name or recipe.name))
+        run_dir = default_run_dir(recipe, run_dir)
     ctx.barrier()
     summary_path = run_dir / "summary.json"
     summary = load_summary(run_dir, recipe, console)
