@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from vlkit._atomic import read_json, write_json_atomic
 from vlkit._locks import locked
 from vlkit.data.llava import ImageTransform, load_image, safe_image_path
 from vlkit.types import EncoderOutput
@@ -85,14 +86,16 @@ class BoundCache:
         meta_path = self.dir / "meta.json"
         if not meta_path.exists():
             return
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, f"Delete the cache directory {self.dir}; it is filled again on the next run")
         self.grid = tuple(meta["grid"]) if meta["grid"] else None
         for s, name in enumerate(meta["shards"]):
             patches = np.load(self.dir / f"{name}.patches.npy", mmap_mode="r")
             cls_file = self.dir / f"{name}.cls.npy"
             cls = np.load(cls_file, mmap_mode="r") if cls_file.exists() else None
             self.shards.append((patches, cls))
-            for r, key in enumerate(json.loads((self.dir / f"{name}.index.json").read_text())):
+            index = read_json(self.dir / f"{name}.index.json",
+                              f"Delete the cache directory {self.dir}; it is filled again on the next run")
+            for r, key in enumerate(index):
                 self.rows[key] = (s, r)
 
     def prepare(self, images: Iterable[str], root: Path | str, transform: ImageTransform, batch_size: int = 64) -> None:
@@ -134,15 +137,14 @@ class BoundCache:
                 cls.flush()
                 del cls
                 os.replace(tmp_c, self.dir / f"{name}.cls.npy")
-            (self.dir / f"{name}.index.json").write_text(json.dumps(missing))
+            write_json_atomic(self.dir / f"{name}.index.json", missing, indent=None)
             meta_path = self.dir / "meta.json"
-            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"shards": []}
+            meta = read_json(meta_path, f"Delete the cache directory {self.dir}; it is filled again on the next run") \
+                if meta_path.exists() else {"shards": []}
             meta.update({"grid": list(sample.grid) if sample.grid else None, "dtype": self.cache.dtype,
                          "encoder": encoder_identity(self.encoder)})
             meta["shards"].append(name)
-            tmp_meta = self.dir / ".meta.json.tmp"
-            tmp_meta.write_text(json.dumps(meta, indent=1))
-            os.replace(tmp_meta, meta_path)
+            write_json_atomic(meta_path, meta)
             self.computed += len(missing)
             self._load_index()
 

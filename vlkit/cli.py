@@ -128,9 +128,17 @@ def data_check_cmd(file: Path = typer.Argument(..., help="LLaVA-format JSON / JS
                    recipe: Optional[str] = typer.Option(None, help="also template/length-check with this recipe's "
                                                                    "tokenizer and image-token count"),
                    overrides: Optional[list[str]] = typer.Argument(None, help="recipe overrides key.path=value"),
+                   workers: int = typer.Option(os.cpu_count() or 1, min=1,
+                                               help="processes decoding images (default: one per CPU core)"),
                    show: int = typer.Option(20, help="problems to list")) -> None:
-    """Validate a data file before training on it; exits non-zero when anything would make training fail."""
+    """Validate a data file before training on it; exits non-zero when anything would make training fail.
+
+    Every image is decoded in full, as the training loader reads it, so a truncated file is named here."""
+    import time
     from collections import Counter
+
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     from vlkit.data.llava import check_records, load_records
 
@@ -143,7 +151,28 @@ def data_check_cmd(file: Path = typer.Argument(..., help="LLaVA-format JSON / JS
         r = load_recipe(recipe, overrides or [])
         tok, image_token_id = load_tokenizer(r)
         n_img, max_len = count_image_tokens(r), r.data.max_length
-    good, problems = check_records(records, image_root, tok, image_token_id, n_img, max_len)
+    columns = [TextColumn("decoding images"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]:.0f} images/s"), TimeElapsedColumn(), TextColumn("eta"),
+               TimeRemainingColumn()]
+    timing = {"start": time.perf_counter(), "end": time.perf_counter(), "n": 0}
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("decode", total=None, rate=0.0)
+
+        def on_images(n: int) -> None:
+            timing.update(start=time.perf_counter(), n=n)
+            progress.update(task, total=n)
+
+        def advance(k: int) -> None:
+            done = progress.tasks[0].completed + k
+            timing["end"] = time.perf_counter()
+            progress.update(task, completed=done, rate=done / max(timing["end"] - timing["start"], 1e-9))
+
+        good, problems = check_records(records, image_root, tok, image_token_id, n_img, max_len,
+                                       decode_images=True, workers=workers, on_images=on_images, advance=advance)
+    if timing["n"]:
+        secs = timing["end"] - timing["start"]
+        console.print(f"decoded {timing['n']} images in {secs:.1f} s ({timing['n'] / max(secs, 1e-9):.0f} images/s, "
+                      f"{workers} worker process(es))")
     table = Table(title=f"vlkit data check: {file}")
     table.add_column("check")
     table.add_column("count", justify="right")
@@ -237,18 +266,24 @@ def train_cmd(recipe: str = typer.Argument(..., help="recipe YAML (e.g. recipes/
     """Run a recipe's stages (align -> instruct); resumes from the run directory's checkpoints."""
     import shutil
 
+    from vlkit._locks import hold_run_dir, release_run
     from vlkit.config import load_recipe
-    from vlkit.train import prepare_run_dir, train
+    from vlkit.train import default_run_dir, prepare_run_dir, train
 
     r = load_recipe(recipe, overrides or [])
     if fresh and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 clears (the others wait in train())
-        d = prepare_run_dir(r, run_dir)
-        for sub in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard"):
-            target = d / sub
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        lock = hold_run_dir(default_run_dir(r, run_dir))  # never clears a directory another process trains
+        try:
+            d = prepare_run_dir(r, run_dir)
+            for sub in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard"):
+                target = d / sub
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        finally:
+            if lock is not None:
+                release_run(lock)
     features = None
     if feature_cache if feature_cache is not None else r.train.feature_cache:
         from vlkit.cache import FeatureCache
@@ -294,8 +329,6 @@ def predict_cmd(run: Path = typer.Argument(..., help="run directory"),
                 temperature: float = typer.Option(1.0), top_p: float = typer.Option(1.0),
                 max_new_tokens: int = typer.Option(32)) -> None:
     """Answer a question about an image (or every record of a JSON file) with a trained run."""
-    import json
-
     from vlkit.export import load_model as load_run
     from vlkit.predict import predict_records
 
@@ -309,7 +342,9 @@ def predict_cmd(run: Path = typer.Argument(..., help="run directory"),
         answers = predict_records(model, records, _resolve(image_root or recipe.data.image_root), device, **gen)
         rows = [{"id": r.get("id"), "prediction": a} for r, a in zip(records, answers)]
         if out:
-            out.write_text(json.dumps(rows, indent=1))
+            from vlkit._atomic import write_json_atomic
+
+            write_json_atomic(out, rows)
         for row in rows[:20]:
             console.print(f"{row['id']}: {row['prediction']}", markup=False)
         return

@@ -45,7 +45,9 @@ class Component(BaseModel):
 class DataConfig(_Strict):
     image_root: str = "toy:data/images"
     max_length: int = Field(256, ge=8)
-    skip_bad: bool = False  # drop samples that fail pre-flight checks (reported) instead of stopping
+    # skip bad samples instead of stopping: records that fail the pre-flight checks (reported) and images that fail
+    # to decode during training (counted in metrics.jsonl and summary.json as skipped_images); docs/runs.md
+    skip_bad: bool = False
     group_by_length: bool = True  # LLaVA's group_by_modality_length
     num_workers: int = Field(0, ge=0)  # image-loading processes per training process (0: in the main process)
 

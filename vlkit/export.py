@@ -8,7 +8,7 @@
     OUT/export.json        format, source run, stages and checkpoints used, LoRA stage, image tokens
 
 Base weights are not copied: the encoder and LLM are rebuilt from the recipe's model references (hub ids, local
-dirs, ``toy:`` paths), exactly as ``vlkit.predict.load_run`` does. :func:`load_export` loads it back (same model,
+dirs, ``toy:`` paths), exactly as :func:`vlkit.runs.load_run` does. :func:`load_export` loads it back (same model,
 identical logits); :func:`load_model` takes either a run directory or a vlkit export.
 
 ``hf-llava`` format (``format="hf-llava"``) -- a self-contained ``LlavaForConditionalGeneration`` directory
@@ -42,7 +42,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
+from transformers import (CLIPImageProcessor, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration,
+                          LlavaProcessor)
+
+from vlkit import __version__
+from vlkit.checkpoint import load_trainable
+from vlkit.components.encoders import HFVisionEncoder
+from vlkit.components.llms import HFCausalLM
+from vlkit.components.projectors import LinearProjector, MLPProjector
+from vlkit.components.tokens import ClsPatchTokens, PatchTokens
+from vlkit.config import dump_recipe, load_recipe
+from vlkit.model import build_model
+from vlkit.registry import ENCODERS, LLMS, PROJECTORS, TOKEN_STRATEGIES
+from vlkit.runs import attach_lora, load_run, load_run_tracked, pick_device
 
 FORMATS = ("hf-llava", "vlkit")
 EXPORT_VERSION = 1
@@ -54,43 +68,6 @@ class ExportError(ValueError):
     """A run cannot be exported in the requested format; the message names the part and why."""
 
 
-# =================================================================================================================
-# loading a run (tracking what trained)
-# =================================================================================================================
-def _load_run_tracked(run_dir: Path) -> tuple[Any, Any, dict[str, str], str | None, set[int]]:
-    """Like :func:`vlkit.predict.load_run` (same steps, same order), on the CPU, also returning which stage
-    checkpoints were used, the first LoRA stage, and the ids of the parameters the checkpoints wrote."""
-    from vlkit.checkpoint import find_checkpoint, load_trainable
-    from vlkit.config import load_recipe
-    from vlkit.model import build_model
-    from vlkit.train import attach_lora
-
-    cfg = run_dir / "config.yaml"
-    if not cfg.exists():
-        raise FileNotFoundError(f"{run_dir} is not a vlkit run directory (no config.yaml)")
-    recipe = load_recipe(cfg)
-    model = build_model(recipe)
-    used: dict[str, str] = {}
-    lora_stage: str | None = None
-    touched: set[int] = set()
-    for stage_name in recipe.train.stages:
-        stage = recipe.stages[stage_name]
-        ckpt = find_checkpoint(run_dir / "checkpoints" / stage_name / "final") or \
-            find_checkpoint(run_dir / "checkpoints" / stage_name / "last")
-        if ckpt is None:
-            continue
-        if stage.llm == "lora":
-            if lora_stage is None:
-                lora_stage = stage_name
-            attach_lora(model, stage)
-        names = set(load_trainable(model, ckpt / "trainable.safetensors"))
-        touched |= {id(p) for n, p in model.named_parameters() if n in names}
-        used[stage_name] = "final" if "final" in ckpt.name else "last"
-    if not used:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/<stage>/final or last)")
-    return model.cpu().eval(), recipe, used, lora_stage, touched
-
-
 def _complete(recipe, used: dict[str, str]) -> bool:
     return all(used.get(s) == "final" for s in recipe.train.stages)
 
@@ -100,11 +77,6 @@ def _complete(recipe, used: dict[str, str]) -> bool:
 # =================================================================================================================
 def _write_vlkit(model, recipe, run_dir: Path, out: Path, used: dict[str, str], lora_stage: str | None,
                  touched: set[int]) -> dict[str, Any]:
-    from safetensors.torch import save_file
-
-    from vlkit import __version__
-    from vlkit.config import dump_recipe
-
     tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if id(p) in touched}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "vlkit_export": "vlkit"})
     (out / "config.yaml").write_text(dump_recipe(recipe))
@@ -120,12 +92,7 @@ def _write_vlkit(model, recipe, run_dir: Path, out: Path, used: dict[str, str], 
 
 
 def load_export(path: str | Path, device: str | torch.device | None = None):
-    """A ``vlkit``-format export as ``(model, recipe, device)``, like :func:`vlkit.predict.load_run`."""
-    from vlkit.checkpoint import load_trainable
-    from vlkit.config import load_recipe
-    from vlkit.model import build_model
-    from vlkit.train import attach_lora, pick_device
-
+    """A ``vlkit``-format export as ``(model, recipe, device)``, like :func:`vlkit.runs.load_run`."""
     path = Path(path)
     info = read_export_info(path)
     if info.get("format") != "vlkit":
@@ -155,8 +122,6 @@ def load_model(path: str | Path):
     """A run directory or a ``vlkit``-format export as ``(model, recipe, device)`` (for ``predict`` / ``eval``)."""
     if is_export(path):
         return load_export(path)
-    from vlkit.predict import load_run
-
     return load_run(path)
 
 
@@ -166,8 +131,6 @@ def load_model(path: str | Path):
 def hf_llava_problems(recipe) -> list[str]:
     """Why a recipe cannot be exported as ``LlavaForConditionalGeneration`` (empty when it can), from the recipe
     alone (no weights loaded)."""
-    from vlkit.registry import ENCODERS, LLMS, PROJECTORS, TOKEN_STRATEGIES
-
     problems = []
 
     def plugin(reg, name: str) -> str | None:
@@ -218,11 +181,6 @@ def hf_llava_problems(recipe) -> list[str]:
 
 def _model_problems(model) -> list[str]:
     """Checks on the built model (types, dims) that the recipe alone cannot answer."""
-    from vlkit.components.encoders import HFVisionEncoder
-    from vlkit.components.llms import HFCausalLM
-    from vlkit.components.projectors import LinearProjector, MLPProjector
-    from vlkit.components.tokens import ClsPatchTokens, PatchTokens
-
     problems = []
     fusion = getattr(model, "fusion", None)
     if fusion is not None and (not getattr(fusion, "in_sequence", True) or any(True for _ in fusion.parameters())):
@@ -341,11 +299,6 @@ def _target_dtype(model, dtype: str | None) -> torch.dtype:
 
 
 def _write_hf_llava(model, recipe, run_dir: Path, out: Path, used: dict[str, str], dtype: str | None) -> dict[str, Any]:
-    from transformers import CLIPImageProcessor, GenerationConfig, LlavaConfig, \
-        LlavaForConditionalGeneration, LlavaProcessor
-
-    from vlkit import __version__
-
     enc, llm = model.encoder, model.llm
     # LoRA merged into the LLM's weights (the loaded model is ours to change)
     lora = hasattr(llm.model, "merge_and_unload")
@@ -480,19 +433,18 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "hf-llava", d
     if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
         raise ExportError(f"{out} is inside the run directory {run_dir}; export somewhere else")
     if format == "hf-llava":
-        from vlkit.config import load_recipe
-
         cfg = run_dir / "config.yaml"
         if not cfg.exists():
             raise FileNotFoundError(f"{run_dir} is not a vlkit run directory (no config.yaml)")
         check_hf_llava(load_recipe(cfg))  # before loading any weights
-    model, recipe, used, lora_stage, touched = _load_run_tracked(run_dir)
+    loaded = load_run_tracked(run_dir)
+    model, recipe, used = loaded.model, loaded.recipe, loaded.used
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         with torch.no_grad():
             if format == "vlkit":
-                info = _write_vlkit(model, recipe, run_dir, tmp, used, lora_stage, touched)
+                info = _write_vlkit(model, recipe, run_dir, tmp, used, loaded.lora_stage, loaded.touched)
             else:
                 check_hf_llava(recipe, model)
                 info = _write_hf_llava(model, recipe, run_dir, tmp, used, dtype)

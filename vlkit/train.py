@@ -8,11 +8,11 @@ LoRA (or the full LLM) on conversations. Every stage uses the same loop; a stage
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +21,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from vlkit._atomic import StateError, read_json, write_json_atomic, write_text_atomic
+from vlkit._locks import hold_run_dir, release_run
 from vlkit._proc import peak_rss_mb
 from vlkit.checkpoint import find_checkpoint, load_checkpoint, load_trainable
 from vlkit.config import Recipe, StageConfig, dump_recipe
@@ -30,6 +32,7 @@ from vlkit.distributed import DistContext, check_same_modules, make_engine, shar
 from vlkit.distributed import setup as setup_distributed
 from vlkit.evaluate import evaluate, move
 from vlkit.model import VLM, _resolve, build_model, parameter_counts
+from vlkit.runs import attach_lora, pick_device
 
 
 class TrainingError(RuntimeError):
@@ -51,10 +54,19 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def pin_threads(state: dict[str, Any], deterministic: bool, console: Console) -> None:
+    """Resume with the intra-op thread count the checkpointed steps ran with (``train.deterministic``).
+
+    Large matmuls and reductions split their sums over threads, so another count changes results in the last bits
+    (measured on this CPU: a [64 x 20000] @ [20000 x 64] matmul and a 1e7-element sum differ between 1 and 2
+    threads). A process's count comes from its cores and ``OMP_NUM_THREADS``, which differ when a run resumes on
+    another machine or in a grid rerun (``vlkit ablate`` gives each run cores / workers threads)."""
+    recorded = state.get("threads")
+    if not deterministic or recorded is None or recorded == torch.get_num_threads():
+        return
+    console.print(f"[yellow]using {recorded} torch threads as the checkpointed steps did (this process had "
+                  f"{torch.get_num_threads()}): bit-exact resume under train.deterministic=true[/]")
+    torch.set_num_threads(int(recorded))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -90,20 +102,6 @@ def set_trainable(model: VLM, stage: StageConfig) -> None:
             block.requires_grad_(True)
     if stage.gradient_checkpointing:
         model.llm.base().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def attach_lora(model: VLM, stage: StageConfig) -> None:
-    from peft import LoraConfig, get_peft_model
-
-    if hasattr(model.llm.model, "peft_config"):
-        return
-    cfg = LoraConfig(r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
-                     target_modules=stage.lora.target_modules, task_type="CAUSAL_LM")
-    with warnings.catch_warnings():
-        # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` property: a FutureWarning about
-        # peft's code, printed on every instruct stage, that a vlkit user can do nothing about
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model.llm.model = get_peft_model(model.llm.model, cfg)
 
 
 def param_groups(model: VLM, stage: StageConfig) -> list[dict[str, Any]]:
@@ -150,16 +148,24 @@ class MetricsLog:
                     self.tb.add_scalar(f"{row.get('stage', '')}/{k}", v, row["step"])
 
     def truncate_after(self, stage: str, step: int) -> None:
-        """Drop lines logged after the checkpoint we resume from (they will be written again)."""
+        """Drop lines logged after the checkpoint we resume from (they will be written again), and a last line
+        cut short by a kill during its append (it was logged after that checkpoint)."""
         if not self.path.exists():
             return
+        lines = self.path.read_text().splitlines()
         keep = []
-        for line in self.path.read_text().splitlines():
-            row = json.loads(line)
+        for n, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if n == len(lines):
+                    continue
+                raise StateError(f"{self.path} line {n} is not valid JSON ({exc}); only the last line can be cut "
+                                 "short by a kill. Delete or repair that line and run again") from None
             if row.get("stage") == stage and row.get("step", 0) > step:
                 continue
             keep.append(line)
-        self.path.write_text("".join(l + "\n" for l in keep))
+        write_text_atomic(self.path, "".join(l + "\n" for l in keep))
 
 
 class NullLog(MetricsLog):
@@ -181,6 +187,36 @@ def report_problems(console: Console, problems: list, what: str, limit: int = 10
         console.print(f"  record {p.id} (#{p.index}) [{p.kind}]: {p.message}", markup=False, highlight=False)
     if len(problems) > limit:
         console.print(f"  ... and {len(problems) - limit} more (run `vlkit data check` for all)")
+
+
+@dataclass
+class BadImages:
+    """Images that fail to decode during training (changed after the check): with ``data.skip_bad`` they are
+    skipped and counted, otherwise the run stops naming the record and file, its last checkpoint kept."""
+
+    skip: bool
+    ckpt_dir: Path
+    count: int = 0
+    records: list[str] = field(default_factory=list)  # the first 100 skipped record ids (for summary.json)
+
+    def take(self, bad: list[dict[str, Any]], n_global: int, console: Console) -> None:
+        """Account for this step's bad images: ``bad`` on this process, ``n_global`` over all processes."""
+        if not n_global:
+            return
+        if not self.skip:
+            last = find_checkpoint(self.ckpt_dir / "last")
+            kept = f"the last checkpoint is kept in {last}" if last else "the stage has no checkpoint yet"
+            what = (f"record {bad[0]['id']} (#{bad[0]['index']}): {bad[0]['error']}" if bad
+                    else f"{n_global} image(s) on another process failed to decode")
+            raise DataError(f"{what}; training stopped ({kept}). Repair or remove the file (`vlkit data check` "
+                            "decodes every image and lists each one that fails), then rerun the same command to "
+                            "resume; or set data.skip_bad=true to skip such images (they are counted)")
+        for b in bad:
+            console.print(f"[yellow]skipped record {b['id']} (#{b['index']}): {b['error']} (data.skip_bad=true)[/]",
+                          highlight=False)
+            if len(self.records) < 100:
+                self.records.append(str(b["id"]))
+        self.count += int(n_global)
 
 
 @dataclass
@@ -209,7 +245,7 @@ def load_stage_data(recipe: Recipe, stage_name: str, model: VLM, transform: Imag
     if not examples:
         raise DataError(f"no usable records in {path}")
     eval_records = load_records(_resolve(stage.eval_data))[: stage.eval_max_samples] if stage.eval_data else []
-    return StageData(LlavaDataset(examples, root, transform), [e.length for e in examples],
+    return StageData(LlavaDataset(examples, root, transform, keep_bad=True), [e.length for e in examples],
                      [e.image is not None for e in examples], eval_records, len(problems))
 
 
@@ -290,11 +326,15 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
     step, epoch, batch_pos = 0, 0, 0
     found = find_checkpoint(ckpt_dir / "last")
     state: dict[str, Any] = {}
+    bad_images = BadImages(recipe.data.skip_bad, ckpt_dir)
     if found is not None:  # weights and RNG now; the optimizer's state once the stage's engine exists
         state = load_checkpoint(found, model, None)
         step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
-        log.truncate_after(stage_name, step)
+        bad_images.count = state.get("skipped_images", 0)
+        bad_images.records = list(state.get("skipped_image_records", []))
         console.print(f"resuming stage '{stage_name}' at step {step} (epoch {epoch}, batch {batch_pos})")
+        pin_threads(state, recipe.train.deterministic, console)
+    log.truncate_after(stage_name, step)  # also a restart from step 0: rows of a run killed before its checkpoint
 
     counts = parameter_counts(model)
     trainable = sum(c["trainable"] for c in counts.values())
@@ -322,7 +362,7 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
                                                  generator=torch.Generator().manual_seed(seed))
             for (_, dummy), batch in zip(shards, loader):
                 batch_pos += 1
-                batch["dummy"] = dummy
+                batch["dummy"] = dummy or batch.pop("all_bad")  # every image of this slice failed: weight 0
                 yield batch
             epoch, batch_pos = epoch + 1, 0
 
@@ -354,8 +394,11 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
             parts = first or [move(next(stream), device) for _ in range(stage.grad_accum)]
             first = None
             n_total = sum(int((p["labels"][:, 1:] != -100).sum()) for p in parts if not p["dummy"])
+            bad = [b for p in parts for b in p["bad"]]
+            n_bad = len(bad)
             if ctx.active:  # token-weighted over the global batch: every rank divides by the same count
-                n_total = int(ctx.all_sum(n_total)[0])
+                n_total, n_bad = (int(v) for v in ctx.all_sum(n_total, n_bad))
+            bad_images.take(bad, n_bad, console)  # stops here (before the step) unless data.skip_bad
             loss_sum, step_tokens = 0.0, 0
             t0 = time.time()
             for k, batch in enumerate(parts):
@@ -365,7 +408,7 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
                         out = engine.forward(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                              pixel_values=None if feats is not None else batch["pixel_values"],
                                              features=feats, image_index=batch["image_index"])
-                    part = out.loss_sum / n_total  # token-weighted over the accumulated micro-batches
+                    part = out.loss_sum / max(n_total, 1)  # token-weighted over the accumulated micro-batches
                     if batch["dummy"]:
                         part = part * 0.0
                     elif engine.grad_scale != 1.0:
@@ -388,8 +431,11 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
             dt = time.time() - t0
             tps = step_tokens / max(dt, 1e-9)
             lr = optimizer.param_groups[0]["lr"]
-            log.write({"stage": stage_name, "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": tps, "supervised_tokens": n_total, "epoch": epoch})
+            row = {"stage": stage_name, "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": tps, "supervised_tokens": n_total, "epoch": epoch}
+            if bad_images.count:
+                row["skipped_images"] = bad_images.count  # so far in this stage (data.skip_bad)
+            log.write(row)
             progress.update(task, completed=step, loss=loss, lr=lr, tps=tps)
             if not console.is_terminal and (step % max(1, total_steps // 20) == 0 or step == total_steps):
                 # logs and CI have no live bar: a plain line every 5% of the stage
@@ -402,7 +448,9 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
             if step % stage.save_every == 0 or step == total_steps:
                 engine.save(ckpt_dir / "last",
                             {"stage": stage_name, "step": step, "epoch": epoch, "batch_pos": batch_pos,
-                             "scheduler": scheduler.state_dict(), "recipe_identity": recipe.identity()})
+                             "scheduler": scheduler.state_dict(), "recipe_identity": recipe.identity(),
+                             "skipped_images": bad_images.count, "skipped_image_records": bad_images.records,
+                             "threads": torch.get_num_threads()})
             if stop_after is not None and step >= stop_after:
                 engine.close()
                 return {"stopped_at": step}
@@ -417,9 +465,11 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
     metrics: dict[str, Any] = {"steps": step, "final_loss": last_loss, "wall_time_s": wall,
                                "tokens_per_s": tokens_seen / max(wall, 1e-9), "padding_fraction": pad_frac,
                                "trainable_params": trainable, "skipped_records": data.skipped,
-                               "num_image_tokens": model.num_image_tokens}
+                               "skipped_images": bad_images.count, "skipped_image_records": bad_images.records,
+                               "num_image_tokens": model.num_image_tokens, "threads": torch.get_num_threads()}
     engine.save(ckpt_dir / "final", {"stage": stage_name, "step": step, "epoch": 0, "batch_pos": 0,
-                                     "recipe_identity": recipe.identity()}, with_optimizer=False)
+                                     "recipe_identity": recipe.identity(), "threads": torch.get_num_threads()},
+                with_optimizer=False)
     engine.close()
     if ctx.shards_weights:  # FSDP / ZeRO-3 leave the weights split: train() evaluates a fresh unsharded copy
         metrics["rebuild"] = True
@@ -443,8 +493,13 @@ def run_eval(model: VLM, recipe: Recipe, stage: StageConfig, data: StageData, tr
 
 
 # ---- the recipe ----------------------------------------------------------------------------------------------------
+def default_run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
+    """``run_dir`` as given, else ``train.output_dir/<train.run_name or recipe name>``."""
+    return Path(run_dir or Path(recipe.train.output_dir) / (recipe.train.run_name or recipe.name))
+
+
 def prepare_run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
-    run_dir = Path(run_dir or Path(recipe.train.output_dir) / (recipe.train.run_name or recipe.name))
+    run_dir = default_run_dir(recipe, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = run_dir / "config.yaml"
     ident = run_dir / "identity.txt"
@@ -452,9 +507,49 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
         raise ValueError(f"run directory {run_dir} holds a run of a different config (identity "
                          f"{ident.read_text().strip()} != {recipe.identity()}); choose another train.run_name or "
                          "remove the directory")
-    cfg.write_text(dump_recipe(recipe))
-    ident.write_text(recipe.identity() + "\n")
+    write_text_atomic(cfg, dump_recipe(recipe))
+    write_text_atomic(ident, recipe.identity() + "\n")
     return run_dir
+
+
+STAGE_METRICS = "metrics.json"  # a finished stage's summary entry, kept beside its final checkpoint
+
+
+def stage_metrics_path(run_dir: Path, stage: str) -> Path:
+    return run_dir / "checkpoints" / stage / "final" / STAGE_METRICS
+
+
+def load_summary(run_dir: Path, recipe: Recipe, console: Console) -> dict[str, Any]:
+    """``summary.json`` as written last; when it is cut short or damaged, rebuilt (see :func:`recorded_stages`)."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return {"stages": {}}
+    try:
+        summary = read_json(path, "")
+        if not isinstance(summary, dict) or not isinstance(summary.get("stages"), dict):
+            raise StateError(f"{path} does not hold a run summary (an object with 'stages')")
+        return summary
+    except StateError as exc:
+        stages = recorded_stages(run_dir, recipe)
+        console.print(str(exc), style="yellow", markup=False, highlight=False)
+        console.print(f"[yellow]rebuilt {path.name} from the final checkpoints of the finished stages "
+                      f"({', '.join(stages) or 'none'}); the others resume from their checkpoints[/]")
+        return {"stages": stages, "wall_time_s": sum(m.get("wall_time_s", 0.0) for m in stages.values()),
+                "rebuilt": {"from": "checkpoints/*/final/" + STAGE_METRICS, "reason": str(exc)}}
+
+
+def recorded_stages(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
+    """The summary entries of finished stages, in order, from ``checkpoints/<stage>/final/metrics.json``.
+
+    Stops at the first stage without one: later stages were trained on top of it. A stage whose final checkpoint
+    lacks the file (written by vlkit before it kept one) resumes at its last step, which re-runs its evaluation."""
+    stages: dict[str, Any] = {}
+    for name in recipe.train.stages:
+        path = stage_metrics_path(run_dir, name)
+        if find_checkpoint(path.parent) is None or not path.exists():
+            break
+        stages[name] = read_json(path, f"Delete it to have stage '{name}' evaluated again on the next run")
+    return stages
 
 
 def rebuild_model(recipe: Recipe, run_dir: Path, device: torch.device, stages: list[str]) -> VLM:
@@ -486,37 +581,58 @@ def train(recipe: Recipe, run_dir: Path | None = None, console: Console | None =
     """Run the recipe's stages in order; resumes automatically from the run directory's checkpoints.
 
     Under ``torchrun``/``deepspeed``/``srun`` every process runs this; rank 0 alone writes the run directory.
+    The caller's torch thread count is restored afterwards (a resumed stage may pin another, see pin_threads).
+    Rank 0 holds the run directory's lock while it trains (vlkit/_locks.py): a second trainer is refused.
     """
-    console = console or Console()
+    threads = torch.get_num_threads()
+    with contextlib.ExitStack() as held:
+        try:
+            return _train(recipe, run_dir, console or Console(), dry_run, features, stop_after, held)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _train(recipe: Recipe, run_dir: Path | None, console: Console, dry_run: bool, features: Any,
+           stop_after: tuple[str, int] | None, held: contextlib.ExitStack) -> dict[str, Any]:
     seed_everything(recipe.train.seed, recipe.train.deterministic)
     ctx = setup_distributed(recipe, pick_device(recipe.train.device), console)
     device = ctx.device
     if not ctx.is_main:
         console.quiet = True  # one voice: rank 0 prints, logs and shows progress (errors still reach stderr)
     if ctx.is_main:
+        lock = hold_run_dir(default_run_dir(recipe, run_dir))  # RunBusyError while another process trains it
+        if lock is not None:
+            held.callback(release_run, lock)
         run_dir = prepare_run_dir(recipe, run_dir)
     else:
-        run_dir = Path(run_dir or Path(recipe.train.output_dir) / (recipe.train.run_name or recipe.name))
+        run_dir = default_run_dir(recipe, run_dir)
     ctx.barrier()
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"stages": {}}
+    summary = load_summary(run_dir, recipe, console)
     summary.update({"recipe": recipe.name, "identity": recipe.identity(), "status": "running"})
     log = MetricsLog(run_dir / "metrics.jsonl") if ctx.is_main else NullLog()
     t0 = time.time()
 
     def write_summary() -> None:
         if ctx.is_main:
-            summary_path.write_text(json.dumps(summary, indent=1))
+            write_json_atomic(summary_path, summary)
 
     model = build_model(recipe).to(device)
     summary["num_image_tokens"] = model.num_image_tokens
     features_fn = features.for_model(model, device) if features is not None else None
     for i, stage_name in enumerate(recipe.train.stages):
         done = find_checkpoint(run_dir / "checkpoints" / stage_name / "final")
+        recorded = stage_metrics_path(run_dir, stage_name)
+        if done is not None and stage_name not in summary["stages"] and recorded.exists():
+            # killed after the stage was recorded beside its checkpoint, before summary.json was rewritten
+            summary["stages"][stage_name] = read_json(recorded, f"Delete it to have stage '{stage_name}' evaluated again")
         if done is not None and stage_name in summary["stages"]:
             set_trainable(model, recipe.stages[stage_name])
             load_trainable(model, done / "trainable.safetensors")
             console.print(f"stage '{stage_name}' already finished: loaded {done}")
+            # the next stage starts as it would have in the first process: with that process's thread count
+            pin_threads(read_json(done / "state.json", f"Delete {done.parent} to train stage '{stage_name}' "
+                                  "again"), recipe.train.deterministic, console)
             continue
         m = run_stage(model, recipe, stage_name, run_dir, device, console, log, dry_run, features_fn,
                       stop_after[1] if stop_after and stop_after[0] == stage_name else None, ctx=ctx)
@@ -531,6 +647,8 @@ def train(recipe: Recipe, run_dir: Path | None = None, console: Console | None =
                 log.write({"stage": stage_name, "step": m["steps"], **_scalars(ev)})
                 m.update(ev)
         summary["stages"][stage_name] = {k: v for k, v in m.items() if k != "examples"}
+        if ctx.is_main:  # first beside the checkpoint: summary.json can always be rebuilt from these
+            write_json_atomic(stage_metrics_path(run_dir, stage_name), summary["stages"][stage_name])
         write_summary()
         if "accuracy" in m:
             print_accuracy(console, stage_name, m)

@@ -1,12 +1,13 @@
 """Turn a recipe plus declared axes into a validated plan (printed before anything runs, saved as plan.json)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from vlkit._atomic import write_json_atomic
 
 from vlkit.ablate.grid import RunSpec, expand, parse_values
 from vlkit.ablate.run import run_status
@@ -57,7 +58,7 @@ def make_plan(recipe: str, overrides: list[str], cli_axes: dict[str, str], seeds
     plan = {"recipe": base.name, "recipe_path": str(path), "axes": list(axes), "seeds": seed_list,
             "base_overrides": base_ov,
             "num_patches": num_patches, "command": command, "runs": [s.to_dict() for s in specs]}
-    (out / "plan.json").write_text(json.dumps(plan, indent=1))
+    write_json_atomic(out / "plan.json", plan)
     return {**plan, "specs": specs, "out": out}
 
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from vlkit._atomic import read_json, write_json_atomic, write_text_atomic
 from vlkit.ablate.grid import RunSpec
 from vlkit.ablate.run import run_status
 
@@ -16,7 +18,7 @@ def load_plan(out: Path) -> tuple[dict[str, Any], list[RunSpec]]:
     path = out / "plan.json"
     if not path.exists():
         raise FileNotFoundError(f"{out} is not an ablation directory (no plan.json); run `vlkit ablate` first")
-    plan = json.loads(path.read_text())
+    plan = read_json(path, "Run the same `vlkit ablate` command again to write it (finished runs are kept)")
     return plan, [RunSpec(**s) for s in plan["runs"]]
 
 
@@ -36,10 +38,10 @@ def collect(out: Path) -> list[dict[str, Any]]:
         if s.skipped:
             row["error"] = s.skipped
         elif row["status"] == "failed":
-            row["error"] = json.loads((rd / "status.json").read_text()).get("error", "")[-500:]
+            row["error"] = read_json(rd / "status.json", "Delete it: the run then counts as incomplete").get("error", "")[-500:]
         summary_path = rd / "summary.json"
         if summary_path.exists() and row["status"] == "finished":
-            summary = json.loads(summary_path.read_text())
+            summary = read_json(summary_path, "Run the grid again: the run rebuilds it from its checkpoints")
             last = _last_stage(summary)
             stages = summary.get("stages", {})
             row.update({
@@ -159,11 +161,12 @@ def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(out / "results.csv", buf.getvalue())
+    write_json_atomic(out / "results.json", rows)
 
 
 def plot(out: Path, rows: list[dict[str, Any]], axes: list[str]) -> list[str]:
@@ -266,5 +269,5 @@ def write_report(out: Path, command: str | None = None) -> dict[str, Any]:
         lines += ["", "## How combinations were mapped to models", ""] + [f"- {m}" for m in mapped]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     return {"rows": rows, "aggregate": agg, "comparisons": comps, "plots": plots}

@@ -1,7 +1,9 @@
 """Execute a planned grid: every run is an ordinary ``vlkit train`` run directory under the ablation directory.
 
 Finished runs are skipped on a rerun; failed or incomplete ones run again (resuming from their checkpoints). A
-failed run is recorded with its error and never stops the others. Executors: ``local`` (a pool of worker
+failed run is recorded with its error and never stops the others. A run being trained holds its directory's lock
+(vlkit/_locks.py) for as long as its process lives, so a second grid on the same directory (a rerun while the first
+one's jobs still run, or a colleague on a shared file system) leaves it alone and shows it as running elsewhere. Executors: ``local`` (a pool of worker
 processes on this machine) and ``slurm`` (submitit; ``cluster=local`` runs the same path on this machine).
 """
 from __future__ import annotations
@@ -20,22 +22,33 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from vlkit._atomic import write_json_atomic
+from vlkit._locks import INHERITED_ENV, release_run, run_holder, run_is_live, try_lock_run
 from vlkit.ablate.grid import RunSpec
 
 
 def run_status(run_dir: Path) -> str:
-    """finished / failed / incomplete / pending, from the run directory alone."""
-    summary = run_dir / "summary.json"
-    if summary.exists():
-        try:
-            if json.loads(summary.read_text()).get("status") == "finished":
-                return "finished"
-        except ValueError:
-            pass
-    if (run_dir / "status.json").exists():
-        if json.loads((run_dir / "status.json").read_text()).get("status") == "failed":
-            return "failed"
+    """running / finished / failed / incomplete / pending, from the run directory alone.
+
+    running: a live process holds the directory's lock (here or on another machine sharing the file system).
+    An unreadable ``summary.json`` or ``status.json`` (cut short by a kill while an older vlkit wrote it in place)
+    counts as incomplete: the point runs again, resumes from its checkpoints and rewrites both."""
+    if run_is_live(run_dir):
+        return "running"
+    if _read_status(run_dir / "summary.json") == "finished":
+        return "finished"
+    if _read_status(run_dir / "status.json") == "failed":
+        return "failed"
     return "incomplete" if run_dir.exists() else "pending"
+
+
+def _read_status(path: Path) -> str | None:
+    """The ``status`` field of a JSON state file; None when the file is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("status") if isinstance(data, dict) else None
 
 
 def train_command(recipe: str, spec: RunSpec, run_dir: Path, feature_cache: bool) -> list[str]:
@@ -51,22 +64,34 @@ def execute_run(recipe: str, spec: dict[str, Any], run_dir: str, feature_cache: 
     """
     spec_obj = RunSpec(**spec)
     rd = Path(run_dir)
-    rd.mkdir(parents=True, exist_ok=True)
-    (rd / "status.json").write_text(json.dumps({"status": "running", "started": time.time(), "host": os.uname().nodename}))
+    lock = try_lock_run(rd)
+    if lock is None:  # planned by two grids at once: the other one got it first
+        return {"status": "elsewhere", "holder": run_holder(rd)}
+    try:
+        return _execute_locked(recipe, spec_obj, rd, feature_cache, threads, lock)
+    finally:
+        release_run(lock)
+
+
+def _execute_locked(recipe: str, spec: RunSpec, rd: Path, feature_cache: bool, threads: int | None,
+                    lock: int) -> dict[str, Any]:
+    """execute_run holding the directory's lock; the `vlkit train` child inherits it (lives as long as either)."""
+    write_json_atomic(rd / "status.json", {"status": "running", "started": time.time(), "host": os.uname().nodename})
     env = dict(os.environ)
     if threads:
         env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     env["COLUMNS"] = "160"
+    env[INHERITED_ENV] = str(rd.resolve())
     t0 = time.time()
     with open(rd / "train.log", "a") as log:
-        proc = subprocess.run(train_command(recipe, spec_obj, rd, feature_cache), stdout=log, stderr=subprocess.STDOUT,
-                              env=env)
+        proc = subprocess.run(train_command(recipe, spec, rd, feature_cache), stdout=log, stderr=subprocess.STDOUT,
+                              env=env, pass_fds=(lock,))
     status: dict[str, Any] = {"status": "finished" if proc.returncode == 0 else "failed",
                               "returncode": proc.returncode, "wall_time_s": time.time() - t0}
     if proc.returncode != 0:
         tail = (rd / "train.log").read_text().splitlines()[-15:]
         status["error"] = "\n".join(tail)
-    (rd / "status.json").write_text(json.dumps(status, indent=1))
+    write_json_atomic(rd / "status.json", status)
     return status
 
 
@@ -80,19 +105,22 @@ class GridProgress:
 
     def table(self) -> Table:
         counts = {s: list(self.states.values()).count(s) for s in ("finished", "running", "failed", "pending",
-                                                                   "skipped", "queued")}
+                                                                   "skipped", "queued", "elsewhere")}
         done = counts["finished"] + counts["failed"]
         todo = done + counts["running"] + counts["queued"]
         elapsed = time.time() - self.started
         eta = f"{elapsed / done * (todo - done):.0f} s" if done else "?"
         t = Table(title=f"grid: {counts['finished']} finished, {counts['running']} running, {counts['queued']} queued, "
-                        f"{counts['failed']} failed, {counts['skipped']} skipped; ETA {eta}")
+                        f"{counts['failed']} failed, {counts['skipped']} skipped"
+                        + (f", {counts['elsewhere']} running in another process" if counts["elsewhere"] else "")
+                        + f"; ETA {eta}")
         t.add_column("run")
         t.add_column("state")
-        style = {"finished": "green", "failed": "red", "running": "yellow", "skipped": "dim"}
+        style = {"finished": "green", "failed": "red", "running": "yellow", "skipped": "dim", "elsewhere": "yellow"}
         for s in self.specs:
             st = self.states[s.id]
-            t.add_row(s.id, f"[{style.get(st, '')}]{st}[/]" if style.get(st) else st)
+            shown = "running (another process)" if st == "elsewhere" else st
+            t.add_row(s.id, f"[{style.get(st, '')}]{shown}[/]" if style.get(st) else shown)
         return t
 
 
@@ -110,21 +138,28 @@ def default_workers(n_runs: int) -> int:
 def run_grid(recipe: str, specs: list[RunSpec], out: Path, executor: str = "local", workers: int | None = None,
              feature_cache: bool = True, console: Console | None = None,
              slurm: dict[str, Any] | None = None) -> dict[str, str]:
-    """Run every pending/failed/incomplete point; returns run id -> final state."""
+    """Run every pending/failed/incomplete point; returns run id -> final state.
+
+    A point whose directory a live process holds (another grid, a `vlkit train`) is left to it: "elsewhere"."""
     console = console or Console()
     runs_dir = out / "runs"
     states: dict[str, str] = {}
     todo: list[RunSpec] = []
     for s in specs:
-        if s.skipped:
-            states[s.id] = "skipped"
-        elif run_status(runs_dir / s.id) == "finished":
-            states[s.id] = "finished"
+        status = "skipped" if s.skipped else run_status(runs_dir / s.id)
+        if status in ("skipped", "finished"):
+            states[s.id] = status
+        elif status == "running":
+            states[s.id] = "elsewhere"
         else:
             states[s.id] = "queued"
             todo.append(s)
+    elsewhere = [s.id for s in specs if states[s.id] == "elsewhere"]
+    if elsewhere:
+        console.print(f"{len(elsewhere)} run(s) are being trained by another process, left to it: "
+                      + ", ".join(f"{i} ({run_holder(runs_dir / i)})" for i in elsewhere))
     if not todo:
-        console.print("every run of the grid is finished")
+        console.print("every run of the grid is finished" if not elsewhere else "nothing else to run")
         return states
     workers = workers or default_workers(len(todo))
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -158,7 +193,7 @@ def run_grid(recipe: str, specs: list[RunSpec], out: Path, executor: str = "loca
             except Exception as exc:  # an executor-level failure of one run is recorded, the grid goes on
                 states[s.id] = "failed"
                 (runs_dir / s.id).mkdir(parents=True, exist_ok=True)
-                (runs_dir / s.id / "status.json").write_text(json.dumps({"status": "failed", "error": repr(exc)}))
+                write_json_atomic(runs_dir / s.id / "status.json", {"status": "failed", "error": repr(exc)})
             live.update(progress.table())
     if executor == "local":
         pool.shutdown()

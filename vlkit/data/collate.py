@@ -17,6 +17,13 @@ class Collator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         # items of variable length T_i -> input_ids/labels/attention_mask [B, max T_i], pixel_values [I, 3, S, S]
+        # items whose image failed to decode (``bad``, see LlavaDataset.keep_bad) are left out and listed in "bad";
+        # when every item is bad the first one stays (blank image) and "all_bad" asks the trainer to weight it 0
+        bad = [{"index": it["index"], "id": it.get("id"), "image": it.get("image_key"), "error": it["bad"]}
+               for it in items if it.get("bad")]
+        kept = [it for it in items if not it.get("bad")]
+        all_bad = not kept
+        items = kept or items[:1]
         longest = max(len(it["input_ids"]) for it in items)
         ids = torch.full((len(items), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(items), longest), IGNORE, dtype=torch.long)
@@ -32,7 +39,8 @@ class Collator:
         image_index = torch.tensor([b for b, it in enumerate(items) if it.get("image_key") is not None], dtype=torch.long)
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixel_values,
                 "image_index": image_index,
-                "index": [it["index"] for it in items], "image_keys": [it.get("image_key") for it in items]}
+                "index": [it["index"] for it in items], "image_keys": [it.get("image_key") for it in items],
+                "bad": bad, "all_bad": all_bad}
 
 
 def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:

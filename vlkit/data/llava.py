@@ -12,9 +12,11 @@ to the model's M image-token ids, never cut by truncation.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -113,8 +115,47 @@ def load_image(path: Path) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"image '{path}' does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"image '{path}' is unreadable or corrupt: {exc}") from exc
+
+
+def image_problem(path: Path, decode: bool = True) -> str | None:
+    """Why ``path`` cannot be used, or None. ``decode``: read every pixel as training does (:func:`load_image`,
+    which catches truncated files); otherwise PIL's ``verify()`` (headers only: fast, misses truncation)."""
+    try:
+        if decode:
+            load_image(path)
+        else:
+            with Image.open(path) as im:
+                im.verify()
+    except DataError as exc:
+        return str(exc.__cause__) if exc.__cause__ is not None else str(exc)
+    except Exception as exc:  # PIL raises many types for corrupt files; each is reported per record
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def image_problems(paths: list[Path], decode: bool = True, workers: int = 1,
+                   advance: Callable[[int], None] | None = None) -> list[str | None]:
+    """:func:`image_problem` for each path, in order; in ``workers`` processes when more than one.
+
+    ``advance(n)`` is called as results come in (for a progress bar)."""
+    check = partial(image_problem, decode=decode)
+    if workers <= 1 or len(paths) < 2:
+        results = []
+        for path in paths:
+            results.append(check(path))
+            if advance is not None:
+                advance(1)
+        return results
+    chunk = max(1, min(64, len(paths) // (workers * 8)))
+    results = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for res in pool.map(check, paths, chunksize=chunk):
+            results.append(res)
+            if advance is not None:
+                advance(1)
+    return results
 
 
 class ImageTransform:
@@ -123,6 +164,7 @@ class ImageTransform:
     def __init__(self, image_size: int, mean, std) -> None:
         from torchvision.transforms import v2
 
+        self.image_size = image_size
         self.t = v2.Compose([
             v2.PILToTensor(),
             v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
@@ -134,6 +176,10 @@ class ImageTransform:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         # PIL RGB -> [3, S, S]
         return self.t(image)
+
+    def blank(self) -> torch.Tensor:
+        """A zero image [3, S, S]: the stand-in for an image that failed to decode (trained with weight 0)."""
+        return torch.zeros(3, self.image_size, self.image_size)
 
 
 def to_messages(conversations: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -234,14 +280,20 @@ class Problem:
 
 
 def check_records(records: list[Any], image_root: str | Path | None, tokenizer=None, image_token_id: int | None = None,
-                  num_image_tokens: int = 1, max_length: int = 10**9, open_images: bool = True
-                  ) -> tuple[list[Example], list[Problem]]:
+                  num_image_tokens: int = 1, max_length: int = 10**9, open_images: bool = True,
+                  decode_images: bool = False, workers: int = 1,
+                  on_images: Callable[[int], None] | None = None,
+                  advance: Callable[[int], None] | None = None) -> tuple[list[Example], list[Problem]]:
     """Every check training relies on: structure, image paths and files, templating, length.
 
+    ``open_images`` opens each image file: with ``decode_images`` every pixel is decoded as the training loader
+    does (catches truncated files; ``workers`` processes), else headers only (PIL ``verify``). ``on_images(n)`` is
+    told how many images will be opened, ``advance(k)`` as they are (for a progress bar).
     Returns the usable examples (tokenized when a tokenizer is given) and one Problem per bad record.
     """
-    good: list[Example] = []
     problems: list[Problem] = []
+    paths: dict[int, Path] = {}
+    usable: list[int] = []
     for i, rec in enumerate(records):
         rid = record_id(rec, i)
         bad = structure_problems(rec)
@@ -260,13 +312,20 @@ def check_records(records: list[Any], image_root: str | Path | None, tokenizer=N
             if not path.exists():
                 problems.append(Problem(i, rid, "image_missing", f"image '{rec['image']}' not found under {image_root}"))
                 continue
-            if open_images:
-                try:
-                    with Image.open(path) as im:
-                        im.verify()
-                except Exception as exc:  # PIL raises many types for corrupt files; each is reported per record
-                    problems.append(Problem(i, rid, "image_corrupt", f"image '{rec['image']}' is unreadable: {exc}"))
-                    continue
+            paths[i] = path
+        usable.append(i)
+    if open_images and paths:
+        if on_images is not None:
+            on_images(len(paths))
+        found = image_problems(list(paths.values()), decode_images, workers, advance)
+        broken = {i: msg for i, msg in zip(paths, found) if msg is not None}
+        for i, msg in broken.items():
+            problems.append(Problem(i, record_id(records[i], i), "image_corrupt",
+                                    f"image '{records[i]['image']}' is unreadable: {msg}"))
+        usable = [i for i in usable if i not in broken]
+    good: list[Example] = []
+    for i in usable:
+        rec = records[i]
         if tokenizer is None:
             good.append(Example([], [], rec.get("image"), i))
             continue
@@ -276,17 +335,22 @@ def check_records(records: list[Any], image_root: str | Path | None, tokenizer=N
             msg = str(exc)
             kind = "too_long" if "truncation would cut" in msg else "no_supervised_tokens" if "no supervised" in msg \
                 else "template"
-            problems.append(Problem(i, rid, kind, msg))
+            problems.append(Problem(i, record_id(rec, i), kind, msg))
+    problems.sort(key=lambda p: p.index)  # stable: a record's own problems keep their order
     return good, problems
 
 
 class LlavaDataset(torch.utils.data.Dataset):
-    """Tokenized examples plus lazily loaded, preprocessed images."""
+    """Tokenized examples plus lazily loaded, preprocessed images.
+
+    With ``keep_bad`` (training) an image that fails to decode does not raise inside a loader worker: the item comes
+    back with a blank image and ``bad`` set to the reason, and the training process decides to skip or stop."""
 
     def __init__(self, examples: list[Example], image_root: str | Path | None, transform: ImageTransform,
-                 load_images: bool = True) -> None:
+                 load_images: bool = True, keep_bad: bool = False) -> None:
         self.examples, self.image_root, self.transform = examples, image_root, transform
         self.load_images = load_images  # False when a feature cache supplies the encoder outputs
+        self.keep_bad = keep_bad
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -294,6 +358,18 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         ex = self.examples[i]
         path = safe_image_path(self.image_root, ex.image) if ex.image is not None else None
-        pixel_values = self.transform(load_image(path)) if path is not None and self.load_images else None
+        pixel_values, bad = None, None
+        if path is not None and self.load_images:
+            try:
+                pixel_values = self.transform(load_image(path))
+            except DataError as exc:
+                if not self.keep_bad:
+                    raise DataError(f"record {example_id(ex)}: {exc}") from exc
+                pixel_values, bad = self.transform.blank(), str(exc)
         return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixel_values, "index": ex.index,
-                "image_key": None if path is None else str(path)}
+                "image_key": None if path is None else str(path), "id": example_id(ex), "bad": bad}
+
+
+def example_id(ex: Example) -> str:
+    """The record's ``id`` (or ``#index`` when it has none), as in problem reports."""
+    return str(ex.meta.get("id", f"#{ex.index}"))

@@ -1,0 +1,87 @@
+"""A live run holds its directory's lock: a second `vlkit ablate` leaves it alone (and shows it running), a dead
+one's lock is gone with it (kill -9) so the point runs again, and `vlkit train` refuses a directory in use."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import vlkit
+from vlkit._locks import INHERITED_ENV, RunBusyError, hold_run_dir, release_run, run_is_live
+from vlkit.ablate.run import execute_run, run_status
+
+QUICK = ["train.stages=[instruct]", "stages.instruct.max_steps=2", "stages.instruct.batch_size=4",
+         "stages.instruct.eval_max_samples=4", "stages.instruct.eval_batch_size=4", "data.max_length=112"]
+HOLDER = """
+import sys, time
+from vlkit._locks import try_lock_run
+fd = try_lock_run(sys.argv[1])
+print("held" if fd is not None else "busy", flush=True)
+time.sleep(600)
+"""
+
+
+def hold(run_dir: Path) -> subprocess.Popen:
+    """A process holding run_dir's lock, as a `vlkit train` of another grid would."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_live_holder_keeps_the_directory_and_its_death_frees_it(tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "r0"
+    holder = hold(run)
+    try:
+        assert run_is_live(run) and run_status(run) == "running"
+        with pytest.raises(RunBusyError, match=rf"{run} is in use by another process \(host .*, pid {holder.pid}\)"):
+            hold_run_dir(run)
+        spec = {"id": "r0", "overrides": [], "axes": {}, "seed": 0}
+        assert execute_run("mlp_patch", spec, str(run), feature_cache=False)["status"] == "elsewhere"
+        assert sorted(p.name for p in run.iterdir()) == [".vlkit-run.lock"]  # nothing written by the loser
+        monkeypatch.setenv(INHERITED_ENV, str(run.resolve()))
+        assert hold_run_dir(run) is None  # a `vlkit train` started by the holder runs under its lock
+        monkeypatch.delenv(INHERITED_ENV)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert not run_is_live(run) and run_status(run) == "incomplete"
+    fd = hold_run_dir(run)
+    assert fd is not None and run_is_live(run)
+    release_run(fd)
+    assert not run_is_live(run)
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and "tensorboard" not in p.parts}
+
+
+def test_second_grid_skips_a_live_run_and_reruns_it_once_dead(tiny_toy_world, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "abl"
+    args = ["ablate", "mlp_patch", *QUICK, "--projector", "linear,mlp", "--seeds", "1", "--out", str(out),
+            "--workers", "1"]
+    live, other = out / "runs" / "projector-linear_seed-0", out / "runs" / "projector-mlp_seed-0"
+    holder = hold(live)
+    try:
+        assert run_status(live) == "running"
+        first = vlkit(*args)
+        text = " ".join(first.stdout.split())
+        assert "1 run(s) are being trained by another process" in text and "projector-linear_seed-0" in text, text
+        assert run_status(other) == "finished"
+        assert sorted(p.name for p in live.iterdir()) == [".vlkit-run.lock"]  # not touched: no second trainer
+        busy = vlkit("train", "recipes/mlp_patch.yaml", *QUICK, "--run-dir", str(live), check=False)
+        assert busy.returncode == 1 and "in use by another process" in " ".join(busy.stderr.split()), busy.stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert not run_is_live(live) and run_status(live) == "incomplete"  # the lock died with its holder
+    before = snapshot(other)
+    second = vlkit(*args)
+    assert "running 1 run(s)" in second.stdout, second.stdout
+    assert run_status(live) == "finished"
+    after = snapshot(other)
+    assert after.keys() == before.keys() and all(after[k] == before[k] for k in before)  # unchanged byte for byte
