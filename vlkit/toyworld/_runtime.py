@@ -5,7 +5,6 @@ import contextlib
 import os
 from typing import Any, Iterator
 
-ENV_THREADS = "VLKIT_TOY_THREADS"
 ENV_PARALLEL = "VLKIT_TOY_PARALLEL"
 
 
@@ -13,14 +12,6 @@ def console() -> Any:
     from rich.console import Console
 
     return Console(stderr=True)
-
-
-def build_threads() -> int:
-    """Torch threads per pretraining job: ``$VLKIT_TOY_THREADS``, else 1. The count is fixed because the weights
-    depend on it (float reduction order); with one thread per job the two jobs share 2 cores without the
-    spin-wait slowdown that 2-thread jobs suffer on a busy machine."""
-    env = os.environ.get(ENV_THREADS)
-    return max(1, int(env)) if env else 1
 
 
 def parallel_jobs() -> bool:
