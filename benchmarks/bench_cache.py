@@ -243,7 +243,7 @@ def main() -> None:
     t_start = time.time()
     env = environment()
     world = ensure_toy_world()
-    preset = json.loads((world.root / "build.json").read_text())["config"]["preset"]
+    preset = json.loads((world.root / "build.json").read_text())["preset"]
     print(f"toy world: {world.root} (preset {preset})", flush=True)
     work = Path(tempfile.mkdtemp(prefix="vlkit-bench-cache-"))
     try:
