@@ -107,13 +107,9 @@ def _world_at(root: Path, preset: str, seed: int) -> ToyWorld:
     else:
         weights = root / "weights"
         manifest = shipped.verify(weights, world_id(preset, seed))
-    report = dict(manifest.get("report", {}))
-    try:
-        marker = json.loads((root / MARKER).read_text())
-        report["first_use_seconds"] = marker.get("seconds", {})
-        report["answer_baselines"] = marker.get("answer_baselines", {})
-    except (OSError, ValueError):
-        pass
+    marker = json.loads((root / MARKER).read_text())  # present and parsed: is_built() or the build checked it
+    report = {**manifest.get("report", {}), "first_use_seconds": marker.get("seconds", {}),
+              "answer_baselines": marker.get("answer_baselines", {})}
     return ToyWorld(root, root / "data", weights, report)
 
 
