@@ -53,7 +53,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(2)
         except (RegistryError, DataError, ToyWeightsError, FileNotFoundError, ValueError, TypeError) as exc:
             err_console.print(f"[bold red]error:[/] {type(exc).__name__}: ", end="")
-            err_console.print(str(exc), markup=False, highlight=False)
+            err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)  # paths stay whole
             if exc.__cause__ is not None:
                 err_console.print(f"  caused by {type(exc.__cause__).__name__}: {exc.__cause__}", markup=False)
             raise typer.Exit(1)
