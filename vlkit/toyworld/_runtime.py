@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+from pathlib import Path
 from typing import Any, Iterator
 
 ENV_PARALLEL = "VLKIT_TOY_PARALLEL"
@@ -58,3 +60,15 @@ def loadavg() -> float | None:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the finished directory ``new`` at ``target`` by renames (same file system), removing what was there:
+    a reader sees the old directory or the new one, never a half-written one."""
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)

@@ -226,13 +226,7 @@ def pretrain(out_dir: str | os.PathLike, preset: str = "default", seed: int = 0,
                                  "fp32_matmul_gflops_1_thread": fp32_matmul_gflops(),
                                  "load_avg_1min_at_end": _runtime.loadavg()}
         manifest = shipped.write_manifest(weights, config, report)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            weights.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            weights.rename(out)
+        _runtime.replace_dir(weights, out)
         return manifest
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -146,13 +146,7 @@ def build_toy_world(cache_dir: str | os.PathLike | None = None, *, preset: str |
             marker = {**_marker(preset, seed), "seconds": seconds,
                       "answer_baselines": answer_baselines(tmp / "data")}
             (tmp / MARKER).write_text(json.dumps(marker, indent=2))
-            if root.exists():
-                old = root.parent / f".{root.name}.old-{os.getpid()}"
-                root.rename(old)
-                tmp.rename(root)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(root)
+            _runtime.replace_dir(tmp, root)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
