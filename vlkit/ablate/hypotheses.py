@@ -176,7 +176,12 @@ def check_metric(metric: str, question_types: list[str] | None, columns: list[st
     families, and for ``acc/<type>`` one of ``question_types`` when they are known (the toy world's)."""
     if columns is not None:
         if metric not in columns:
-            raise ExpectationError(f"metric '{metric}' is not in this study's results.{suggest(metric, columns)} "
+            if metric.startswith("acc/"):  # compare question types, not the shared 'acc/' prefix
+                types = [c.removeprefix("acc/") for c in columns if c.startswith("acc/")]
+                close = suggest(metric.removeprefix("acc/"), types).replace(" '", " 'acc/")
+            else:
+                close = suggest(metric, [c for c in columns if not c.startswith("acc/")])
+            raise ExpectationError(f"metric '{metric}' is not in this study's results.{close} "
                                    f"Measured: {', '.join(columns)}")
         return
     if metric in PLAIN_METRICS:
@@ -197,15 +202,10 @@ def check_metric(metric: str, question_types: list[str] | None, columns: list[st
 def _axis_value(token: str, axis: str, values: list[str]) -> str:
     if token in values:
         return token
-    import yaml
-
-    try:
-        typed = yaml.safe_load(token)
-    except yaml.YAMLError:
-        typed = token
-    for v in values:  # 1e-3 written for 0.001
-        if _is_number(v) and isinstance(typed, (int, float)) and float(v) == float(typed):
-            return v
+    if _is_number(token):
+        for v in values:  # 1e-3 written for 0.001, 16.0 for 16
+            if _is_number(v) and float(v) == float(token):
+                return v
     raise ExpectationError(f"'{token}' is not a value of grid axis '{axis}'.{suggest(token, values)} "
                            f"Values: {', '.join(values)}")
 
@@ -245,6 +245,10 @@ def resolve(exp: Expectation, axes: dict[str, list[Any]], question_types: list[s
     check_metric(exp.metric, question_types, columns)
     if isinstance(exp, Trend):
         return _resolve_trend(exp, shown)
+    qualified = [t.partition("=")[0] for t in (exp.a, exp.b) if "=" in t]
+    if qualified and qualified[0] in shown:  # one side names the axis: read the other side's bare value in it
+        exp = replace(exp, a=exp.a if "=" in exp.a else f"{qualified[0]}={exp.a}",
+                      b=exp.b if "=" in exp.b else f"{qualified[0]}={exp.b}")
     axis_a, a = _find_axis(exp.a, shown)
     axis_b, b = _find_axis(exp.b, shown)
     if axis_a is None:
