@@ -126,6 +126,8 @@ class Recipe(_Strict):
     stages: dict[str, StageConfig]
     train: TrainConfig = TrainConfig()
     grid: dict[str, Any] | None = None  # ablation axes: key.path or shortcut -> values; "seeds": N or list
+    # a study's declared expectations, checked by its report (vlkit/ablate/hypotheses.py); not part of a run's identity
+    expect: list[Any] | None = None
 
     @model_validator(mode="after")
     def _stages_exist(self) -> "Recipe":
@@ -140,14 +142,19 @@ class Recipe(_Strict):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        data = self.model_dump(mode="json")
+        if data.get("expect") is None:  # recipes without expectations dump (and hash) as they always did
+            data.pop("expect", None)
+        return data
 
     def identity(self) -> str:
         """A short hash of the resolved config (what a run's results belong to).
 
         Launch settings (``train.distributed``, ``train.deepspeed``) are left out: a run started on 8 GPUs resumes
-        on 4 or on one, and a distributed run computes the single-process result."""
+        on 4 or on one, and a distributed run computes the single-process result. So are a study's expectations
+        (``expect:``): they say what the report checks, not what a run computes."""
         data = self.to_dict()
+        data.pop("expect", None)
         for key in LAUNCH_KEYS:
             data["train"].pop(key, None)
         blob = json.dumps(data, sort_keys=True).encode()
@@ -338,10 +345,34 @@ def validate_recipe(data: dict[str, Any], source: str, overridden: set[str] = fr
     except ValidationError as exc:
         raise ConfigError(source, _format_pydantic(source, exc, set(overridden))) from None
     if check:
-        errors = check_components(recipe, source)
+        errors = check_components(recipe, source) + check_expect(recipe, source)
         if errors:
             raise ConfigError(source, errors)
     return recipe
+
+
+def grid_axes(grid: dict[str, Any] | None) -> dict[str, list[Any]]:
+    """A ``grid:`` block's axes (``seeds`` is not an axis), each a list of values."""
+    return {k: (v if isinstance(v, list) else [v]) for k, v in (grid or {}).items() if k != "seeds"}
+
+
+def eval_question_types(recipe: Recipe) -> list[str] | None:
+    """Question types of the last stage's evaluation set when known before a run (the toy world's), else None."""
+    from vlkit.ablate.hypotheses import toy_question_types
+
+    return toy_question_types(recipe.stages[recipe.train.stages[-1]].eval_data)
+
+
+def check_expect(recipe: Recipe, source: str, axes: dict[str, list[Any]] | None = None) -> list[str]:
+    """Problems in ``expect:``: its grammar, and its metrics and axis values against the grid (``axes``, else the
+    recipe's own ``grid:``; a run's recipe has none, so only the grammar and metric names are checked)."""
+    if recipe.expect is None:
+        return []
+    from vlkit.ablate.hypotheses import check_expectations
+
+    if axes is None and recipe.grid is not None:
+        axes = grid_axes(recipe.grid)
+    return check_expectations(recipe.expect, axes, source, eval_question_types(recipe))[1]
 
 
 def dump_recipe(recipe: Recipe) -> str:

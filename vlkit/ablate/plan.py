@@ -11,7 +11,7 @@ from vlkit._atomic import write_json_atomic
 
 from vlkit.ablate.grid import RunSpec, expand, parse_values
 from vlkit.ablate.run import run_status
-from vlkit.config import ConfigError, find_recipe, load_recipe
+from vlkit.config import ConfigError, check_expect, eval_question_types, find_recipe, load_recipe
 
 
 def _seeds(value: Any) -> list[int]:
@@ -38,6 +38,9 @@ def make_plan(recipe: str, overrides: list[str], cli_axes: dict[str, str], seeds
         axes[key] = values if isinstance(values, list) else [values]
     for key, text in cli_axes.items():
         axes[key] = parse_values(text)
+    expect_errors = check_expect(base, str(path), axes)  # against the final axes (command-line ones too)
+    if expect_errors:
+        raise ConfigError(str(path), expect_errors)
     seed_list = _seeds(seeds if seeds is not None else yaml_seeds)
     num_patches = count_image_tokens(load_recipe(path, overrides + ["tokens.name=patch", "projector.name=linear"]))
     base_ov = list(overrides) + ["grid=null"]
@@ -58,6 +61,9 @@ def make_plan(recipe: str, overrides: list[str], cli_axes: dict[str, str], seeds
     plan = {"recipe": base.name, "recipe_path": str(path), "axes": list(axes), "seeds": seed_list,
             "base_overrides": base_ov,
             "num_patches": num_patches, "command": command, "runs": [s.to_dict() for s in specs]}
+    if base.expect:
+        plan["expect"] = list(base.expect)  # checked by the report (vlkit/ablate/hypotheses.py)
+        plan["question_types"] = eval_question_types(base)
     write_json_atomic(out / "plan.json", plan)
     return {**plan, "specs": specs, "out": out}
 

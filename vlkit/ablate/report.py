@@ -1,4 +1,5 @@
-"""Aggregate a grid's run directories: results.csv/json, report.md with seed statistics, PNG plots."""
+"""Aggregate a grid's run directories: results.csv/json, report.md with seed statistics, PNG plots; and, when the
+recipe declares expectations, findings.json and a Findings section first in report.md (vlkit/ablate/hypotheses.py)."""
 from __future__ import annotations
 
 import csv
@@ -11,6 +12,7 @@ from typing import Any
 
 from vlkit._atomic import read_json, write_json_atomic, write_text_atomic
 from vlkit.ablate.grid import RunSpec
+from vlkit.ablate.hypotheses import Finding, findings_for, findings_json, findings_markdown
 from vlkit.ablate.run import run_status
 
 
@@ -239,6 +241,9 @@ def write_report(out: Path, command: str | None = None) -> dict[str, Any]:
     lines = [f"# Ablation report: {plan['recipe']}", ""]
     if command or plan.get("command"):
         lines += ["Made with:", "", "```", command or plan["command"], "```", ""]
+    findings = write_findings(out, plan, rows)
+    if findings:
+        lines += findings_markdown(findings)
     counts = defaultdict(int)
     for r in rows:
         counts[r["status"]] += 1
@@ -270,4 +275,20 @@ def write_report(out: Path, command: str | None = None) -> dict[str, Any]:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
-    return {"rows": rows, "aggregate": agg, "comparisons": comps, "plots": plots}
+    return {"rows": rows, "aggregate": agg, "comparisons": comps, "plots": plots, "findings": findings}
+
+
+def plan_axes(plan: dict[str, Any]) -> dict[str, list[Any]]:
+    """Each axis of a plan with its values in the order declared (as results.csv shows them)."""
+    return {a: list(dict.fromkeys(_show(r["axes"].get(a)) for r in plan["runs"])) for a in plan["axes"]}
+
+
+def write_findings(out: Path, plan: dict[str, Any], rows: list[dict[str, Any]]) -> list[Finding]:
+    """Judge the plan's expectations on the rows and write findings.json (removed when there are none)."""
+    path = out / "findings.json"
+    if not plan.get("expect"):
+        path.unlink(missing_ok=True)
+        return []
+    findings = findings_for(plan["expect"], plan_axes(plan), rows)
+    write_json_atomic(path, findings_json(findings))
+    return findings
