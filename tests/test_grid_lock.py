@@ -2,6 +2,7 @@
 one's lock is gone with it (kill -9) so the point runs again, and `vlkit train` refuses a directory in use."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers import vlkit
-from vlkit._locks import INHERITED_ENV, RunBusyError, hold_run_dir, release_run, run_is_live
+from vlkit._locks import INHERITED_ENV, RUN_LOCK, RunBusyError, hold_run_dir, release_run, run_is_live
 from vlkit.ablate.run import execute_run, run_status
 
 QUICK = ["train.stages=[instruct]", "stages.instruct.max_steps=2", "stages.instruct.batch_size=4",
@@ -85,3 +86,16 @@ def test_second_grid_skips_a_live_run_and_reruns_it_once_dead(tiny_toy_world, tm
     assert run_status(live) == "finished"
     after = snapshot(other)
     assert after.keys() == before.keys() and all(after[k] == before[k] for k in before)  # unchanged byte for byte
+
+
+def test_a_point_finished_by_another_grid_after_this_one_planned_it_is_left_alone(tmp_path):
+    run = tmp_path / "runs" / "r0"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text('{"status": "finished"}')
+    before = snapshot(run)
+    spec = {"id": "r0", "overrides": [], "axes": {}, "seed": 0}
+    assert execute_run("mlp_patch", spec, str(run), feature_cache=False)["status"] == "finished"
+    after = snapshot(run)
+    assert after.pop(RUN_LOCK).split()[1] == str(os.getpid()).encode()  # the lock taken for the check, by this process
+    assert after == before  # no second `vlkit train`: no state file rewritten, no log appended
+    assert not run_is_live(run)
