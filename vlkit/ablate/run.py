@@ -68,6 +68,10 @@ def execute_run(recipe: str, spec: dict[str, Any], run_dir: str, feature_cache: 
     if lock is None:  # planned by two grids at once: the other one got it first
         return {"status": "elsewhere", "holder": run_holder(rd)}
     try:
+        if _read_status(rd / "summary.json") == "finished":
+            # planned by two grids at once: the other one trained it between this grid's plan and now; a second
+            # `vlkit train` would rewrite its state files (summary, status, log) although nothing is left to train
+            return {"status": "finished"}
         return _execute_locked(recipe, spec_obj, rd, feature_cache, threads, lock)
     finally:
         release_run(lock)
