@@ -198,18 +198,29 @@ def test_lm_loads_and_generates(tiny_toy_world):
     assert out.shape[1] > prompt["input_ids"].shape[1]
 
 
-def test_lm_loss_only_on_assistant_turns(tiny_toy_world):
-    from transformers import AutoTokenizer
+def test_lm_loss_weights_answers_and_other_tokens(tiny_toy_world):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vlkit.toyworld import models
 
     tok = AutoTokenizer.from_pretrained(tiny_toy_world.tokenizer_dir)
     convs = models.lm_conversations(4, 0, tw.pretrain_config("tiny")["lm"], grid=3, max_objects=4)
-    batch = models.lm_batch(tok, convs, assistant_only=True)
+    batch = models.lm_batch(tok, convs, other_weight=0.0)
     kept = batch["labels"][0][batch["labels"][0] != -100].tolist()
     answers = [m["content"] for m in convs[0] if m["role"] == "assistant"]
     assert tok.decode(kept) == "".join(a + "<|im_end|>" for a in answers)
-    assert (models.lm_batch(tok, convs, assistant_only=False)["labels"] != -100).sum() > len(kept)
+    weighted = models.lm_batch(tok, convs, other_weight=0.25)
+    w, att = weighted["weights"], weighted["attention_mask"]
+    assert set(w[att.bool()].unique().tolist()) == {0.25, 1.0} and (w[~att.bool()] == 0).all()
+    assert (w == 1.0).sum() == (batch["weights"] == 1.0).sum()  # the answers keep full weight
+    # the weighted loss is the mean token loss when every weight is 1
+    lm = AutoModelForCausalLM.from_pretrained(tiny_toy_world.lm_dir)
+    ones = dict(weighted, weights=att.float())
+    with torch.no_grad():
+        ref = lm(input_ids=ones["input_ids"], attention_mask=att,
+                 labels=ones["input_ids"].masked_fill(att == 0, -100)).loss
+        assert torch.allclose(models.lm_loss(lm, ones), ref, atol=1e-5)
 
 
 def test_report_has_probes(tiny_toy_world):

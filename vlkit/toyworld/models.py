@@ -119,7 +119,8 @@ def lm_conversations(n: int, seed: int, cfg: dict[str, Any], grid: int, max_obje
 
     - ``caption_share`` of them caption a scene: half with the scene given as text (a copy), half without (so the
       LM learns the caption language the align stage asks of it);
-    - the rest ask ``turns`` = (min, max) questions of random types about a scene given as text."""
+    - the rest ask ``turns`` = (min, max) questions of random types about a scene given as text, no question
+      twice in a chat (an answer is never copied from an earlier turn)."""
     rng = np.random.default_rng([seed, 202])
     lo, hi = cfg["turns"]
     convs: list[list[dict]] = []
@@ -139,7 +140,7 @@ def lm_conversations(n: int, seed: int, cfg: dict[str, Any], grid: int, max_obje
         for _ in range(4 * hi):
             qtype = toy.QUESTION_TYPES[int(rng.integers(len(toy.QUESTION_TYPES)))]
             qa = toy.ask(qtype, objs, grid, rng)
-            if qa is not None:
+            if qa is not None and qa[0] not in {q for _, q, _ in qas}:  # an answer is never copied from a turn
                 qas.append((qtype, *qa))
             if len(qas) == want:
                 break
@@ -147,22 +148,37 @@ def lm_conversations(n: int, seed: int, cfg: dict[str, Any], grid: int, max_obje
     return convs
 
 
-def lm_batch(tok, convs: list[list[dict]], assistant_only: bool) -> dict[str, "torch.Tensor"]:
-    """Right-padded ids, mask and labels; labels keep only assistant tokens when ``assistant_only``."""
+def lm_batch(tok, convs: list[list[dict]], other_weight: float = 0.0) -> dict[str, "torch.Tensor"]:
+    """Right-padded ids, mask, labels (every real token) and per-token loss ``weights``: 1 on assistant tokens,
+    ``other_weight`` on the rest (system, scene text, questions), 0 on padding."""
     import torch
 
     enc = tok.apply_chat_template(convs, tokenize=True, return_dict=True, padding=True, return_tensors="pt",
                                   return_assistant_tokens_mask=True)
     ids, att = enc["input_ids"], enc["attention_mask"]
-    keep = torch.as_tensor(enc["assistant_masks"]).bool() if assistant_only else att.bool()
-    return {"input_ids": ids, "attention_mask": att, "labels": ids.masked_fill(~keep, -100)}
+    answer = torch.as_tensor(enc["assistant_masks"]).bool()
+    weights = torch.where(answer, 1.0, other_weight) * att
+    return {"input_ids": ids, "attention_mask": att, "labels": ids.masked_fill(weights == 0, -100), "weights": weights}
+
+
+def lm_loss(model, batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+    """Next-token cross-entropy weighted per target token (``lm_batch``'s weights), normalised by the weights."""
+    import torch
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+    w = batch["weights"][:, 1:]
+    return (nll * w).sum() / w.sum()
 
 
 def train_lm(tok, out_dir: Path, cfg: dict[str, Any], seed: int, data_cfg: dict[str, Any], update: Update) -> dict:
     """Pretraining of a tiny Qwen2 on toy chats (no images); saves model + tokenizer + generation config.
 
-    Loss is on assistant tokens only (``loss: assistant``): the scene descriptions are unpredictable, and their
-    loss would drown the signal that teaches the LM to read answers out of its context."""
+    Answer tokens carry full loss and every other token ``other_token_weight`` (0.3 in the shipped preset): the
+    answers teach reading a scene out of the context; predicting the scene text's fixed layout (which cell comes
+    next) teaches the LM where it is in a description, which the look-ups build on. Measured with 6-10 distinct
+    questions per scene: colour_at_position 0.62 after 1 000 steps with weight 0.3, while answer-only loss kept
+    one constant colour (0.10 after 750 steps; 0.18 after 6 000 steps of 1-4 questions)."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -177,10 +193,10 @@ def train_lm(tok, out_dir: Path, cfg: dict[str, Any], seed: int, data_cfg: dict[
     model.train()
     losses = []
     for step in range(steps):
-        b = lm_batch(tok, convs[step * batch:(step + 1) * batch], cfg["loss"] == "assistant")
+        b = lm_batch(tok, convs[step * batch:(step + 1) * batch], cfg["other_token_weight"])
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, cfg["lr"], max(1, steps // 20))
-        losses.append(_step(model(**b).loss, model, opt))
+        losses.append(_step(lm_loss(model, b), model, opt))
         update(step + 1, f"loss {np.mean(losses[-10:]):.3f}")
     model.eval()
     model.generation_config = GenerationConfig(eos_token_id=im_end, pad_token_id=tok.pad_token_id,

@@ -40,13 +40,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         data=DATA,
         clip=dict(steps=2500, batch=128, lr=2e-3, arch=CLIP_ARCH),
-        lm=dict(steps=6000, batch=32, lr=3e-3, turns=(1, 4), caption_share=0.15, loss="assistant", arch=LM_ARCH),
+        lm=dict(steps=5000, batch=32, lr=3e-3, turns=(6, 10), caption_share=0.15, other_token_weight=0.3,
+                arch=LM_ARCH),
         probes=dict(n_train=3000, epochs=300),
     ),
     "tiny": dict(
         data=dict(DATA, n_train=400, n_val=160, n_test=40),
         clip=dict(steps=12, batch=32, lr=2e-3, arch=CLIP_ARCH),
-        lm=dict(steps=12, batch=16, lr=3e-3, turns=(1, 4), caption_share=0.15, loss="assistant", arch=LM_ARCH),
+        lm=dict(steps=12, batch=16, lr=3e-3, turns=(6, 10), caption_share=0.15, other_token_weight=0.3,
+                arch=LM_ARCH),
         probes=dict(n_train=300, epochs=100),
     ),
 }
