@@ -211,7 +211,7 @@ def test_equivalence_judged_by_ci_inside_or_outside_margin_not_by_p():
     assert same.verdict == "supported" and (same.ci_low, same.ci_high) == (0.0, 0.0)
     # ... but no direction can be claimed
     f = one("patch > cls on accuracy", rows([0.0] * 6), TOK)
-    assert f.verdict == "inconclusive" and "exactly equal" in f.sentence and "no number of seeds" in f.power_note
+    assert f.verdict == "inconclusive" and "exactly equal" in f.sentence and "no practical number of seeds" in f.power_note
 
 
 def test_holm_across_expectations():
@@ -380,3 +380,11 @@ def test_report_without_expectations_is_unchanged(tmp_path):
     result = write_report(tmp_path)
     assert "Findings" not in (tmp_path / "report.md").read_text() and result["findings"] == []
     assert not (tmp_path / "findings.json").exists()
+
+
+def test_power_note_for_a_zero_effect_names_no_absurd_seed_count():
+    from vlkit.ablate import hypotheses as h
+
+    stat = h.paired_stat([0.42, 0.44, 0.40], [0.42, 0.40, 0.44], 1, "patch", "cls", None)
+    note = h._power_note(stat, None, 7)
+    assert "no practical number of seeds" in note and "≤ 1,000" in note

@@ -51,6 +51,7 @@ from vlkit.registry import suggest
 
 ALPHA = 0.05
 POWER = 0.8
+MAX_SEEDS = 1000  # a power note asking for more seeds than this says "no practical number" instead
 PLAIN_METRICS = ("accuracy", "val_loss", "final_loss", "bleu", "tokens_per_s", "wall_time_s")
 Verdict = Literal["supported", "contradicted", "inconclusive", "not tested"]
 
@@ -536,9 +537,10 @@ def _power_note(stat: PairedStat, margin: float | None, family: int) -> str:
         n = seeds_needed(stat.sd, stat.effect, stat.settings, ALPHA / family, POWER)
         level = f"α = 0.05/{family}, the strictest level Holm can apply" if family > 1 else "α = 0.05"
         what = f"detect the observed effect {_fmt(stat.effect)} with 80% power at {level}"
-    if n is None:
+    if n is None or n > MAX_SEEDS:
         return (f"Power: the observed effect is {_fmt(stat.effect)} with SD {stat.sd:.3f} of paired differences; "
-                "no number of seeds resolves it — state the smallest effect that matters and size the study for it.")
+                f"no practical number of seeds (≤ {MAX_SEEDS:,}) resolves it — state the smallest effect that matters "
+                "and size the study for it.")
     return (f"Power: about {n} seeds per arm{per} would {what}, given the observed SD {stat.sd:.3f} of paired "
             f"differences (paired t; now {stat.n} pairs).")
 
