@@ -23,6 +23,10 @@ QUICK = ["train.stages=[instruct]", "stages.instruct.max_steps=2", "stages.instr
     ("patch", "linear", 16, ["projector.name=linear", "tokens.name=pooled", "tokens.num_tokens=16"], "pooled"),
     ("patch", "cross_attention", 16, ["projector.name=cross_attention", "tokens.name=patch", "projector.num_tokens=16"],
      "learned queries"),
+    # a projector axis without a tokens axis (recipes/ablations/projectors.yaml): cls_reshape takes the CLS vector
+    (None, "cls_reshape", 16, ["projector.name=cls_reshape", "tokens.name=cls", "projector.num_tokens=16"],
+     "reads the CLS vector"),
+    (None, "mlp", 16, ["projector.name=mlp", "tokens.name=pooled", "tokens.num_tokens=16"], None),
 ])
 def test_combinations_map_to_defined_models(tokens, proj, n, expected, note):
     ov, why = combo_overrides(tokens, proj, n, num_patches=64)

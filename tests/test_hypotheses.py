@@ -14,6 +14,7 @@ from vlkit.ablate.hypotheses import (
     Comparison, ExpectationError, Trend, check_expectations, findings_for, holm, judge, pairs_needed,
     parse_expectation, resolve,
 )
+from helpers import vlkit
 from vlkit.config import RECIPES_DIR, ConfigError, load_recipe
 
 AXES = {"tokens": ["cls", "patch"], "num_image_tokens": [1, 4, 9, 16]}
@@ -388,3 +389,29 @@ def test_power_note_for_a_zero_effect_names_no_absurd_seed_count():
     stat = h.paired_stat([0.42, 0.44, 0.40], [0.42, 0.40, 0.44], 1, "patch", "cls", None)
     note = h._power_note(stat, None, 7)
     assert "no practical number of seeds" in note and "≤ 1,000" in note
+
+
+def test_axis_spread_and_compare_with_another_study(tmp_path):
+    """The report's spread per axis: best − worst arm mean, paired over seeds; --compare sets another study's beside
+    it; a directory that is not a study is refused before anything is written."""
+    from vlkit.ablate.report import write_report
+
+    make_ablation(tmp_path / "a", None, SYNTH)
+    other = {"cls": [dict(r, position_of_object=r["position_of_object"] + 0.01) for r in SYNTH["cls"]],
+             "patch": SYNTH["cls"]}
+    make_ablation(tmp_path / "b", None, other)
+    result = write_report(tmp_path / "a", compare=[tmp_path / "b"])
+    pos = next(s for s in result["spreads"] if s["metric"] == "acc/position_of_object")
+    cls, patch = ([r["position_of_object"] for r in SYNTH[t]] for t in ("cls", "patch"))
+    assert (pos["best"], pos["worst"]) == ("patch", "cls") and pos["spread"] == pytest.approx(
+        sum(patch) / 4 - sum(cls) / 4)
+    assert pos["p"] == pytest.approx(stats.ttest_rel(patch, cls).pvalue) and pos["n"] == 4
+    tie = next(s for s in result["spreads"] if s["metric"] == "acc/count")  # every arm 0.8: two distinct arms
+    assert tie["spread"] == 0 and tie["best"] != tie["worst"]
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "## How far each axis moves each metric" in report and "## Compared with other studies" in report
+    assert f"synthetic (`{tmp_path / 'b'}`) | tokens | acc/position_of_object | 0.010 |" in report
+    before = report
+    res = vlkit("report", str(tmp_path / "a"), "--compare", str(tmp_path / "nope"), check=False)
+    assert res.returncode != 0 and "nope is not an ablation directory" in res.stdout + res.stderr
+    assert (tmp_path / "a" / "report.md").read_text() == before

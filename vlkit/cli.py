@@ -375,13 +375,19 @@ def ablate_cmd(recipe: str = typer.Argument("mlp_patch", help="base recipe (defa
                dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and a time estimate, run nothing"),
                partition: Optional[str] = typer.Option(None, help="slurm partition"),
                gpus: int = typer.Option(1, help="slurm GPUs per run"),
-               time_min: int = typer.Option(240, "--time", help="slurm time limit per run (minutes)")) -> None:
+               time_min: int = typer.Option(240, "--time", help="slurm time limit per run (minutes)"),
+               compare: Optional[list[Path]] = typer.Option(None, help="another study's directory: the report sets "
+                                                                        "its axes' spreads beside this one's "
+                                                                        "(repeatable)")) -> None:
     """Run a declared grid (projector x tokens x N x seeds x any key) and write results and a report."""
     import shlex
 
     from vlkit.ablate.plan import make_plan, print_plan, estimate_time
-    from vlkit.ablate.report import write_report
+    from vlkit.ablate.report import load_plan, write_report
     from vlkit.ablate.run import run_grid
+
+    for other in compare or []:
+        load_plan(other)  # a wrong --compare directory fails now, not after the grid has trained
 
     cli_axes: dict[str, str] = {}
     for name, value in (("projector", projector), ("tokens", tokens), ("num_image_tokens", num_image_tokens)):
@@ -400,19 +406,23 @@ def ablate_cmd(recipe: str = typer.Argument("mlp_patch", help="base recipe (defa
         return
     slurm = {"partition": partition, "gpus": gpus, "time_min": time_min}
     run_grid(plan["recipe_path"], plan["specs"], plan["out"], executor, workers, feature_cache, console, slurm)
-    result = write_report(plan["out"])
+    result = write_report(plan["out"], compare=compare)
     print_summary(result, plan["axes"])
     console.print(f"[bold]report[/]: {plan['out'] / 'report.md'}, {plan['out'] / 'results.csv'}")
 
 
 @app.command("report")
 @friendly
-def report_cmd(out: Path = typer.Argument(..., help="ablation directory")) -> None:
+def report_cmd(out: Path = typer.Argument(..., help="ablation directory"),
+               compare: Optional[list[Path]] = typer.Option(None, help="another study's directory: set its axes' "
+                                                                        "spreads beside this one's (repeatable)")) -> None:
     """Regenerate results.csv/json, report.md and plots from an ablation's run directories."""
     from vlkit.ablate.report import load_plan, write_report
 
     plan, _ = load_plan(out)
-    result = write_report(out)
+    for other in compare or []:
+        load_plan(other)
+    result = write_report(out, compare=compare)
     print_summary(result, plan["axes"])
     console.print(f"[bold]report[/]: {out / 'report.md'}")
 

@@ -67,6 +67,9 @@ def combo_overrides(tokens: str | None, projector: str | None, n: int | None, nu
             proj = "cls_reshape"
         if proj is not None and proj not in PER_TOKEN:
             ov.append(f"projector.num_tokens={k}")
+    elif tokens is None and proj == "cls_reshape":  # a projector axis without a tokens axis: it reads the CLS vector
+        ov, _ = combo_overrides("cls", proj, n, num_patches, projector_tokens)
+        return ov, f"cls_reshape reads the CLS vector: tokens=cls, expanded to {n or 1} tokens"
     elif tokens in ("patch", "pooled", None):
         if n is not None and n > num_patches:
             raise Skip(f"{n} image tokens is more than the encoder's {num_patches} patches")

@@ -147,6 +147,77 @@ def comparisons(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str, A
     return out
 
 
+def axis_spreads(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:
+    """How far each axis moves each metric: its best arm minus its worst arm (arm means over seeds and the other
+    axes), paired on seed and the other axes, with a 95% CI and p. The two arms are picked after seeing the data,
+    so the difference is an upper estimate of what the axis does; its CI shows how much of it is seed noise."""
+    finished = [r for r in rows if r["status"] == "finished"]
+    out = []
+    for axis in axes:
+        values = list(dict.fromkeys(r.get(axis) for r in finished))
+        if len(values) < 2:
+            continue
+        others = [a for a in axes if a != axis] + ["seed"]
+        for col in metric_columns(rows):
+            by_arm: dict[Any, dict[tuple, float]] = defaultdict(dict)
+            for r in finished:
+                if isinstance(r.get(col), (int, float)):
+                    by_arm[r.get(axis)][config_key(r, others)] = r[col]
+            means = {v: sum(xs.values()) / len(xs) for v, xs in by_arm.items() if xs}
+            if len(means) < 2:
+                continue
+            best = max(means, key=means.get)
+            worst = min((v for v in means if v != best), key=means.get)  # another arm, also when all arms tie
+            shared = sorted(set(by_arm[best]) & set(by_arm[worst]), key=str)
+            test = paired_test([by_arm[worst][k] for k in shared], [by_arm[best][k] for k in shared]) if shared \
+                else {"diff": means[best] - means[worst], "ci": float("nan"), "p": float("nan"), "n": 0}
+            out.append({"axis": axis, "metric": col, "best": best, "worst": worst, "best_mean": means[best],
+                        "worst_mean": means[worst], "spread": means[best] - means[worst], **test, "arms": len(means)})
+    return out
+
+
+def _spread_cells(s: dict[str, Any]) -> list[str]:
+    ci = "" if math.isnan(s["ci"]) else f"± {s['ci']:.3f}"
+    p = "n/a" if math.isnan(s["p"]) else f"{s['p']:.3g}"
+    return [f"{s['spread']:.3f}", f"{s['best']} ({s['best_mean']:.3f})", f"{s['worst']} ({s['worst_mean']:.3f})",
+            f"{s['diff']:+.3f} {ci}".strip(), p]
+
+
+def spread_markdown(spreads: list[dict[str, Any]]) -> list[str]:
+    if not spreads:
+        return []
+    lines = ["", "## How far each axis moves each metric", "",
+             "Spread = best arm's mean − worst arm's mean; the paired column is the same difference over matched "
+             "seeds with its 95% CI. Both arms are chosen after seeing the data, so a spread is an upper estimate "
+             "of the axis' effect; a CI that reaches 0 means seed noise alone could give it.", "",
+             "| axis | metric | spread | best arm | worst arm | paired best − worst | p |", "|---|---|---|---|---|---|---|"]
+    for s in spreads:
+        lines.append(f"| {s['axis']} | {s['metric']} | " + " | ".join(_spread_cells(s)) + " |")
+    return lines
+
+
+def compare_markdown(spreads: list[dict[str, Any]], others: list[Path]) -> list[str]:
+    """This study's axis spreads beside other studies' (``--compare DIR``), on the metrics they all share."""
+    if not others:
+        return []
+    groups = [("this study", spreads)]
+    for other in map(Path, others):
+        plan, _ = load_plan(other)
+        groups.append((f"{plan.get('recipe', other.name)} (`{other}`)", axis_spreads(collect(other), list(plan["axes"]))))
+    shared = set.intersection(*({s["metric"] for s in g} for _, g in groups))
+    lines = ["", "## Compared with other studies", "",
+             "Each study's axes by how far they move a metric (spread as in the section above); the other studies' "
+             "runs are read from their directories, not rerun.", "",
+             "| study | axis | metric | spread | best arm | worst arm | paired best − worst | p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for metric in [m for m in metric_columns([{m: 0 for m in shared}]) if m in shared]:
+        for label, group in groups:
+            for s in group:
+                if s["metric"] == metric:
+                    lines.append(f"| {label} | {s['axis']} | {metric} | " + " | ".join(_spread_cells(s)) + " |")
+    return lines
+
+
 def _order(v: Any) -> tuple:
     """Sort key for axis values: numbers numerically (1, 4, 16, 64), then everything else by text."""
     return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
@@ -228,8 +299,9 @@ def plot(out: Path, rows: list[dict[str, Any]], axes: list[str]) -> list[str]:
     return made
 
 
-def write_report(out: Path, command: str | None = None) -> dict[str, Any]:
-    """results.csv, results.json, report.md and plots from the run directories."""
+def write_report(out: Path, command: str | None = None, compare: list[Path] | None = None) -> dict[str, Any]:
+    """results.csv, results.json, report.md and plots from the run directories; ``compare``: other studies'
+    directories whose axis spreads are set beside this one's."""
     plan, _ = load_plan(out)
     axes = [a for a in plan["axes"]]
     rows = collect(out)
@@ -264,6 +336,9 @@ def write_report(out: Path, command: str | None = None) -> dict[str, Any]:
             ci = "" if math.isnan(c["ci"]) else f"± {c['ci']:.3f}"
             p = "n/a" if math.isnan(c["p"]) else f"{c['p']:.3g}"
             lines.append(f"| {c['axis']} | {c['a']} | {c['b']} | {c['metric']} | {c['diff']:+.3f} | {ci} | {p} | {c['n']} |")
+    spreads = axis_spreads(rows, axes)
+    lines += spread_markdown(spreads)
+    lines += compare_markdown(spreads, list(compare or []))
     skipped = [r for r in rows if r["status"] in ("skipped", "failed")]
     if skipped:
         lines += ["", "## Skipped and failed runs", ""]
@@ -275,7 +350,8 @@ def write_report(out: Path, command: str | None = None) -> dict[str, Any]:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
-    return {"rows": rows, "aggregate": agg, "comparisons": comps, "plots": plots, "findings": findings}
+    return {"rows": rows, "aggregate": agg, "comparisons": comps, "plots": plots, "findings": findings,
+            "spreads": spreads}
 
 
 def plan_axes(plan: dict[str, Any]) -> dict[str, list[Any]]:
