@@ -68,8 +68,12 @@ def test_feature_cache_gives_same_losses(tiny_toy_world, tmp_path, monkeypatch):
     assert [x[:2] for x in a] == [x[:2] for x in b]
     assert all(abs(x[2] - y[2]) < 1e-5 for x, y in zip(a, b)), (a, b)
     keys = list((tmp_path / "cache").iterdir())
-    # a different layer is a different key: nothing is reused
     from vlkit.model import build_model
+
+    # only what the run draws is encoded: 2 steps x 4 samples per stage, not the 600-image data file
+    cached = cache.for_model(build_model(r), torch.device("cpu")).rows
+    assert 4 <= len(cached) <= 16, len(cached)
+    # a different layer is a different key: nothing is reused
 
     m2 = build_model(load_recipe("mlp_patch", ["encoder.layer=-1"]))
     bound = cache.for_model(m2, torch.device("cpu"))

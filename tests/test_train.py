@@ -212,3 +212,22 @@ def test_loader_workers_keep_the_batch_order(tiny_toy_world, tmp_path):
         train(r, tmp_path / f"w{workers}", console=Console(quiet=True))
         curves.append(losses(tmp_path / f"w{workers}"))
     assert len(curves[0]) == 3 and curves[0] == curves[1]
+
+
+def test_images_read_follows_the_training_order():
+    """The feature cache is filled with the images the stage's micro-batches draw, epoch after epoch."""
+    from types import SimpleNamespace
+
+    from vlkit.data.collate import epoch_batches
+    from vlkit.train import images_read
+
+    examples = [SimpleNamespace(image=f"{i}.png" if i % 5 else None) for i in range(40)]
+    train_set = type("Train", (), {"examples": examples, "__len__": lambda self: len(examples)})()
+    data = SimpleNamespace(train=train_set, lengths=[10 + i % 7 for i in range(40)],
+                           has_image=[e.image is not None for e in examples])
+    first = epoch_batches(data.lengths, data.has_image, 4, 3, 0)
+    got = images_read(data, 4, 3, True, 2)
+    assert got == [examples[i].image for i in sorted(first[0] + first[1]) if examples[i].image]
+    every = [e.image for e in examples if e.image]
+    assert images_read(data, 4, 3, True, 10) == every  # one epoch: all of them
+    assert images_read(data, 4, 3, True, 25) == every  # into the second epoch: still each image once

@@ -298,6 +298,20 @@ def estimate_steps(recipe: Recipe) -> dict[str, int]:
     return out
 
 
+def images_read(data: StageData, micro: int, seed: int, group_by_length: bool, micro_batches: int) -> list[str]:
+    """The images of the samples that the stage's first ``micro_batches`` micro-batches draw (epoch after epoch, in
+    the order training uses), so the feature cache encodes what a short run reads, not the whole data file."""
+    drawn: set[int] = set()
+    epoch = 0
+    while micro_batches > 0 and len(drawn) < len(data.train):
+        order = epoch_batches(data.lengths, data.has_image, micro, seed, epoch, group_by_length)
+        for batch in order[:micro_batches]:
+            drawn.update(batch)
+        micro_batches -= len(order)
+        epoch += 1
+    return [data.train.examples[i].image for i in sorted(drawn) if data.train.examples[i].image]
+
+
 # ---- the shared loop -----------------------------------------------------------------------------------------------
 def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device: torch.device, console: Console,
               log: MetricsLog, dry_run: bool = False, features_fn: Callable | None = None,
@@ -311,13 +325,15 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
     if features_fn is not None and stage.unfreeze_encoder_blocks:
         console.print(f"[yellow]stage '{stage_name}' trains encoder blocks: feature cache not used in this stage[/]")
         features_fn = None
-    if features_fn is not None:
-        images = [e.image for e in data.train.examples] + [r.get("image") for r in data.eval_records]
+    micro = micro_batch_size(stage)
+    if features_fn is not None:  # only the images this stage will draw: max_steps may read a fraction of the data
+        images = images_read(data, micro, seed, recipe.data.group_by_length,
+                             stage_steps(stage, len(data.train)) * stage.grad_accum)
+        images += [r.get("image") for r in data.eval_records]
         with ctx.main_first():  # rank 0 fills the cache, the others then read it
             features_fn.prepare(images, _resolve(recipe.data.image_root), transform)
         data.train.load_images = False
 
-    micro = micro_batch_size(stage)
     if ctx.world_size > micro:
         console.print(f"[yellow]{ctx.world_size} processes but micro-batches of {micro}: some ranks idle (weight 0) "
                       "on every micro-batch; raise batch_size or lower grad_accum[/]")
