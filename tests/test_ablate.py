@@ -98,6 +98,12 @@ def test_ablate_runs_reruns_missing_and_reports(tiny_toy_world, tmp_path, monkey
     assert all(r["image_tokens"] == "64" and int(r["trainable_params"]) > 0 and r["accuracy"] != "" for r in ok)
     report = (out / "report.md").read_text()
     assert "mean ± 95% CI" in report and "Paired comparisons" in report
+    # where each run's time went: the phases are measured parts of the process's own wall time
+    for r in ok:
+        phases = [float(r[k]) for k in ("t_build", "t_checks", "t_cache", "t_train", "t_eval")]
+        assert all(v >= 0 for v in phases) and float(r["t_train"]) > 0 and float(r["t_eval"]) > 0
+        assert sum(phases) < float(r["t_run"])
+    assert "## Where the time went" in report and "| training steps" in report
     assert (out / "accuracy_vs_tokens.png").stat().st_size > 1000 and (out / "loss_curves.png").exists()
     # simulate a run killed midway: only it runs again
     done = [r["run"] for r in ok]

@@ -320,7 +320,9 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
     stage = recipe.stages[stage_name]
     set_trainable(model, stage)
     transform = ImageTransform(model.encoder.image_size, model.encoder.mean, model.encoder.std)
+    t_phase = time.time()
     data = load_stage_data(recipe, stage_name, model, transform, console)
+    phases = {"checks_s": time.time() - t_phase}  # where the stage's time goes (a study's report sums them)
     seed = recipe.train.seed
     if features_fn is not None and stage.unfreeze_encoder_blocks:
         console.print(f"[yellow]stage '{stage_name}' trains encoder blocks: feature cache not used in this stage[/]")
@@ -333,6 +335,7 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
         with ctx.main_first():  # rank 0 fills the cache, the others then read it
             features_fn.prepare(images, _resolve(recipe.data.image_root), transform)
         data.train.load_images = False
+    phases["cache_s"] = time.time() - t_phase - phases["checks_s"]
 
     if ctx.world_size > micro:
         console.print(f"[yellow]{ctx.world_size} processes but micro-batches of {micro}: some ranks idle (weight 0) "
@@ -482,7 +485,8 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
                                "tokens_per_s": tokens_seen / max(wall, 1e-9), "padding_fraction": pad_frac,
                                "trainable_params": trainable, "skipped_records": data.skipped,
                                "skipped_images": bad_images.count, "skipped_image_records": bad_images.records,
-                               "num_image_tokens": model.num_image_tokens, "threads": torch.get_num_threads()}
+                               "num_image_tokens": model.num_image_tokens, "threads": torch.get_num_threads(),
+                               "time_s": {**phases, "train_s": wall}}  # train_s includes eval_every evaluations
     engine.save(ckpt_dir / "final", {"stage": stage_name, "step": step, "epoch": 0, "batch_pos": 0,
                                      "recipe_identity": recipe.identity(), "threads": torch.get_num_threads()},
                 with_optimizer=False)
@@ -491,9 +495,11 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
         metrics["rebuild"] = True
         return metrics
     if data.eval_records:
+        t_eval = time.time()
         m = ctx.on_main(lambda: run_eval(model, recipe, stage, data, transform, device, features_fn), {})
         log.write({"stage": stage_name, "step": step, **_scalars(m)})
         metrics.update(m)
+        metrics["time_s"]["eval_s"] = time.time() - t_eval
     return metrics
 
 
@@ -635,6 +641,7 @@ def _train(recipe: Recipe, run_dir: Path | None, console: Console, dry_run: bool
 
     model = build_model(recipe).to(device)
     summary["num_image_tokens"] = model.num_image_tokens
+    summary["build_s"] = time.time() - t0  # the model from its weights (encoder, LLM, tokenizer)
     features_fn = features.for_model(model, device) if features is not None else None
     for i, stage_name in enumerate(recipe.train.stages):
         done = find_checkpoint(run_dir / "checkpoints" / stage_name / "final")

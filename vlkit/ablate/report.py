@@ -55,8 +55,51 @@ def collect(out: Path) -> list[dict[str, Any]]:
             })
             for qt, acc in (last.get("accuracy_by_type") or {}).items():
                 row[f"acc/{qt}"] = acc
+            row.update(time_columns(summary, rd))
         rows.append(row)
     return rows
+
+
+TIME_PHASES = {"t_build": "model build (encoder, LLM, tokenizer from their weights)",
+               "t_checks": "data checks (every record of each stage's data file)",
+               "t_cache": "feature cache: look-up and encoding of missing images",
+               "t_train": "training steps (with any mid-stage evaluations)",
+               "t_eval": "evaluation after each stage (generation)"}
+
+
+def time_columns(summary: dict[str, Any], rd: Path) -> dict[str, float]:
+    """Where a run's time went, in seconds: summed over stages, and ``t_run`` the whole process as the grid's
+    executor timed it (so ``t_run`` minus the phases is process start, imports and writing results)."""
+    stages = [st.get("time_s") for st in summary.get("stages", {}).values()]
+    if not stages or not all(stages) or "build_s" not in summary:
+        return {}  # a run made before vlkit recorded its phases
+    out = {"t_build": summary["build_s"]}
+    for col, key in (("t_checks", "checks_s"), ("t_cache", "cache_s"), ("t_train", "train_s"), ("t_eval", "eval_s")):
+        out[col] = sum(st.get(key, 0.0) for st in stages)
+    status = rd / "status.json"
+    run_s = read_json(status, "Delete it: the run then counts as incomplete").get("wall_time_s") if status.exists() else None
+    if isinstance(run_s, (int, float)):
+        out["t_run"] = run_s
+    return out
+
+
+def time_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """Mean seconds per finished run in each phase, and its share of the run."""
+    timed = [r for r in rows if r["status"] == "finished" and "t_run" in r]
+    if not timed:
+        return []
+    n = len(timed)
+    mean = {k: sum(r[k] for r in timed) / n for k in [*TIME_PHASES, "t_run"]}
+    other = mean["t_run"] - sum(mean[k] for k in TIME_PHASES)
+    lines = ["", "## Where the time went", "",
+             f"Mean seconds per run over {n} finished run(s) (each run is its own process; the grid ran them "
+             "side by side, so the study's wall time is about the sum of its runs' times divided by the runs at "
+             "a time).", "", "| phase | s per run | share |", "|---|---|---|"]
+    for k, what in [*TIME_PHASES.items(), ("other", "process start, imports, run directory, writing results")]:
+        v = other if k == "other" else mean[k]
+        lines.append(f"| {what} | {v:.1f} | {v / mean['t_run']:.0%} |")
+    lines.append(f"| **whole run** | {mean['t_run']:.1f} | 100% |")
+    return lines
 
 
 def _show(v: Any) -> Any:
@@ -339,6 +382,7 @@ def write_report(out: Path, command: str | None = None, compare: list[Path] | No
     spreads = axis_spreads(rows, axes)
     lines += spread_markdown(spreads)
     lines += compare_markdown(spreads, list(compare or []))
+    lines += time_markdown(rows)
     skipped = [r for r in rows if r["status"] in ("skipped", "failed")]
     if skipped:
         lines += ["", "## Skipped and failed runs", ""]
