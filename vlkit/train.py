@@ -28,6 +28,8 @@ from vlkit.checkpoint import find_checkpoint, load_checkpoint, load_trainable
 from vlkit.config import Recipe, StageConfig, dump_recipe
 from vlkit.data.collate import Collator, epoch_batches, padding_fraction
 from vlkit.data.llava import DataError, ImageTransform, LlavaDataset, check_records, load_records
+from vlkit.data.tokenized import TokenizedCache
+from vlkit.data.tokenized import default_dir as tokenized_dir
 from vlkit.distributed import DistContext, check_same_modules, make_engine, shard_batch
 from vlkit.distributed import setup as setup_distributed
 from vlkit.evaluate import evaluate, move
@@ -234,8 +236,13 @@ def load_stage_data(recipe: Recipe, stage_name: str, model: VLM, transform: Imag
     root = _resolve(recipe.data.image_root)
     path = _resolve(stage.data)
     records = load_records(path)
+    tokenized = TokenizedCache(tokenized_dir(), path, model.tokenizer, model.image_token_id,
+                               model.sequence_image_tokens, recipe.data.max_length)
     examples, problems = check_records(records, root, model.tokenizer, model.image_token_id, model.sequence_image_tokens,
-                                       recipe.data.max_length)
+                                       recipe.data.max_length, memo=tokenized.memo)
+    unsaved = tokenized.save()  # the next run (or stage) over this file templates nothing again
+    if unsaved:
+        console.print(f"[yellow]{unsaved}[/]")
     if problems:
         report_problems(console, problems, path)
         if not recipe.data.skip_bad:

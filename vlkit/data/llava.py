@@ -267,8 +267,11 @@ def tokenize_record(rec: dict[str, Any], tokenizer, image_token_id: int, num_ima
     if not any(lab != IGNORE for lab in labels[1:]):
         raise DataError(f"record {rid}: no supervised token after templating and truncation (max_length "
                         f"{max_length})")
-    meta = {k: rec[k] for k in ("question_type", "answer", "id") if k in rec}
-    return Example(ids, labels, rec.get("image"), index, meta)
+    return Example(ids, labels, rec.get("image"), index, record_meta(rec))
+
+
+def record_meta(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: rec[k] for k in ("question_type", "answer", "id") if k in rec}
 
 
 @dataclass
@@ -283,12 +286,14 @@ def check_records(records: list[Any], image_root: str | Path | None, tokenizer=N
                   num_image_tokens: int = 1, max_length: int = 10**9, open_images: bool = True,
                   decode_images: bool = False, workers: int = 1,
                   on_images: Callable[[int], None] | None = None,
-                  advance: Callable[[int], None] | None = None) -> tuple[list[Example], list[Problem]]:
+                  advance: Callable[[int], None] | None = None,
+                  memo: dict[int, dict[str, Any]] | None = None) -> tuple[list[Example], list[Problem]]:
     """Every check training relies on: structure, image paths and files, templating, length.
 
     ``open_images`` opens each image file: with ``decode_images`` every pixel is decoded as the training loader
     does (catches truncated files; ``workers`` processes), else headers only (PIL ``verify``). ``on_images(n)`` is
-    told how many images will be opened, ``advance(k)`` as they are (for a progress bar).
+    told how many images will be opened, ``advance(k)`` as they are (for a progress bar). ``memo`` (record index ->
+    tokenization, vlkit/data/tokenized.py) supplies records tokenized by an earlier run and takes the new ones.
     Returns the usable examples (tokenized when a tokenizer is given) and one Problem per bad record.
     """
     problems: list[Problem] = []
@@ -329,13 +334,22 @@ def check_records(records: list[Any], image_root: str | Path | None, tokenizer=N
         if tokenizer is None:
             good.append(Example([], [], rec.get("image"), i))
             continue
-        try:
-            good.append(tokenize_record(rec, tokenizer, image_token_id, num_image_tokens, max_length, i))
-        except DataError as exc:
-            msg = str(exc)
-            kind = "too_long" if "truncation would cut" in msg else "no_supervised_tokens" if "no supervised" in msg \
-                else "template"
-            problems.append(Problem(i, record_id(rec, i), kind, msg))
+        known = memo.get(i) if memo is not None else None
+        if known is None:
+            try:
+                ex = tokenize_record(rec, tokenizer, image_token_id, num_image_tokens, max_length, i)
+                known = {"ids": ex.input_ids, "labels": ex.labels}
+            except DataError as exc:
+                msg = str(exc)
+                kind = "too_long" if "truncation would cut" in msg else "no_supervised_tokens" \
+                    if "no supervised" in msg else "template"
+                known = {"kind": kind, "message": msg}
+            if memo is not None:
+                memo[i] = known
+        if "ids" in known:
+            good.append(Example(list(known["ids"]), list(known["labels"]), rec.get("image"), i, record_meta(rec)))
+        else:
+            problems.append(Problem(i, record_id(rec, i), known["kind"], known["message"]))
     problems.sort(key=lambda p: p.index)  # stable: a record's own problems keep their order
     return good, problems
 
