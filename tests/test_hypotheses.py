@@ -415,3 +415,13 @@ def test_axis_spread_and_compare_with_another_study(tmp_path):
     res = vlkit("report", str(tmp_path / "a"), "--compare", str(tmp_path / "nope"), check=False)
     assert res.returncode != 0 and "nope is not an ablation directory" in res.stdout + res.stderr
     assert (tmp_path / "a" / "report.md").read_text() == before
+    # a study kept without its run directories (as committed under docs/examples): read from its results.json
+    import shutil
+
+    write_report(tmp_path / "b")  # its results.json
+    shutil.rmtree(tmp_path / "b" / "runs")
+    write_report(tmp_path / "a", compare=[tmp_path / "b"])
+    assert (tmp_path / "a" / "report.md").read_text() == before  # the same numbers as from the run directories
+    (tmp_path / "b" / "results.json").unlink()
+    res = vlkit("report", str(tmp_path / "a"), "--compare", str(tmp_path / "b"), check=False)
+    assert res.returncode != 0 and "neither run directories (runs/) nor results.json" in res.stdout + res.stderr

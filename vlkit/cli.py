@@ -383,11 +383,11 @@ def ablate_cmd(recipe: str = typer.Argument("mlp_patch", help="base recipe (defa
     import shlex
 
     from vlkit.ablate.plan import make_plan, print_plan, estimate_time
-    from vlkit.ablate.report import load_plan, write_report
+    from vlkit.ablate.report import study_rows, write_report
     from vlkit.ablate.run import run_grid
 
     for other in compare or []:
-        load_plan(other)  # a wrong --compare directory fails now, not after the grid has trained
+        study_rows(other)  # a wrong --compare directory fails now, not after the grid has trained
 
     cli_axes: dict[str, str] = {}
     for name, value in (("projector", projector), ("tokens", tokens), ("num_image_tokens", num_image_tokens)):
@@ -417,11 +417,11 @@ def report_cmd(out: Path = typer.Argument(..., help="ablation directory"),
                compare: Optional[list[Path]] = typer.Option(None, help="another study's directory: set its axes' "
                                                                         "spreads beside this one's (repeatable)")) -> None:
     """Regenerate results.csv/json, report.md and plots from an ablation's run directories."""
-    from vlkit.ablate.report import load_plan, write_report
+    from vlkit.ablate.report import load_plan, study_rows, write_report
 
     plan, _ = load_plan(out)
     for other in compare or []:
-        load_plan(other)
+        study_rows(other)
     result = write_report(out, compare=compare)
     print_summary(result, plan["axes"])
     console.print(f"[bold]report[/]: {out / 'report.md'}")

@@ -24,6 +24,25 @@ def load_plan(out: Path) -> tuple[dict[str, Any], list[RunSpec]]:
     return plan, [RunSpec(**s) for s in plan["runs"]]
 
 
+def study_rows(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Another study's plan and finished rows, for ``--compare``: from its run directories, or, where they are gone
+    (a study archived or committed without ``runs/``, as under docs/examples), from the results.json it wrote."""
+    plan, _ = load_plan(out)
+    if (out / "runs").is_dir():
+        rows = collect(out)
+    elif (out / "results.json").exists():
+        rows = read_json(out / "results.json", f"Regenerate it with `vlkit report {out}` (needs its runs/)")
+        if not isinstance(rows, list):
+            raise ValueError(f"{out / 'results.json'} is not a list of runs; regenerate it with `vlkit report {out}`")
+    else:
+        raise FileNotFoundError(f"{out} has neither run directories (runs/) nor results.json: nothing to compare with")
+    finished = [r for r in rows if isinstance(r, dict) and r.get("status") == "finished"]
+    if not finished:
+        raise ValueError(f"{out} has no finished runs to compare with; finish it with the `vlkit ablate` command in "
+                         f"its plan.json ({plan.get('command', 'vlkit ablate ...')})")
+    return plan, finished
+
+
 def _last_stage(summary: dict[str, Any]) -> dict[str, Any]:
     stages = summary.get("stages", {})
     return stages[list(stages)[-1]] if stages else {}
@@ -245,12 +264,17 @@ def compare_markdown(spreads: list[dict[str, Any]], others: list[Path]) -> list[
         return []
     groups = [("this study", spreads)]
     for other in map(Path, others):
-        plan, _ = load_plan(other)
-        groups.append((f"{plan.get('recipe', other.name)} (`{other}`)", axis_spreads(collect(other), list(plan["axes"]))))
+        plan, rows = study_rows(other)
+        groups.append((f"{plan.get('recipe', other.name)} (`{other}`)", axis_spreads(rows, list(plan["axes"]))))
     shared = set.intersection(*({s["metric"] for s in g} for _, g in groups))
+    if not shared:
+        names = ", ".join(f"`{o}`" for o in others)
+        return ["", "## Compared with other studies", "",
+                f"No metric is moved by an axis both in this study and in {names} (a study needs an axis with two "
+                "or more finished arms), so there is nothing to set side by side."]
     lines = ["", "## Compared with other studies", "",
              "Each study's axes by how far they move a metric (spread as in the section above); the other studies' "
-             "runs are read from their directories, not rerun.", "",
+             "runs are read from their directories (or their results.json), not rerun.", "",
              "| study | axis | metric | spread | best arm | worst arm | paired best − worst | p |",
              "|---|---|---|---|---|---|---|---|"]
     for metric in [m for m in metric_columns([{m: 0 for m in shared}]) if m in shared]:
