@@ -127,6 +127,16 @@ def summarize(mode: dict[str, Any]) -> dict[str, float]:
             "steps": steps, "loop_wall_s_per_step": loops / max(steps, 1)}
 
 
+def amdahl_ceiling(summary: dict[str, Any], breakdown: dict[str, Any]) -> dict[str, float]:
+    """The best no-cache / cache ratio the grid could show: the cache removes only the encoder's forward and the
+    PNG decoding, which are ``step_share`` of a training step (step-time weighted over the stages, which run the
+    same number of steps), and steps are ``loop_share`` of a no-cache run."""
+    full = {st: breakdown[st]["median_full_no_cache_s"] for st in ("align", "instruct")}
+    step_share = sum(full[st] * breakdown[st]["encoder_plus_png_share_of_full_step"] for st in full) / sum(full.values())
+    loop_share = summary["no_cache"]["loop_share_of_run"]
+    return {"step_share": step_share, "loop_share": loop_share, "grid_ceiling": 1 / (1 - loop_share * step_share)}
+
+
 # ---- per-step breakdown (in process) --------------------------------------------------------------------------
 def step_breakdown(args, work: Path) -> dict[str, Any]:
     import torch
@@ -209,6 +219,8 @@ def step_breakdown(args, work: Path) -> dict[str, Any]:
             "encoder_plus_png_share_of_full_step": (med["encoder_forward"] + med["load_pixels"] - med["load_text_only"])
             / med["full_no_cache"],
             "per_step_speedup": med["full_no_cache"] / med["full_cache"]}
+        # Amdahl: the cache can at best remove the encoder and the PNG decoding from a step
+        out[stage_name]["per_step_ceiling"] = 1 / (1 - out[stage_name]["encoder_plus_png_share_of_full_step"])
         print(f"  breakdown {stage_name}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in med.items()), flush=True)
     return out
 
@@ -257,7 +269,8 @@ def main() -> None:
     ratio_cpu = summary["no_cache"]["grid_cpu_s"] / summary["cache"]["grid_cpu_s"] if summary else None
     loop_ratio = (summary["no_cache"]["loop_wall_s_per_step"] / summary["cache"]["loop_wall_s_per_step"]
                   if summary else None)
-    payload = {"benchmark": "bench_cache", "env": env, "toy_world": {"root": str(world.root), "preset": preset},
+    ceiling = amdahl_ceiling(summary, breakdown) if summary else None
+    payload = {"benchmark": "bench_cache", "amdahl": ceiling, "env": env, "toy_world": {"root": str(world.root), "preset": preset},
                "args": vars(args), "overrides": overrides(args),
                "commands": [" ".join(c[3:]) for c in grid_commands(args)],
                "ratio_no_cache_over_cache_wall": ratio, "ratio_no_cache_over_cache_cpu": ratio_cpu,
@@ -281,6 +294,10 @@ def main() -> None:
                      "training loops s (share)", "wall ms/step"], rows))
         print(f"\nratio no-cache / cache: grid CPU time **{ratio_cpu:.2f}x**, grid wall {ratio:.2f}x, "
               f"training loops only (wall) {loop_ratio:.2f}x")
+        print(f"Amdahl ceiling of the grid: {ceiling['grid_ceiling']:.3f}x (training loops {ceiling['loop_share']:.0%} of "
+              f"a no-cache run x encoder + PNG {ceiling['step_share']:.1%} of a step); grid CPU ratio / ceiling "
+              f"**{ratio_cpu / ceiling['grid_ceiling']:.0%}**, share of the ideal saving realised "
+              f"{(1 - 1 / ratio_cpu) / (1 - 1 / ceiling['grid_ceiling']):.0%}")
     rows = []
     for st in ("align", "instruct"):
         b = breakdown[st]
@@ -289,7 +306,7 @@ def main() -> None:
                      f"{b['median_step_pixels_s'] * 1e3:.0f} / {b['median_step_features_s'] * 1e3:.0f}",
                      f"{b['encoder_share_of_step']:.1%}",
                      f"{b['median_full_no_cache_s'] * 1e3:.0f} / {b['median_full_cache_s'] * 1e3:.0f}",
-                     f"{b['per_step_speedup']:.2f}x"])
+                     f"{b['per_step_speedup']:.2f}x (ceiling {b['per_step_ceiling']:.2f}x)"])
     print(f"\nper-step breakdown, batch {args.batch}, torch threads {args.threads} (medians of CPU time, ms)")
     print(table(["stage", "load+collate px / text", "encoder fwd", "cache read", "step px / feats",
                  "encoder share of step", "full step no-cache / cache", "per-step speedup"], rows))
