@@ -66,8 +66,11 @@ def test_sigkill_then_resume_reproduces_loss_curve(tiny_toy_world, tmp_path):
     proc.wait()
     partial = losses_so_far(killed)
     assert any(s == "instruct" for s, _, _ in partial) and len(partial) < 13, partial
-    vlkit(*args, "--run-dir", str(killed))
+    res = vlkit(*args, "--run-dir", str(killed))
     resumed, straight = losses(killed), losses(tmp_path / "straight")
+    # what a failure needs to be read: where the resume started and what the killed process had logged
+    where = [line for line in res.stdout.splitlines() if "resuming" in line or "torch threads" in line]
+    why = f"{where}; killed after {partial[-1][:2]}"
     # weights, optimizer, RNG (dropout masks), data position and torch thread count are restored. Not restoring the
     # RNG state (so other dropout masks) was measured to move step 5's loss by 1.3e-4 relative; a wrong data
     # position or optimizer state moves it far more.
@@ -79,9 +82,9 @@ def test_sigkill_then_resume_reproduces_loss_curve(tiny_toy_world, tmp_path):
     # not found (issue 17), so the resumed steps are held to 1e-5 relative, 13x below the RNG-not-restored effect.
     # (the kill comes at instruct step >= 5, so the checkpoint of step 4 was always written before it)
     cut = next(i for i, (s, st, _) in enumerate(straight) if (s, st) == ("instruct", 4)) + 1
-    assert resumed[:cut] == straight[:cut]
+    assert resumed[:cut] == straight[:cut], why
     for (s, st, a), (_, _, b) in zip(resumed[cut:], straight[cut:]):
-        assert a == pytest.approx(b, rel=1e-5, abs=0), (s, st, a, b)
+        assert a == pytest.approx(b, rel=1e-5, abs=0), (s, st, a, b, why)
 
 
 def losses_so_far(run_dir: Path) -> list[tuple[str, int, float]]:
