@@ -74,16 +74,14 @@ def test_sigkill_then_resume_reproduces_loss_curve(tiny_toy_world, tmp_path):
     # weights, optimizer, RNG (dropout masks), data position and torch thread count are restored. Not restoring the
     # RNG state (so other dropout masks) was measured to move step 5's loss by 1.3e-4 relative; a wrong data
     # position or optimizer state moves it far more.
-    assert [(s, st) for s, st, _ in resumed] == [(s, st) for s, st, _ in straight]
-    # Every loss up to the step-4 checkpoint is bit-identical (written by two processes, the same numbers).
-    # After the resume the goal is bit-identity too, and it holds in every run made outside `.ci/run` (this test
-    # alone, test_train.py, the whole suite in a dev venv, resuming from step 4 or 6); under `.ci/run` the first
-    # resumed step came out 4.3e-6 relative off, the same value in two runs, the steps after it ~4e-7. The cause is
-    # not found (issue 17), so the resumed steps are held to 1e-5 relative, 13x below the RNG-not-restored effect.
-    # (the kill comes at instruct step >= 5, so the checkpoint of step 4 was always written before it)
-    cut = next(i for i, (s, st, _) in enumerate(straight) if (s, st) == ("instruct", 4)) + 1
-    assert resumed[:cut] == straight[:cut], why
-    for (s, st, a), (_, _, b) in zip(resumed[cut:], straight[cut:]):
+    assert [(s, st) for s, st, _ in resumed] == [(s, st) for s, st, _ in straight], why
+    # The goal is bit-identity, and it holds in every run made outside `.ci/run` here (the test alone, the whole
+    # suite in a dev venv, resuming from step 4 or 6). Under `.ci/run` one of the processes sometimes computes
+    # *everything* a few ulps off from the start: two processes given the same inputs logged align step 1 as
+    # 3.4101521809895834 or 3.410152859157986 (2.0e-7 relative; that process's losses then drift up to 2.3e-6 by
+    # step 10); in two other runs a resumed process came out 4.3e-6 off at its first step. The cause is not found
+    # (issue 17), so every loss is held to 1e-5 relative: 13x below what not restoring the RNG state does.
+    for (s, st, a), (_, _, b) in zip(resumed, straight):
         assert a == pytest.approx(b, rel=1e-5, abs=0), (s, st, a, b, why)
 
 
