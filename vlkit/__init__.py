@@ -16,6 +16,10 @@ from vlkit.registry import (
 )
 from vlkit.types import EncoderOutput
 
+from vlkit._numerics import warm_up_vml  # noqa: E402
+
+warm_up_vml()  # before any model runs: a process's first vector-math call can round differently (vlkit/_numerics.py)
+
 __version__ = "0.1.0"
 
 __all__ = [
