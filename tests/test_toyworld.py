@@ -125,8 +125,17 @@ def test_second_build_is_a_cache_hit(tiny_toy_world):
 
 
 def test_two_tiny_pretrains_give_identical_hashes(tiny_toy_world, tmp_path):
-    """Pretraining is a function of its config: every file of a second tiny pretrain hashes the same."""
+    """Pretraining is a function of its config: every file of a second tiny pretrain hashes the same. It leaves
+    the caller's RNG states alone (a world made on first use inside a run must not change the run)."""
+    import random
+
+    import torch
+
+    torch.manual_seed(1)
+    random.seed(1)
+    before = (torch.get_rng_state(), random.getstate())
     again = tw.pretrain(tmp_path / "weights", "tiny", 0, data_dir=tiny_toy_world.data_dir)
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
     first = json.loads((tiny_toy_world.weights_dir / "manifest.json").read_text())
     assert again["files"] == first["files"]
     assert again["config_hash"] == first["config_hash"] == tw.world_id("tiny")

@@ -176,7 +176,14 @@ def pretrain(out_dir: str | os.PathLike, preset: str = "default", seed: int = 0,
              data_dir: str | os.PathLike | None = None, console: Any = None) -> dict[str, Any]:
     """Pretrain tokenizer, toy-clip and toy-lm of ``preset`` into ``out_dir`` (replaced whole, only once
     everything succeeded) and write its manifest; returns the manifest. ``data_dir`` holds (or receives) the
-    preset's shapes world; by default it is generated into a temporary directory and removed."""
+    preset's shapes world; by default it is generated into a temporary directory and removed. The caller's
+    global RNG states are left as they were."""
+    with _runtime.caller_rng_kept():
+        return _pretrain(out_dir, preset, seed, data_dir=data_dir, console=console)
+
+
+def _pretrain(out_dir: str | os.PathLike, preset: str, seed: int, *, data_dir: str | os.PathLike | None,
+              console: Any) -> dict[str, Any]:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 

@@ -125,7 +125,7 @@ def build_toy_world(cache_dir: str | os.PathLike | None = None, *, preset: str |
     if _shipped(preset, seed):
         shipped_manifest()  # a damaged install fails here, before any work
     root.parent.mkdir(parents=True, exist_ok=True)
-    with locked(root.parent / f".{root.name}.lock"):
+    with locked(root.parent / f".{root.name}.lock"), _runtime.caller_rng_kept():
         if not force and is_built(root, preset, seed):
             return _world_at(root, preset, seed)
         for stale in [*root.parent.glob(f".{root.name}.building-*"), *root.parent.glob(f".{root.name}.old-*")]:
