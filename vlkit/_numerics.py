@@ -2,8 +2,8 @@
 
 torch computes ``cos``, ``sin``, ``exp``, ``tanh``, ``erf``, ... of float tensors with MKL's vector-math library
 (VML), splitting tensors of more than 2 048 elements over its threads. Measured (issue 17, 2-core Xeon, torch
-2.14): in a few percent of fresh processes the *first* VML call of the process, made from two threads at once,
-came out a few ulps off (2 of 230 processes of a few lines of torch); the same call again gave the usual values.
+2.14): in a few percent of fresh processes the *first* VML call of the process (made
+from torch's threads; never seen with one thread) came out a few ulps off (2 of 230 processes of a few lines of torch); the same call again gave the usual values.
 In a training run the LLM's rotary-embedding ``cos`` in step 1 was the first value that differed between a
 process that logged align step 1 as 3.410152859157986 and one that logged 3.4101521809895834 (encoder, projector
 and token embeddings before it bit-identical). With the warm-up below, 0 of 119 fresh processes logged the odd
@@ -13,14 +13,12 @@ from __future__ import annotations
 
 
 def warm_up_vml() -> None:
-    """Let VML initialise in the calling thread alone, then once from every intra-op thread together.
-
-    8 elements stay in the calling thread (below torch's parallel grain). The second round on a large tensor makes
-    each thread's first call, and whatever a racing first call does to it is thrown away with its result."""
+    """Call VML's common functions once on small throw-away tensors (8 and threads x 4 096 elements), before any
+    model runs, so that no later call is the process's first. This is the warm-up the 0-of-119 count measured."""
     import torch
 
     small = torch.full((8,), 0.5)
-    large = torch.full((max(torch.get_num_threads(), 1) * 65536,), 0.5)  # above torch's parallel grain (32 768)
+    large = torch.full((max(torch.get_num_threads(), 1) * 4096,), 0.5)
     for x in (small, large):
         for op in (torch.cos, torch.sin, torch.exp, torch.tanh, torch.erf, torch.log, torch.sqrt):
             op(x)
