@@ -83,6 +83,9 @@ def test_overrides_and_base(tmp_path):
     # switching component drops the old component's parameters
     r2 = load_recipe(p, ["projector.name=mlp", "projector.depth=3"])
     assert r2.projector.params() == {"depth": 3}
+    # the recipe's own name is not a component choice: renaming a run keeps the whole recipe
+    r3 = load_recipe(p, ["name=renamed", "stages.align.lr=3e-4"])
+    assert r3.name == "renamed" and r3.projector.name == "linear" and r3.stages["align"].lr == 3e-4
 
 
 def test_override_typo_is_reported_as_command_line(tmp_path):

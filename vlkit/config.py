@@ -242,8 +242,9 @@ def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
-    if path[-1] == "name" and isinstance(node.get("name"), str) and node.get("name") != value:
-        # choosing another component drops the previous one's parameters (they belong to it), except num_tokens
+    if len(path) > 1 and path[-1] == "name" and isinstance(node.get("name"), str) and node.get("name") != value:
+        # choosing another component (``projector.name=...``; not the recipe's own top-level ``name``) drops the
+        # previous one's parameters (they belong to it), except num_tokens
         kept = {k: v for k, v in node.items() if k == "num_tokens"}
         node.clear()
         node.update(kept)
