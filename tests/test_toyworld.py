@@ -253,6 +253,21 @@ def test_report_has_probes(tiny_toy_world):
     assert set(per_object["shape"]) == {"majority", "cell_mean", "patch_window_3x3"}
 
 
+def test_lm_breakdown_splits_the_probe(tiny_toy_world):
+    """The finer split of toy-lm's accuracy from text covers every val question once and agrees with the probe."""
+    from vlkit.toyworld import probes
+
+    split = probes.lm_breakdown(tiny_toy_world.lm_dir, tiny_toy_world.data_dir)
+    by_type = tiny_toy_world.report["toy_lm"]["val_answer_accuracy_by_type"]
+    assert set(split) == set(by_type)
+    for qtype, groups in split.items():
+        n = sum(k for _, k in groups.values())
+        assert n > 0
+        assert sum(acc * k for acc, k in groups.values()) / n == pytest.approx(by_type[qtype], abs=0.01)
+    assert set(split["relation"]) <= {"nothing", "an object"}
+    assert set(split["existence"]) <= {"yes", "no"}
+
+
 def test_resolve_toy(tiny_toy_world, monkeypatch):
     monkeypatch.setenv(tw.ENV_DIR, str(tiny_toy_world.root))
     monkeypatch.setenv(tw.ENV_PRESET, "tiny")

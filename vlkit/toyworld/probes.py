@@ -24,17 +24,15 @@ def _val_lm_convs(data_dir: Path) -> tuple[list[list[dict]], list[str]]:
     return convs, types
 
 
-def probe_lm(lm_dir: Path, data_dir: Path, batch: int = 50) -> dict[str, Any]:
-    """Held-out perplexity (all tokens of val chat text), answer perplexity, and teacher-forced answer accuracy
-    (every answer token is the argmax) by question type, given the scene as text."""
+def _lm_answers(lm_dir: Path, convs: list[list[dict]], batch: int = 50) -> dict[str, Any]:
+    """Teacher-forced pass over single-turn chats: per chat whether every answer token is the argmax, plus the
+    summed NLL and token counts of all tokens and of answer tokens."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(lm_dir)
     model = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
-    convs, types = _val_lm_convs(data_dir)
-    nll_all = n_all = nll_ans = n_ans = 0.0
-    correct: dict[str, list[bool]] = {}
+    out = {"hits": [], "nll_all": 0.0, "n_all": 0, "nll_ans": 0.0, "n_ans": 0}
     with torch.no_grad():
         for k in range(0, len(convs), batch):
             enc = tok.apply_chat_template(convs[k:k + batch], tokenize=True, return_dict=True, padding=True,
@@ -44,18 +42,50 @@ def probe_lm(lm_dir: Path, data_dir: Path, batch: int = 50) -> dict[str, Any]:
             logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
             target, valid, ans_t = ids[:, 1:], att[:, 1:].bool(), ans[:, 1:]
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-            nll_all += nll[valid].sum().item()
-            n_all += valid.sum().item()
-            nll_ans += nll[ans_t].sum().item()
-            n_ans += ans_t.sum().item()
+            out["nll_all"] += nll[valid].sum().item()
+            out["n_all"] += valid.sum().item()
+            out["nll_ans"] += nll[ans_t].sum().item()
+            out["n_ans"] += ans_t.sum().item()
             hit = (logits.argmax(-1) == target) | ~ans_t
-            for j, t in enumerate(types[k:k + batch]):
-                correct.setdefault(t, []).append(bool(hit[j].all()))
+            out["hits"] += hit.all(dim=1).tolist()
+    return out
+
+
+def probe_lm(lm_dir: Path, data_dir: Path, batch: int = 50) -> dict[str, Any]:
+    """Held-out perplexity (all tokens of val chat text), answer perplexity, and teacher-forced answer accuracy
+    (every answer token is the argmax) by question type, given the scene as text."""
+    convs, types = _val_lm_convs(data_dir)
+    r = _lm_answers(lm_dir, convs, batch)
+    correct: dict[str, list[bool]] = {}
+    for t, h in zip(types, r["hits"]):
+        correct.setdefault(t, []).append(h)
     acc = {t: round(float(np.mean(v)), 3) for t, v in sorted(correct.items())}
-    return {"val_perplexity": round(math.exp(nll_all / n_all), 3),
-            "val_answer_perplexity": round(math.exp(nll_ans / n_ans), 3),
-            "val_answer_accuracy_from_text": round(float(np.mean([x for v in correct.values() for x in v])), 3),
+    return {"val_perplexity": round(math.exp(r["nll_all"] / r["n_all"]), 3),
+            "val_answer_perplexity": round(math.exp(r["nll_ans"] / r["n_ans"]), 3),
+            "val_answer_accuracy_from_text": round(float(np.mean(r["hits"])), 3),
             "val_answer_accuracy_by_type": acc}
+
+
+def lm_breakdown(lm_dir: Path, data_dir: Path) -> dict[str, dict[str, tuple[float, int]]]:
+    """``probe_lm``'s accuracy from text split finer, to see what limits toy-lm: for each question type,
+    (accuracy, n) by the cell asked about (colour/shape at a position), by the answer (position of an object,
+    existence) or by whether the answer is an object or "nothing" (relation)."""
+    convs, types = _val_lm_convs(data_dir)
+    hits = _lm_answers(lm_dir, convs)["hits"]
+    groups: dict[str, dict[str, list[bool]]] = {}
+    for conv, t, h in zip(convs, types, hits):
+        question, answer = conv[0]["content"].rsplit(". ", 1)[1], conv[1]["content"]
+        if t in ("colour_at_position", "shape_at_position"):
+            key = question.split(" in the ", 1)[1].rstrip("?")
+        elif t == "relation":
+            key = "nothing" if answer == toy.NOTHING else "an object"
+        elif t in ("position_of_object", "existence"):
+            key = answer
+        else:
+            key = "all"
+        groups.setdefault(t, {}).setdefault(key, []).append(h)
+    return {t: {k: (round(float(np.mean(v)), 3), len(v)) for k, v in sorted(g.items())}
+            for t, g in sorted(groups.items())}
 
 
 def probe_retrieval(clip_dir: Path, data_dir: Path, tok, batch: int = 100) -> float:
