@@ -13,15 +13,17 @@ from vlkit.data import toy
 from vlkit.toyworld.models import clip_text, load_images, normalize
 
 # ---- quality probes -------------------------------------------------------------------------------------------
-def _val_lm_convs(data_dir: Path) -> tuple[list[list[dict]], list[str]]:
+def _val_lm_convs(data_dir: Path) -> tuple[list[list[dict]], list[str], list[str]]:
+    """The val questions as single-turn chats with the scene given as text, their types, and the bare questions."""
     scenes = {s["id"]: s for s in toy.load_scenes(data_dir, "val")}
-    convs, types = [], []
+    convs, types, questions = [], [], []
     for rec in json.loads((data_dir / "instruct_val.json").read_text()):
         q = rec["conversations"][0]["value"].replace("<image>\n", "")
         convs.append([{"role": "user", "content": f"Scene: {scenes[rec['id']]['caption']}. {q}"},
                       {"role": "assistant", "content": rec["answer"]}])
         types.append(rec["question_type"])
-    return convs, types
+        questions.append(q)
+    return convs, types, questions
 
 
 def _lm_answers(lm_dir: Path, convs: list[list[dict]], batch: int = 50) -> dict[str, Any]:
@@ -54,7 +56,7 @@ def _lm_answers(lm_dir: Path, convs: list[list[dict]], batch: int = 50) -> dict[
 def probe_lm(lm_dir: Path, data_dir: Path, batch: int = 50) -> dict[str, Any]:
     """Held-out perplexity (all tokens of val chat text), answer perplexity, and teacher-forced answer accuracy
     (every answer token is the argmax) by question type, given the scene as text."""
-    convs, types = _val_lm_convs(data_dir)
+    convs, types, _ = _val_lm_convs(data_dir)
     r = _lm_answers(lm_dir, convs, batch)
     correct: dict[str, list[bool]] = {}
     for t, h in zip(types, r["hits"]):
@@ -70,11 +72,11 @@ def lm_breakdown(lm_dir: Path, data_dir: Path) -> dict[str, dict[str, tuple[floa
     """``probe_lm``'s accuracy from text split finer, to see what limits toy-lm: for each question type,
     (accuracy, n) by the cell asked about (colour/shape at a position), by the answer (position of an object,
     existence) or by whether the answer is an object or "nothing" (relation)."""
-    convs, types = _val_lm_convs(data_dir)
+    convs, types, questions = _val_lm_convs(data_dir)
     hits = _lm_answers(lm_dir, convs)["hits"]
     groups: dict[str, dict[str, list[bool]]] = {}
-    for conv, t, h in zip(convs, types, hits):
-        question, answer = conv[0]["content"].rsplit(". ", 1)[1], conv[1]["content"]
+    for conv, t, question, h in zip(convs, types, questions, hits):
+        answer = conv[1]["content"]
         if t in ("colour_at_position", "shape_at_position"):
             key = question.split(" in the ", 1)[1].rstrip("?")
         elif t == "relation":
