@@ -141,6 +141,52 @@ def test_two_tiny_pretrains_give_identical_hashes(tiny_toy_world, tmp_path):
     assert again["config_hash"] == first["config_hash"] == tw.world_id("tiny")
 
 
+
+def test_an_interrupted_pretraining_resumes_to_the_same_weights(tiny_toy_world, tmp_path, monkeypatch):
+    """A pretraining that dies mid-way leaves its checkpoints and no output; the same call resumes from them and
+    writes the files a straight pretraining writes (same sha256), then removes its work directory."""
+    from vlkit.toyworld import models
+
+    monkeypatch.setenv("VLKIT_TOY_PARALLEL", "0")  # the jobs run in this process, where the failure is injected
+    real, calls = models._step, []
+    clip_steps = tw.pretrain_config("tiny")["clip"]["steps"]
+
+    def dies_in_lm_step_7(*args):
+        calls.append(1)
+        if len(calls) == clip_steps + 7:  # run one after the other: toy-clip's steps, then toy-lm's
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(models, "_step", dies_in_lm_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        tw.pretrain(tmp_path / "weights", "tiny", 0, data_dir=tiny_toy_world.data_dir)
+    work = tmp_path / f".weights.building-{tw.world_id('tiny')}"
+    assert not (tmp_path / "weights").exists()
+    assert torch.load(work / "checkpoints" / "toy-lm" / "state.pt", weights_only=True)["step"] == 6
+    monkeypatch.setattr(models, "_step", real)
+    again = tw.pretrain(tmp_path / "weights", "tiny", 0, data_dir=tiny_toy_world.data_dir)
+    first = json.loads((tiny_toy_world.weights_dir / "manifest.json").read_text())
+    assert again["files"] == first["files"]
+    assert again["report"]["toy_lm"]["resumed_at_step"] == 6
+    assert again["report"]["toy_clip"]["resumed_at_step"] == clip_steps - 1  # never checkpointed after the last
+    assert not work.exists()
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path):
+    from vlkit.toyworld.models import StepCheckpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = StepCheckpoint(tmp_path / "toy-lm", every=2, key="abc")
+    assert ckpt.restore(model, opt) == (0, [], None)
+    ckpt.save(2, 10, model, opt, [1.0, 0.5], extra="x")
+    assert StepCheckpoint(tmp_path / "toy-lm", 2, "abc").restore(model, opt) == (2, [1.0, 0.5], "x")
+    with pytest.raises(RuntimeError, match="belongs to another config"):
+        StepCheckpoint(tmp_path / "toy-lm", 2, "def").restore(model, opt)
+    (tmp_path / "toy-lm" / "state.pt").write_bytes(b"truncated")
+    with pytest.raises(RuntimeError, match=r"toy-lm/state.pt.*delete it"):
+        ckpt.restore(model, opt)
+
 def test_tokenizer_chat_template(tiny_toy_world):
     from transformers import AutoTokenizer
 

@@ -240,13 +240,16 @@ def toy_build_cmd(cache_dir: Optional[Path] = typer.Option(None, help="default: 
 def toy_pretrain_cmd(out: Optional[Path] = typer.Option(None, help="weights directory (default: the package's "
                                                                    "vlkit/toyworld/weights, replaced when done)"),
                      preset: str = typer.Option("default", help="default or tiny"),
-                     seed: int = typer.Option(0)) -> None:
+                     seed: int = typer.Option(0),
+                     restart: bool = typer.Option(False, "--restart", help="discard the checkpoints of an "
+                                                  "interrupted pretraining and start over")) -> None:
     """Maintainers: pretrain the toy tokenizer, toy-clip and toy-lm from a fixed seed and write the weights with
-    their manifest (sha256 per file, config, quality report). The default preset takes about an hour on 2 cores."""
+    their manifest (sha256 per file, config, quality report). The default preset takes about an hour on 2 cores;
+    an interrupted pretraining resumes from its checkpoints when the same command is run again."""
     from vlkit.toyworld import PACKAGE_WEIGHTS, pretrain
 
     target = out or PACKAGE_WEIGHTS
-    manifest = pretrain(target, preset, seed, console=console)
+    manifest = pretrain(target, preset, seed, console=console, restart=restart)
     console.print(f"[bold green]done[/]: {target} (config {manifest['config_hash']}, "
                   f"{sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB in {len(manifest['files'])} files)")
     for k, v in manifest["report"].items():

@@ -1,10 +1,11 @@
 """Pretraining of toy-clip (contrastive, on position-free captions) and toy-lm (scene text + questions as chat).
 
 Both are plain step loops from a fixed seed; with a fixed torch thread count the weights are a function of the
-config. ``pretrain.py`` runs them (side by side, one process each) and writes the shipped files.
+config. ``pretraining.py`` runs them (side by side, one process each) and writes the shipped files.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -60,10 +61,65 @@ def _step(model_loss: "torch.Tensor", model, opt) -> float:
     return model_loss.item()
 
 
+def _resumed(start: int) -> dict[str, int]:
+    """The report's note that a loop's times cover only the steps after ``start`` (absent for a straight run)."""
+    return {"resumed_at_step": start} if start else {}
+
+
+class StepCheckpoint:
+    """The resumable state of a pretraining loop, in ``ckpt_dir/state.pt``: model and optimiser states, the
+    number of steps done, the losses so far and the loop's own RNG state (``extra``). Saved every ``every`` steps
+    (write to a temporary file, then rename: a kill mid-save leaves the previous checkpoint whole), so an
+    interrupted hour of pretraining resumes instead of starting over. Nothing else carries state from one step
+    to the next (no dropout, the data order is a function of the seed), so a resumed loop computes the same
+    weights as one that was never stopped: ``tests/test_toyworld.py`` checks the hashes. ``ckpt_dir=None``: no
+    checkpoints."""
+
+    FILE = "state.pt"
+
+    def __init__(self, ckpt_dir: Path | None, every: int, key: str):
+        self.dir, self.every, self.key = (Path(ckpt_dir) if ckpt_dir is not None else None), max(1, every), key
+
+    def restore(self, model, opt) -> tuple[int, list[float], Any]:
+        """(steps done, losses, extra) of the last checkpoint, loaded into ``model`` and ``opt``; (0, [], None)
+        when there is none."""
+        import torch
+
+        path = self.dir / self.FILE if self.dir is not None else None
+        if path is None or not path.is_file():
+            return 0, [], None
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as e:  # re-raised with the file and what to do (pickle, zip and EOF errors)
+            raise RuntimeError(f"toy world: cannot read the pretraining checkpoint {path} ({e}); delete it to start "
+                               f"this job over") from e
+        if state.get("key") != self.key:
+            raise RuntimeError(f"toy world: the pretraining checkpoint {path} belongs to another config "
+                               f"({state.get('key')!r}, expected {self.key!r}); delete it to start over")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["step"]), [float(v) for v in state["losses"]], state["extra"]
+
+    def save(self, step: int, total: int, model, opt, losses: list[float], extra: Any = None) -> None:
+        """Checkpoint after ``step`` steps, every ``every`` steps and never after the last (the saved model is)."""
+        import torch
+
+        if self.dir is None or step % self.every or step >= total:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{self.FILE}.tmp"
+        torch.save({"key": self.key, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+                    "losses": losses, "torch_rng": torch.get_rng_state(), "extra": extra}, tmp)
+        tmp.replace(self.dir / self.FILE)
+
+
 # ---- toy-clip -------------------------------------------------------------------------------------------------
-def train_clip(data_dir: Path, tok, out_dir: Path, cfg: dict[str, Any], seed: int, update: Update) -> dict:
+def train_clip(data_dir: Path, tok, out_dir: Path, cfg: dict[str, Any], seed: int, update: Update,
+               ckpt: StepCheckpoint | None = None) -> dict:
     """Contrastive pretraining of a tiny CLIPModel on position-free captions (objects in random order), so that
-    the pooled CLS learns *what* is in an image and not *where*; saves model + image processor + tokenizer."""
+    the pooled CLS learns *what* is in an image and not *where*; saves model + image processor + tokenizer.
+    ``ckpt``: resume from its last checkpoint and write new ones."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
@@ -81,9 +137,12 @@ def train_clip(data_dir: Path, tok, out_dir: Path, cfg: dict[str, Any], seed: in
     rng = np.random.default_rng([seed, 101])
     steps, batch = cfg["steps"], cfg["batch"]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.05, betas=(0.9, 0.98))
+    ckpt = ckpt or StepCheckpoint(None, 1, "")
+    start, losses, rng_state = ckpt.restore(model, opt)
+    if rng_state is not None:
+        rng.bit_generator.state = json.loads(rng_state)
     model.train()
-    losses = []
-    for step in range(steps):
+    for step in range(start, steps):
         idx = rng.choice(len(scenes), size=batch, replace=False)
         caps = [toy.clip_caption(objs[i], rng) for i in idx]
         for g in opt.param_groups:
@@ -91,6 +150,7 @@ def train_clip(data_dir: Path, tok, out_dir: Path, cfg: dict[str, Any], seed: in
         out = model(pixel_values=normalize(images[torch.from_numpy(idx)]), **clip_text(tok, caps), return_loss=True)
         losses.append(_step(out.loss, model, opt))
         update(step + 1, f"loss {np.mean(losses[-10:]):.3f}")
+        ckpt.save(step + 1, steps, model, opt, losses, json.dumps(rng.bit_generator.state))
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     size = arch["vision"]["image_size"]
@@ -101,7 +161,7 @@ def train_clip(data_dir: Path, tok, out_dir: Path, cfg: dict[str, Any], seed: in
     return {"params_vision": sum(p.numel() for p in model.vision_model.parameters()),
             "params_total": sum(p.numel() for p in model.parameters()),
             "train_loss_first": round(float(np.mean(losses[:10])), 4),
-            "train_loss_last": round(float(np.mean(losses[-10:])), 4)}
+            "train_loss_last": round(float(np.mean(losses[-10:])), 4), **_resumed(start)}
 
 
 # ---- toy-lm ---------------------------------------------------------------------------------------------------
@@ -171,14 +231,16 @@ def lm_loss(model, batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
     return (nll * w).sum() / w.sum()
 
 
-def train_lm(tok, out_dir: Path, cfg: dict[str, Any], seed: int, data_cfg: dict[str, Any], update: Update) -> dict:
+def train_lm(tok, out_dir: Path, cfg: dict[str, Any], seed: int, data_cfg: dict[str, Any], update: Update,
+             ckpt: StepCheckpoint | None = None) -> dict:
     """Pretraining of a tiny Qwen2 on toy chats (no images); saves model + tokenizer + generation config.
 
     Answer tokens carry full loss and every other token ``other_token_weight`` (0.3 in the shipped preset): the
     answers teach reading a scene out of the context; predicting the scene text's fixed layout (which cell comes
     next) teaches the LM where it is in a description, which the look-ups build on. Measured with 6-10 distinct
     questions per scene: colour_at_position 0.62 after 1 000 steps with weight 0.3, while answer-only loss kept
-    one constant colour (0.10 after 750 steps; 0.18 after 6 000 steps of 1-4 questions)."""
+    one constant colour (0.10 after 750 steps; 0.18 after 6 000 steps of 1-4 questions). ``ckpt``: resume from
+    its last checkpoint and write new ones."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -190,14 +252,16 @@ def train_lm(tok, out_dir: Path, cfg: dict[str, Any], seed: int, data_cfg: dict[
     steps, batch = cfg["steps"], cfg["batch"]
     convs = lm_conversations(steps * batch, seed, cfg, data_cfg["grid"], data_cfg["max_objects"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.95))
+    ckpt = ckpt or StepCheckpoint(None, 1, "")
+    start, losses, _ = ckpt.restore(model, opt)
     model.train()
-    losses = []
-    for step in range(steps):
+    for step in range(start, steps):
         b = lm_batch(tok, convs[step * batch:(step + 1) * batch], cfg["other_token_weight"])
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, cfg["lr"], max(1, steps // 20))
         losses.append(_step(lm_loss(model, b), model, opt))
         update(step + 1, f"loss {np.mean(losses[-10:]):.3f}")
+        ckpt.save(step + 1, steps, model, opt, losses)
     model.eval()
     model.generation_config = GenerationConfig(eos_token_id=im_end, pad_token_id=tok.pad_token_id,
                                                do_sample=False, max_new_tokens=64)
@@ -205,4 +269,4 @@ def train_lm(tok, out_dir: Path, cfg: dict[str, Any], seed: int, data_cfg: dict[
     tok.save_pretrained(out_dir)
     return {"params": sum(p.numel() for p in model.parameters()),
             "train_loss_first": round(float(np.mean(losses[:10])), 4),
-            "train_loss_last": round(float(np.mean(losses[-10:])), 4)}
+            "train_loss_last": round(float(np.mean(losses[-10:])), 4), **_resumed(start)}

@@ -10,11 +10,11 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from vlkit._locks import locked
 from vlkit._proc import fp32_matmul_gflops, peak_rss_mb
 from vlkit.data import toy
 from vlkit.toyworld import _runtime, models, probes, shipped
@@ -76,13 +76,19 @@ def generate_data(data_dir: Path, config: dict[str, Any], progress: Callable[[in
 
 
 # ---- the two jobs ---------------------------------------------------------------------------------------------
-def _clip_job(weights: Path, data_dir: Path, config: dict[str, Any], update) -> dict[str, Any]:
+def _checkpoint(ckpt_dir: Path | None, config: dict[str, Any], job: str) -> models.StepCheckpoint:
+    """A job's checkpoints: every 5 % of its steps, keyed by the config hash."""
+    return models.StepCheckpoint(ckpt_dir, config[job]["steps"] // 20, shipped.config_hash(config))
+
+
+def _clip_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckpt_dir: Path | None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(weights / "tokenizer")
     out = weights / "toy-clip"
     t, c = time.perf_counter(), time.process_time()
-    stats = models.train_clip(data_dir, tok, out, config["clip"], config["seed"], update)
+    stats = models.train_clip(data_dir, tok, out, config["clip"], config["seed"], update,
+                              _checkpoint(ckpt_dir, config, "clip"))
     t_train, c_train = time.perf_counter() - t, time.process_time() - c
     update(config["clip"]["steps"], "probing")
     t, c = time.perf_counter(), time.process_time()
@@ -94,13 +100,14 @@ def _clip_job(weights: Path, data_dir: Path, config: dict[str, Any], update) -> 
             "cpu_seconds": {"toy-clip": c_train, "toy-clip probes": time.process_time() - c}}
 
 
-def _lm_job(weights: Path, data_dir: Path, config: dict[str, Any], update) -> dict[str, Any]:
+def _lm_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckpt_dir: Path | None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(weights / "tokenizer")
     out = weights / "toy-lm"
     t, c = time.perf_counter(), time.process_time()
-    stats = models.train_lm(tok, out, config["lm"], config["seed"], config["data"], update)
+    stats = models.train_lm(tok, out, config["lm"], config["seed"], config["data"], update,
+                            _checkpoint(ckpt_dir, config, "lm"))
     t_train, c_train = time.perf_counter() - t, time.process_time() - c
     update(config["lm"]["steps"], "probing")
     t, c = time.perf_counter(), time.process_time()
@@ -112,7 +119,8 @@ def _lm_job(weights: Path, data_dir: Path, config: dict[str, Any], update) -> di
 JOBS = {"toy-clip": _clip_job, "toy-lm": _lm_job}
 
 
-def _job_main(name: str, weights: str, data_dir: str, config: dict[str, Any], step, info, queue) -> None:
+def _job_main(name: str, weights: str, data_dir: str, config: dict[str, Any], ckpt_dir: str, step, info,
+              queue) -> None:
     """Entry point of a job process: runs ``JOBS[name]`` and puts ("ok", result) or ("error", traceback)."""
     import traceback
 
@@ -123,18 +131,20 @@ def _job_main(name: str, weights: str, data_dir: str, config: dict[str, Any], st
                 info.value = text.encode()[:63]
                 step.value = done
 
-            result = JOBS[name](Path(weights), Path(data_dir), config, update)
+            result = JOBS[name](Path(weights), Path(data_dir), config, update, Path(ckpt_dir) / name)
             result["peak_rss_mb"] = {name: round(peak_rss_mb(), 1)}
             queue.put(("ok", result))
     except BaseException:  # noqa: BLE001 - sent to the parent, which raises it with the job's name
         queue.put(("error", traceback.format_exc()))
 
 
-def _run_jobs(weights: Path, data_dir: Path, config: dict[str, Any], updates: dict[str, Callable[..., None]]):
-    """toy-clip and toy-lm are independent: each trains in its own single-threaded process, side by side."""
+def _run_jobs(weights: Path, data_dir: Path, config: dict[str, Any], updates: dict[str, Callable[..., None]],
+              ckpt_dir: Path):
+    """toy-clip and toy-lm are independent: each trains in its own single-threaded process, side by side, with
+    its checkpoints in ``ckpt_dir/<job>``."""
     if not _runtime.parallel_jobs():
         with _runtime.quiet_runtime(config["threads"]):
-            return [job(weights, data_dir, config, updates[name]) for name, job in JOBS.items()]
+            return [job(weights, data_dir, config, updates[name], ckpt_dir / name) for name, job in JOBS.items()]
     import multiprocessing as mp
     import queue as queue_mod
 
@@ -142,8 +152,8 @@ def _run_jobs(weights: Path, data_dir: Path, config: dict[str, Any], updates: di
     procs = {}
     for name in JOBS:
         step, info, q = ctx.Value("i", 0), ctx.Array("c", 64), ctx.Queue()
-        p = ctx.Process(target=_job_main, args=(name, str(weights), str(data_dir), config, step, info, q),
-                        daemon=True)
+        p = ctx.Process(target=_job_main, args=(name, str(weights), str(data_dir), config, str(ckpt_dir), step,
+                                                info, q), daemon=True)
         p.start()
         procs[name] = (p, step, info, q)
     results: dict[str, Any] = {}
@@ -173,69 +183,98 @@ def _run_jobs(weights: Path, data_dir: Path, config: dict[str, Any], updates: di
 
 # ---- the whole pretraining ------------------------------------------------------------------------------------
 def pretrain(out_dir: str | os.PathLike, preset: str = "default", seed: int = 0, *,
-             data_dir: str | os.PathLike | None = None, console: Any = None) -> dict[str, Any]:
+             data_dir: str | os.PathLike | None = None, console: Any = None, restart: bool = False) -> dict[str, Any]:
     """Pretrain tokenizer, toy-clip and toy-lm of ``preset`` into ``out_dir`` (replaced whole, only once
     everything succeeded) and write its manifest; returns the manifest. ``data_dir`` holds (or receives) the
-    preset's shapes world; by default it is generated into a temporary directory and removed. The caller's
-    global RNG states are left as they were."""
+    preset's shapes world; by default it is generated into the work directory. The caller's global RNG states are
+    left as they were.
+
+    The work happens in ``.<out_dir name>.building-<config hash>`` beside ``out_dir``; each job checkpoints there
+    every 5 % of its steps. A pretraining that is interrupted (killed, out of memory, session over) leaves that
+    directory, and the next call with the same config resumes from the checkpoints, to the same weights as a
+    straight run; ``restart=True`` discards them. The work directory is removed once ``out_dir`` is in place."""
     with _runtime.caller_rng_kept():
-        return _pretrain(out_dir, preset, seed, data_dir=data_dir, console=console)
+        return _pretrain(out_dir, preset, seed, data_dir=data_dir, console=console, restart=restart)
 
 
 def _pretrain(out_dir: str | os.PathLike, preset: str, seed: int, *, data_dir: str | os.PathLike | None,
-              console: Any) -> dict[str, Any]:
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
+              console: Any, restart: bool) -> dict[str, Any]:
     config = pretrain_config(preset, seed)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     console = console or _runtime.console()
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
-        weights = work / "weights"
-        data = Path(data_dir) if data_dir is not None else work / "data"
-        times: dict[str, float] = {}
-        t_all = time.perf_counter()
-        columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-        with Progress(*columns, console=console) as progress, _runtime.quiet_runtime(config["threads"]):
-            def phase(name: str, total: int) -> Callable[..., None]:
-                task = progress.add_task(name, total=total, info="")
-                return lambda done, info="": progress.update(task, completed=done, info=info)
-
-            if not (data / "meta.json").is_file():
-                t = time.perf_counter()
-                up = phase("data", sum(config["data"][k] for k in ("n_train", "n_val", "n_test")))
-                generate_data(data, config, lambda done, total: up(done))
-                times["data"] = time.perf_counter() - t
-            t = time.perf_counter()
-            up = phase("tokenizer", 1)
-            tok = build_tokenizer(data, weights / "tokenizer")
-            up(1, f"vocab {len(tok)}")
-            times["tokenizer"] = time.perf_counter() - t
-            t = time.perf_counter()
-            updates = {"toy-clip": phase("toy-clip", config["clip"]["steps"]),
-                       "toy-lm": phase("toy-lm", config["lm"]["steps"])}
-            report: dict[str, Any] = {}
-            cpu: dict[str, float] = {}
-            rss: dict[str, float] = {}
-            for result in _run_jobs(weights, data, config, updates):
-                times.update(result.pop("seconds"))
-                cpu.update(result.pop("cpu_seconds"))
-                rss.update(result.pop("peak_rss_mb", {}))
-                report.update(result)
-            times["models + probes (wall)"] = time.perf_counter() - t
-            times["total"] = time.perf_counter() - t_all
-            report["seconds"] = {k: round(v, 1) for k, v in times.items()}
-            report["job_cpu_seconds"] = {k: round(v, 1) for k, v in cpu.items()}
-            if rss:
-                report["job_peak_rss_mb"] = rss
-            report["machine"] = {"cpu_count": os.cpu_count(), "parallel_jobs": _runtime.parallel_jobs(),
-                                 "fp32_matmul_gflops_1_thread": fp32_matmul_gflops(),
-                                 "load_avg_1min_at_end": _runtime.loadavg()}
-        manifest = shipped.write_manifest(weights, config, report)
-        _runtime.replace_dir(weights, out)
-        return manifest
-    finally:
+    work = out.parent / f".{out.name}.building-{shipped.config_hash(config)}"
+    work.mkdir(exist_ok=True)
+    with locked(work / ".lock"):  # one pretraining per work directory (the lock file goes with it)
+        work.mkdir(exist_ok=True)  # a pretraining that held the lock before us may have finished and removed it
+        if restart:
+            for child in work.iterdir():
+                if child.name != ".lock":
+                    shutil.rmtree(child, ignore_errors=True)
+        found = sorted(p.parent.name for p in (work / "checkpoints").glob(f"*/{models.StepCheckpoint.FILE}"))
+        if found:
+            console.print(f"toy world: resuming an interrupted pretraining ({', '.join(found)}) from its checkpoints "
+                          f"in {work / 'checkpoints'} (--restart starts over)")
+        shutil.rmtree(work / "weights", ignore_errors=True)  # a previous attempt's partial outputs
+        if data_dir is None:
+            shutil.rmtree(work / "data", ignore_errors=True)  # regenerated (seconds): it may be half-written
+        try:
+            manifest = _pretrain_in(work, out, config, data_dir, console)
+        except BaseException:
+            if any((work / "checkpoints").glob(f"*/{models.StepCheckpoint.FILE}")):
+                console.print(f"toy world: pretraining stopped; its checkpoints are kept in {work / 'checkpoints'}: "
+                              f"the same command resumes from them")
+            raise
         shutil.rmtree(work, ignore_errors=True)
+        return manifest
+
+
+def _pretrain_in(work: Path, out: Path, config: dict[str, Any], data_dir: str | os.PathLike | None,
+                 console: Any) -> dict[str, Any]:
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    weights = work / "weights"
+    data = Path(data_dir) if data_dir is not None else work / "data"
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+    columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console) as progress, _runtime.quiet_runtime(config["threads"]):
+        def phase(name: str, total: int) -> Callable[..., None]:
+            task = progress.add_task(name, total=total, info="")
+            return lambda done, info="": progress.update(task, completed=done, info=info)
+
+        if not (data / "meta.json").is_file():
+            t = time.perf_counter()
+            up = phase("data", sum(config["data"][k] for k in ("n_train", "n_val", "n_test")))
+            generate_data(data, config, lambda done, total: up(done))
+            times["data"] = time.perf_counter() - t
+        t = time.perf_counter()
+        up = phase("tokenizer", 1)
+        tok = build_tokenizer(data, weights / "tokenizer")
+        up(1, f"vocab {len(tok)}")
+        times["tokenizer"] = time.perf_counter() - t
+        t = time.perf_counter()
+        updates = {"toy-clip": phase("toy-clip", config["clip"]["steps"]),
+                   "toy-lm": phase("toy-lm", config["lm"]["steps"])}
+        report: dict[str, Any] = {}
+        cpu: dict[str, float] = {}
+        rss: dict[str, float] = {}
+        for result in _run_jobs(weights, data, config, updates, work / "checkpoints"):
+            times.update(result.pop("seconds"))
+            cpu.update(result.pop("cpu_seconds"))
+            rss.update(result.pop("peak_rss_mb", {}))
+            report.update(result)
+        times["models + probes (wall)"] = time.perf_counter() - t
+        times["total"] = time.perf_counter() - t_all
+        report["seconds"] = {k: round(v, 1) for k, v in times.items()}
+        report["job_cpu_seconds"] = {k: round(v, 1) for k, v in cpu.items()}
+        if rss:
+            report["job_peak_rss_mb"] = rss
+        report["machine"] = {"cpu_count": os.cpu_count(), "parallel_jobs": _runtime.parallel_jobs(),
+                             "fp32_matmul_gflops_1_thread": fp32_matmul_gflops(),
+                             "load_avg_1min_at_end": _runtime.loadavg()}
+    manifest = shipped.write_manifest(weights, config, report)
+    _runtime.replace_dir(weights, out)
+    return manifest
