@@ -144,31 +144,43 @@ def test_two_tiny_pretrains_give_identical_hashes(tiny_toy_world, tmp_path):
 
 def test_an_interrupted_pretraining_resumes_to_the_same_weights(tiny_toy_world, tmp_path, monkeypatch):
     """A pretraining that dies mid-way leaves its checkpoints and no output; the same call resumes from them and
-    writes the files a straight pretraining writes (same sha256), then removes its work directory."""
-    from vlkit.toyworld import models
+    writes the files a straight pretraining writes (same sha256), then removes its work directory. Checkpoints
+    every 4 steps: toy-clip dies at step 6 (resumes at 4, its sampler's RNG restored), toy-lm at step 7."""
+    from vlkit.toyworld import models, pretraining
 
     monkeypatch.setenv("VLKIT_TOY_PARALLEL", "0")  # the jobs run in this process, where the failure is injected
-    real, calls = models._step, []
+    real_step, real_ckpt = models._step, pretraining._checkpoint
+
+    def every_4(ckpt_dir, config, job):
+        ckpt = real_ckpt(ckpt_dir, config, job)
+        ckpt.every = 4
+        return ckpt
+
+    def dies_at_call(n):  # toy-clip's steps come first, then toy-lm's
+        calls = []
+
+        def step(*args):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real_step(*args)
+        return step
+
+    monkeypatch.setattr(pretraining, "_checkpoint", every_4)
     clip_steps = tw.pretrain_config("tiny")["clip"]["steps"]
-
-    def dies_in_lm_step_7(*args):
-        calls.append(1)
-        if len(calls) == clip_steps + 7:  # run one after the other: toy-clip's steps, then toy-lm's
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(models, "_step", dies_in_lm_step_7)
-    with pytest.raises(KeyboardInterrupt):
-        tw.pretrain(tmp_path / "weights", "tiny", 0, data_dir=tiny_toy_world.data_dir)
     work = tmp_path / f".weights.building-{tw.world_id('tiny')}"
-    assert not (tmp_path / "weights").exists()
-    assert torch.load(work / "checkpoints" / "toy-lm" / "state.pt", weights_only=True)["step"] == 6
-    monkeypatch.setattr(models, "_step", real)
+    for dies_at, (job, done) in ((6, ("toy-clip", 4)), ((clip_steps - 4) + 7, ("toy-lm", 4))):
+        monkeypatch.setattr(models, "_step", dies_at_call(dies_at))
+        with pytest.raises(KeyboardInterrupt):
+            tw.pretrain(tmp_path / "weights", "tiny", 0, data_dir=tiny_toy_world.data_dir)
+        assert not (tmp_path / "weights").exists()
+        assert torch.load(work / "checkpoints" / job / "state.pt", weights_only=True)["step"] == done
+    monkeypatch.setattr(models, "_step", real_step)
     again = tw.pretrain(tmp_path / "weights", "tiny", 0, data_dir=tiny_toy_world.data_dir)
     first = json.loads((tiny_toy_world.weights_dir / "manifest.json").read_text())
     assert again["files"] == first["files"]
-    assert again["report"]["toy_lm"]["resumed_at_step"] == 6
-    assert again["report"]["toy_clip"]["resumed_at_step"] == clip_steps - 1  # never checkpointed after the last
+    assert again["report"]["toy_lm"]["resumed_at_step"] == 4
+    assert again["report"]["toy_clip"]["resumed_at_step"] == 8  # never checkpointed after its last step (12)
     assert not work.exists()
 
 
@@ -181,8 +193,10 @@ def test_a_damaged_checkpoint_is_named(tmp_path):
     assert ckpt.restore(model, opt) == (0, [], None)
     ckpt.save(2, 10, model, opt, [1.0, 0.5], extra="x")
     assert StepCheckpoint(tmp_path / "toy-lm", 2, "abc").restore(model, opt) == (2, [1.0, 0.5], "x")
-    with pytest.raises(RuntimeError, match="belongs to another config"):
+    with pytest.raises(RuntimeError, match=r"toy-lm/state.pt: it belongs to another config.*delete it"):
         StepCheckpoint(tmp_path / "toy-lm", 2, "def").restore(model, opt)
+    with pytest.raises(RuntimeError, match=r"(?s)toy-lm/state.pt: .*size mismatch.*delete it"):
+        StepCheckpoint(tmp_path / "toy-lm", 2, "abc").restore(torch.nn.Linear(3, 2), opt)
     (tmp_path / "toy-lm" / "state.pt").write_bytes(b"truncated")
     with pytest.raises(RuntimeError, match=r"toy-lm/state.pt.*delete it"):
         ckpt.restore(model, opt)

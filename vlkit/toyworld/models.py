@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -90,16 +91,16 @@ class StepCheckpoint:
             return 0, [], None
         try:
             state = torch.load(path, weights_only=True)
-        except Exception as e:  # re-raised with the file and what to do (pickle, zip and EOF errors)
-            raise RuntimeError(f"toy world: cannot read the pretraining checkpoint {path} ({e}); delete it to start "
-                               f"this job over") from e
-        if state.get("key") != self.key:
-            raise RuntimeError(f"toy world: the pretraining checkpoint {path} belongs to another config "
-                               f"({state.get('key')!r}, expected {self.key!r}); delete it to start over")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        torch.set_rng_state(state["torch_rng"])
-        return int(state["step"]), [float(v) for v in state["losses"]], state["extra"]
+            if state["key"] != self.key:
+                raise RuntimeError(f"it belongs to another config or version ({state['key']!r}, this one is "
+                                   f"{self.key!r})")
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            torch.set_rng_state(state["torch_rng"])
+            return int(state["step"]), [float(v) for v in state["losses"]], state["extra"]
+        except Exception as e:  # any failure to read or apply it: one message with the file and the way out
+            raise RuntimeError(f"toy world: cannot resume from the pretraining checkpoint {path}: {e}; delete it "
+                               f"(or run with --restart) to start this job over") from e
 
     def save(self, step: int, total: int, model, opt, losses: list[float], extra: Any = None) -> None:
         """Checkpoint after ``step`` steps, every ``every`` steps and never after the last (the saved model is)."""
@@ -108,9 +109,12 @@ class StepCheckpoint:
         if self.dir is None or step % self.every or step >= total:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{self.FILE}.tmp"
-        torch.save({"key": self.key, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
-                    "losses": losses, "torch_rng": torch.get_rng_state(), "extra": extra}, tmp)
+        tmp = self.dir / f".{self.FILE}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as fh:
+            torch.save({"key": self.key, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+                        "losses": losses, "torch_rng": torch.get_rng_state(), "extra": extra}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         tmp.replace(self.dir / self.FILE)
 
 

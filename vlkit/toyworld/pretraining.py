@@ -77,8 +77,16 @@ def generate_data(data_dir: Path, config: dict[str, Any], progress: Callable[[in
 
 # ---- the two jobs ---------------------------------------------------------------------------------------------
 def _checkpoint(ckpt_dir: Path | None, config: dict[str, Any], job: str) -> models.StepCheckpoint:
-    """A job's checkpoints: every 5 % of its steps, keyed by the config hash."""
-    return models.StepCheckpoint(ckpt_dir, config[job]["steps"] // 20, shipped.config_hash(config))
+    """A job's checkpoints: every 5 % of its steps, keyed by the config hash and the code that trains (vlkit,
+    torch and transformers versions): a checkpoint of other code is not resumed from."""
+    import torch
+    import transformers
+
+    import vlkit
+
+    key = (f"config {shipped.config_hash(config)} vlkit {vlkit.__version__} torch {torch.__version__} "
+           f"transformers {transformers.__version__}")
+    return models.StepCheckpoint(ckpt_dir, config[job]["steps"] // 20, key)
 
 
 def _clip_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckpt_dir: Path | None) -> dict[str, Any]:
@@ -119,8 +127,8 @@ def _lm_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckpt_
 JOBS = {"toy-clip": _clip_job, "toy-lm": _lm_job}
 
 
-def _job_main(name: str, weights: str, data_dir: str, config: dict[str, Any], ckpt_dir: str, step, info,
-              queue) -> None:
+def _job_main(name: str, weights: str, data_dir: str, config: dict[str, Any], ckpt_dir: str, parent: int, step,
+              info, queue) -> None:
     """Entry point of a job process: runs ``JOBS[name]`` and puts ("ok", result) or ("error", traceback)."""
     import traceback
 
@@ -128,6 +136,8 @@ def _job_main(name: str, weights: str, data_dir: str, config: dict[str, Any], ck
         _runtime.tune_malloc()
         with _runtime.quiet_runtime(config["threads"]):
             def update(done: int, text: str = "") -> None:
+                if os.getppid() != parent:  # the parent was killed: stop, or a rerun would share our files
+                    raise SystemExit(f"toy world: the {name} job stops, its parent process is gone")
                 info.value = text.encode()[:63]
                 step.value = done
 
@@ -152,8 +162,8 @@ def _run_jobs(weights: Path, data_dir: Path, config: dict[str, Any], updates: di
     procs = {}
     for name in JOBS:
         step, info, q = ctx.Value("i", 0), ctx.Array("c", 64), ctx.Queue()
-        p = ctx.Process(target=_job_main, args=(name, str(weights), str(data_dir), config, str(ckpt_dir), step,
-                                                info, q), daemon=True)
+        p = ctx.Process(target=_job_main, args=(name, str(weights), str(data_dir), config, str(ckpt_dir),
+                                                os.getpid(), step, info, q), daemon=True)
         p.start()
         procs[name] = (p, step, info, q)
     results: dict[str, Any] = {}
@@ -204,13 +214,10 @@ def _pretrain(out_dir: str | os.PathLike, preset: str, seed: int, *, data_dir: s
     out.parent.mkdir(parents=True, exist_ok=True)
     console = console or _runtime.console()
     work = out.parent / f".{out.name}.building-{shipped.config_hash(config)}"
-    work.mkdir(exist_ok=True)
-    with locked(work / ".lock"):  # one pretraining per work directory (the lock file goes with it)
-        work.mkdir(exist_ok=True)  # a pretraining that held the lock before us may have finished and removed it
+    with locked(out.parent / f".{out.name}.pretrain.lock"):  # one pretraining per work directory at a time
         if restart:
-            for child in work.iterdir():
-                if child.name != ".lock":
-                    shutil.rmtree(child, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(exist_ok=True)
         found = sorted(p.parent.name for p in (work / "checkpoints").glob(f"*/{models.StepCheckpoint.FILE}"))
         if found:
             console.print(f"toy world: resuming an interrupted pretraining ({', '.join(found)}) from its checkpoints "
