@@ -218,7 +218,7 @@ def _pretrain(out_dir: str | os.PathLike, preset: str, seed: int, *, data_dir: s
         if restart:
             shutil.rmtree(work, ignore_errors=True)
         work.mkdir(exist_ok=True)
-        found = sorted(p.parent.name for p in (work / "checkpoints").glob(f"*/{models.StepCheckpoint.FILE}"))
+        found = _checkpointed_jobs(work)
         if found:
             console.print(f"toy world: resuming an interrupted pretraining ({', '.join(found)}) from its checkpoints "
                           f"in {work / 'checkpoints'} (--restart starts over)")
@@ -228,12 +228,17 @@ def _pretrain(out_dir: str | os.PathLike, preset: str, seed: int, *, data_dir: s
         try:
             manifest = _pretrain_in(work, out, config, data_dir, console)
         except BaseException:
-            if any((work / "checkpoints").glob(f"*/{models.StepCheckpoint.FILE}")):
+            if _checkpointed_jobs(work):
                 console.print(f"toy world: pretraining stopped; its checkpoints are kept in {work / 'checkpoints'}: "
                               f"the same command resumes from them")
             raise
         shutil.rmtree(work, ignore_errors=True)
         return manifest
+
+
+def _checkpointed_jobs(work: Path) -> list[str]:
+    """The jobs with a checkpoint in the work directory ``work``."""
+    return sorted(p.parent.name for p in (work / "checkpoints").glob(f"*/{models.StepCheckpoint.FILE}"))
 
 
 def _pretrain_in(work: Path, out: Path, config: dict[str, Any], data_dir: str | os.PathLike | None,
