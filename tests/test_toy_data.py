@@ -44,7 +44,11 @@ def test_sample_is_order_independent(data_dir, tmp_path):
     """Scene i depends only on (seed, split, i): a shorter run yields the same first scenes."""
     toy.generate_toy_data(tmp_path, seed=3, n_train=10, n_val=8, n_test=8)
     assert _load(tmp_path, "scenes_train") == _load(data_dir, "scenes_train")[:10]
-    assert _load(tmp_path, "instruct_val") == _load(data_dir, "instruct_val")[:8]
+
+    def questions(recs):  # the blind reference depends on the training answers, so on n_train
+        return [{k: v for k, v in r.items() if k != "references"} for r in recs]
+
+    assert questions(_load(tmp_path, "instruct_val")) == questions(_load(data_dir, "instruct_val")[:8])
 
 
 def test_splits_disjoint(data_dir):
@@ -187,3 +191,95 @@ def test_other_grid(tmp_path):
         assert im.size == (48, 48)
     with pytest.raises(ValueError, match="max_objects"):
         toy.generate_toy_data(tmp_path / "bad", n_train=1, n_val=0, n_test=0, grid=2, max_objects=5)
+
+
+# ---- the position-blind reader --------------------------------------------------------------------------------
+def _objs(*specs):
+    """('red circle', row, col), ... -> Obj list."""
+    return [toy.Obj(name.split()[1], name.split()[0], r, c, 0.7, 0, 0) for name, r, c in specs]
+
+
+SCENE = _objs(("red circle", 0, 0), ("red square", 0, 1), ("blue circle", 1, 1), ("green cross", 2, 2))
+
+
+def test_position_blind_reader_exact_on_a_hand_made_scene():
+    from fractions import Fraction as F
+
+    occupied, any_cell = toy.QuestionRules(), toy.QuestionRules("any", "uniform")
+    q = "What colour is the object in the top left?"
+    # cells="occupied": the colour of a random object of the scene: red 2/4, blue 1/4, green 1/4
+    d = toy.position_blind_answers("colour_at_position", q, "red", SCENE, 3, occupied)
+    assert d == {"red": F(1, 2), "blue": F(1, 4), "green": F(1, 4)}
+    assert toy.position_blind_accuracy(d, "red") == 1 and toy.position_blind_accuracy(d, "blue") == 0
+    # cells="any": "nothing" 5/9 beats every colour
+    d = toy.position_blind_answers("colour_at_position", q, "red", SCENE, 3, any_cell)
+    assert d == {"nothing": F(5, 9), "red": F(2, 9), "blue": F(1, 9), "green": F(1, 9)}
+    assert toy.position_blind_accuracy(d, "red") == 0 and toy.position_blind_accuracy(d, "nothing") == 1
+    # shapes: circle 2, square 1, cross 1
+    d = toy.position_blind_answers("shape_at_position", "What shape is the object in the centre?", "circle",
+                                   SCENE, 3, occupied)
+    assert d == {"circle": F(1, 2), "square": F(1, 4), "cross": F(1, 4)}
+    # position of an object: nine equally likely cells, the guess is right 1/9 of the time
+    d = toy.position_blind_answers("position_of_object", "Where is the green cross?", "bottom right", SCENE, 3)
+    assert len(d) == 9 and set(d.values()) == {F(1, 9)}
+    assert toy.position_blind_accuracy(d, "bottom right") == F(1, 9)
+    # relation: the neighbour is empty with (9-4)/8, each of the 3 other objects 1/8
+    d = toy.position_blind_answers("relation", "What is right of the red circle?", "red square", SCENE, 3)
+    assert d == {"nothing": F(5, 8), "red square": F(1, 8), "blue circle": F(1, 8), "green cross": F(1, 8)}
+    assert toy.position_blind_accuracy(d, "red square") == 0
+    # ties are split: two colours twice each and "nothing" 1/9 in an eight-object scene
+    dense = _objs(("red circle", 0, 0), ("red square", 0, 1), ("blue circle", 0, 2), ("blue cross", 1, 0),
+                  ("green square", 1, 1), ("yellow cross", 1, 2), ("purple diamond", 2, 0),
+                  ("orange triangle", 2, 1))
+    d = toy.position_blind_answers("colour_at_position", q, "red", dense, 3, any_cell)
+    assert d["red"] == d["blue"] == F(2, 9) and d["nothing"] == F(1, 9)
+    assert toy.position_blind_accuracy(d, "red") == F(1, 2)
+    # position-free types: the reader knows the answer
+    assert toy.position_blind_answers("count", "How many objects are there?", "4", SCENE, 3) == {"4": 1}
+
+
+def test_position_blind_reader_refuses_a_question_of_another_form():
+    with pytest.raises(ValueError, match="does not have the world's form"):
+        toy.position_blind_answers("relation", "Which object is next to the red circle?", "nothing", SCENE, 3)
+
+
+def test_held_out_questions_carry_their_references(data_dir):
+    """blind = the type's most frequent training answer, uniform = 1 / distinct training answers, position_blind =
+    the reader on the record's own scene; spatial types marked."""
+    train = _load(data_dir, "instruct_train")
+    answers: dict[str, Counter] = {}
+    for rec in train:
+        types = rec.get("question_types") or [rec["question_type"]]
+        for t, turn in zip(types, rec["conversations"][1::2]):
+            answers.setdefault(t, Counter())[turn["value"]] += 1
+    scenes = {s["id"]: s for s in _load(data_dir, "scenes_val")}
+    for rec in _load(data_dir, "instruct_val"):
+        t, refs = rec["question_type"], rec["references"]
+        assert rec["spatial"] == (t in toy.SPATIAL_TYPES)
+        assert refs["blind"] == float(rec["answer"] == answers[t].most_common(1)[0][0])
+        assert refs["uniform"] == pytest.approx(1 / len(answers[t]))
+        objs = [toy.Obj(o["shape"], o["colour"], o["row"], o["col"], o["size"], 0, 0)
+                for o in scenes[rec["id"]]["objects"]]
+        q = rec["conversations"][0]["value"].replace("<image>\n", "")
+        reader = toy.position_blind_accuracy(toy.position_blind_answers(t, q, rec["answer"], objs, 3), rec["answer"])
+        assert refs["position_blind"] == pytest.approx(float(reader))
+
+
+def test_a_world_where_position_matters(tmp_path):
+    """The v4 rules: 6-8 objects, each colour and shape at most twice, cell questions about any cell, relations
+    asked independently of the answer; the position-blind reader stays low on every spatial type."""
+    toy.generate_toy_data(tmp_path, n_train=200, n_val=400, n_test=8, seed=0, min_objects=6, max_objects=8,
+                          max_repeat=2, cell_questions="any", relations="uniform")
+    for s in _load(tmp_path, "scenes_val") + _load(tmp_path, "scenes_train"):
+        assert 6 <= len(s["objects"]) <= 8
+        assert max(Counter(o["colour"] for o in s["objects"]).values()) <= 2
+        assert max(Counter(o["shape"] for o in s["objects"]).values()) <= 2
+    val = _load(tmp_path, "instruct_val")
+    reader: dict[str, list[float]] = {}
+    for rec in val:
+        reader.setdefault(rec["question_type"], []).append(rec["references"]["position_blind"])
+    for t in toy.SPATIAL_TYPES:
+        assert sum(reader[t]) / len(reader[t]) <= 0.35, t
+    assert any(r["answer"] == toy.NOTHING for r in val if r["question_type"] == "colour_at_position")
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert (meta["min_objects"], meta["cell_questions"], meta["relations"]) == (6, "any", "uniform")

@@ -20,15 +20,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 FORMAT_VERSION = 2  # 2: captions list every cell in a fixed order
+RECORDS_VERSION = 2  # what the JSON records hold beyond the scenes (2: val/test questions carry references)
 SPLITS = ("train", "val", "test")
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -42,6 +45,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 COLOURS_LIST = tuple(COLOURS)
 BACKGROUND = (30, 30, 30)
 NOTHING = "nothing"  # an empty cell in captions, and the answer to a relation question about one
+# the types whose answer depends on where objects are: a position-blind reader (below) cannot answer them
+SPATIAL_TYPES = ("colour_at_position", "shape_at_position", "position_of_object", "relation")
 QUESTION_TYPES = (
     "colour_at_position",
     "shape_at_position",
@@ -134,20 +139,44 @@ def _rng(seed: int, split: str, index: int, salt: int = 0) -> np.random.Generato
     return np.random.default_rng([seed, SPLITS.index(split), index, salt])
 
 
+@dataclass(frozen=True)
+class QuestionRules:
+    """How a world asks its spatial questions.
+
+    ``cells``: ``"occupied"`` asks colour/shape at the cell of an object; ``"any"`` asks about a cell drawn
+    uniformly from the whole grid (answer "nothing" when it is empty). ``relations``: ``"balanced"`` draws about
+    half of the relation questions among those whose answer is an object; ``"uniform"`` draws the object and then
+    the direction uniformly among those that stay on the grid. ``"any"`` and ``"uniform"`` ask independently of
+    where the other objects are, which makes ``position_blind_answers`` the exact Bayes answer of a reader that
+    knows the objects but not their cells."""
+
+    cells: str = "occupied"
+    relations: str = "balanced"
+
+    def __post_init__(self):
+        if self.cells not in ("occupied", "any"):
+            raise ValueError(f"question rules: cells must be 'occupied' or 'any', got {self.cells!r}")
+        if self.relations not in ("balanced", "uniform"):
+            raise ValueError(f"question rules: relations must be 'balanced' or 'uniform', got {self.relations!r}")
+
+
 def sample_scene(rng: np.random.Generator, grid: int, max_objects: int, size_jitter: bool = True,
-                 n: int | None = None) -> list[Obj]:
-    """``n`` (default: 1..max_objects at random) objects in distinct cells; (colour, shape) pairs are unique
-    within a scene."""
-    n = int(rng.integers(1, max_objects + 1)) if n is None else n
+                 n: int | None = None, min_objects: int = 1, max_repeat: int | None = None) -> list[Obj]:
+    """``n`` (default: min_objects..max_objects at random) objects in distinct cells; (colour, shape) pairs are
+    unique within a scene; a colour or a shape occurs at most ``max_repeat`` times (None: no limit)."""
+    n = int(rng.integers(min_objects, max_objects + 1)) if n is None else n
     cells = sorted(rng.choice(grid * grid, size=n, replace=False).tolist())
     pairs: set[tuple[str, str]] = set()
+    colours, shapes = Counter(), Counter()
     objs = []
     for cell in cells:
         while True:
             pair = (COLOURS_LIST[int(rng.integers(len(COLOURS_LIST)))], SHAPES[int(rng.integers(len(SHAPES)))])
-            if pair not in pairs:
+            if pair not in pairs and (max_repeat is None or max(colours[pair[0]], shapes[pair[1]]) < max_repeat):
                 break
         pairs.add(pair)
+        colours[pair[0]] += 1
+        shapes[pair[1]] += 1
         size = float(rng.uniform(0.55, 0.8)) if size_jitter else 0.7
         dx, dy = (int(v) for v in rng.integers(-2, 3, size=2)) if size_jitter else (0, 0)
         objs.append(Obj(pair[1], pair[0], cell // grid, cell % grid, round(size, 3), dx, dy))
@@ -157,12 +186,27 @@ def sample_scene(rng: np.random.Generator, grid: int, max_objects: int, size_jit
 
 # ---- questions ----------------------------------------------------------------------------------------------
 def ask(qtype: str, objs: list[Obj], grid: int, rng: np.random.Generator,
-         want_object: bool | None = None) -> tuple[str, str] | None:
+        want_object: bool | None = None, rules: QuestionRules = QuestionRules()) -> tuple[str, str] | None:
     """(question, answer) of one type about a scene, or None when the type does not apply.
 
-    ``want_object`` forces a relation question whose answer is an object (True) or "nothing" (False)."""
+    ``want_object`` forces a relation question whose answer is an object (True) or "nothing" (False) (balanced
+    relations only)."""
     pick = objs[int(rng.integers(len(objs)))]
     pos = position_name(pick.row, pick.col, grid)
+    if rules.cells == "any" and qtype in ("colour_at_position", "shape_at_position"):
+        cell = int(rng.integers(grid * grid))
+        by_cell = {(o.row, o.col): o for o in objs}
+        there = by_cell.get(divmod(cell, grid))
+        attr = "colour" if qtype == "colour_at_position" else "shape"
+        return (f"What {attr} is the object in the {position_name(*divmod(cell, grid), grid)}?",
+                getattr(there, attr) if there else NOTHING)
+    if rules.relations == "uniform" and qtype == "relation":
+        by_cell = {(o.row, o.col): o for o in objs}
+        valid = [rel for rel, (dr, dc) in RELATIONS.items()
+                 if 0 <= pick.row + dr < grid and 0 <= pick.col + dc < grid]
+        rel = valid[int(rng.integers(len(valid)))]
+        other = by_cell.get((pick.row + RELATIONS[rel][0], pick.col + RELATIONS[rel][1]))
+        return f"What is {rel} the {pick.name}?", other.name if other else NOTHING
     if qtype == "colour_at_position":
         return f"What colour is the object in the {pos}?", pick.colour
     if qtype == "shape_at_position":
@@ -217,6 +261,68 @@ def ask(qtype: str, objs: list[Obj], grid: int, rng: np.random.Generator,
     raise ValueError(f"unknown question type {qtype!r}; valid: {', '.join(QUESTION_TYPES)}")
 
 
+# ---- the position-blind reader --------------------------------------------------------------------------------
+_QUESTION_FORMS = {
+    "colour_at_position": re.compile(r"What colour is the object in the (?P<pos>[a-z0-9 ]+)\?"),
+    "shape_at_position": re.compile(r"What shape is the object in the (?P<pos>[a-z0-9 ]+)\?"),
+    "position_of_object": re.compile(r"Where is the (?P<colour>\w+) (?P<shape>\w+)\?"),
+    "relation": re.compile(r"What is (?P<rel>left of|right of|above|below) the (?P<colour>\w+) (?P<shape>\w+)\?"),
+}
+
+
+def position_blind_answers(qtype: str, question: str, answer: str, objs: list[Obj], grid: int,
+                           rules: QuestionRules = QuestionRules()) -> dict[str, Fraction]:
+    """The answers of a *position-blind reader* and their probabilities: a reader that knows every object of the
+    scene (colour and shape) but not its cell, and takes every placement of those objects on distinct cells as
+    equally likely (among the placements where the question can be asked). It is what a perfect pooled
+    image token could know. Exact (fractions), from the question's own words.
+
+    - colour/shape at a cell: with ``cells="occupied"`` the attribute of a random object of the scene; with
+      ``"any"``, "nothing" with probability (G - n) / G and each object's attribute with 1 / G (G cells).
+    - position of an object: every cell 1 / G.
+    - relation: the neighbour is each other object with 1 / (G - 1), empty with (G - n) / (G - 1).
+    - the other types are functions of the objects alone: the true answer with probability 1.
+    Under rules ``any``/``uniform`` the questions are asked independently of the placement, so this is the
+    exact posterior; under the older ``balanced`` relations it is the uniform-placement reader (CLEVR's
+    re-answer-under-permutation test)."""
+    n, cells = len(objs), grid * grid
+    form = _QUESTION_FORMS.get(qtype)
+    if form is None:  # count, count_by_attribute, existence, shape_of_colour: no position needed
+        return {answer: Fraction(1)}
+    m = form.fullmatch(question)
+    if m is None:
+        raise ValueError(f"position-blind reader: {qtype} question {question!r} does not have the world's form")
+    dist: Counter = Counter()
+    if qtype in ("colour_at_position", "shape_at_position"):
+        attr = "colour" if qtype == "colour_at_position" else "shape"
+        if rules.cells == "any":
+            dist[NOTHING] += Fraction(cells - n, cells)
+            for o in objs:
+                dist[getattr(o, attr)] += Fraction(1, cells)
+        else:
+            for o in objs:
+                dist[getattr(o, attr)] += Fraction(1, n)
+    elif qtype == "position_of_object":
+        for r in range(grid):
+            for c in range(grid):
+                dist[position_name(r, c, grid)] += Fraction(1, cells)
+    else:  # relation
+        named = f"{m['colour']} {m['shape']}"
+        dist[NOTHING] += Fraction(cells - n, cells - 1)
+        for o in objs:
+            if o.name != named:
+                dist[o.name] += Fraction(1, cells - 1)
+    return {k: v for k, v in dist.items() if v}
+
+
+def position_blind_accuracy(dist: dict[str, Fraction], answer: str) -> Fraction:
+    """Expected accuracy of the reader's best guess: the true answer's share of the most likely answers (ties
+    split evenly)."""
+    top = max(dist.values())
+    modes = [a for a, p in dist.items() if p == top]
+    return Fraction(int(answer in modes), len(modes))
+
+
 # ---- drawing ------------------------------------------------------------------------------------------------
 def render(objs: list[Obj], image_size: int, grid: int):
     """A PIL RGB image of the scene."""
@@ -258,38 +364,53 @@ def _render_batch(args: tuple[list[tuple[str, list[Obj]]], int, int]) -> int:
 
 # ---- generation ---------------------------------------------------------------------------------------------
 def _scene_for(seed: int, split: str, index: int, grid: int, max_objects: int, size_jitter: bool,
-               qtype: str | None) -> tuple[list[Obj], np.random.Generator, tuple[str, str] | None]:
+               qtype: str | None, min_objects: int = 1, rules: QuestionRules = QuestionRules(),
+               max_repeat: int | None = None) -> tuple[list[Obj], np.random.Generator, tuple[str, str] | None]:
     """The scene at (split, index): rejection-sampled until its description hashes into ``split`` and, for a
     fixed ``qtype``, until that question applies. The object count is drawn first, so every split has the same
     distribution of object counts."""
     rng = _rng(seed, split, index)
-    n = int(rng.integers(1, max_objects + 1))
-    # held-out relation questions alternate between an object answer and "nothing"
-    want = n > 1 and (index // len(QUESTION_TYPES)) % 3 != 0 if qtype == "relation" else None
+    n = int(rng.integers(min_objects, max_objects + 1))
+    # held-out balanced relation questions alternate between an object answer and "nothing"
+    want = (n > 1 and (index // len(QUESTION_TYPES)) % 3 != 0
+            if qtype == "relation" and rules.relations == "balanced" else None)
     for _ in range(100_000):
-        objs = sample_scene(rng, grid, max_objects, size_jitter, n=n)
+        objs = sample_scene(rng, grid, max_objects, size_jitter, n=n, max_repeat=max_repeat)
         if split_of(caption(objs, grid)) != split:
             continue
         if qtype is None:
             return objs, rng, None
-        qa = ask(qtype, objs, grid, rng, want_object=want)
+        qa = ask(qtype, objs, grid, rng, want_object=want, rules=rules)
         if qa is not None:
             return objs, rng, qa
     raise RuntimeError(f"could not sample a {split} scene for {qtype}; the grid is too small for this split")
 
 
-def _instruct_train(objs: list[Obj], grid: int, rng: np.random.Generator, multi_share: float):
+def _instruct_train(objs: list[Obj], grid: int, rng: np.random.Generator, multi_share: float,
+                    rules: QuestionRules = QuestionRules()):
     """1 turn, or 2-3 turns of distinct question types."""
     n_turns = int(rng.integers(2, 4)) if rng.random() < multi_share else 1
     turns: list[tuple[str, str, str]] = []
     order = rng.permutation(len(QUESTION_TYPES))
     for i in order:
-        qa = ask(QUESTION_TYPES[i], objs, grid, rng)
+        qa = ask(QUESTION_TYPES[i], objs, grid, rng, rules=rules)
         if qa is not None:
             turns.append((QUESTION_TYPES[i], *qa))
         if len(turns) == n_turns:
             break
     return turns
+
+
+def _references(qtype: str, question: str, answer: str, objs: list[Obj], grid: int, rules: QuestionRules,
+                train_answers: dict[str, Counter]) -> dict[str, float]:
+    """What three references score on one held-out question: ``blind`` (the type's most frequent training answer),
+    ``uniform`` (a uniform guess among the type's distinct training answers), ``position_blind`` (the
+    position-blind reader's expected accuracy)."""
+    seen = train_answers.get(qtype) or Counter()
+    top = seen.most_common(1)[0][0] if seen else None
+    reader = position_blind_accuracy(position_blind_answers(qtype, question, answer, objs, grid, rules), answer)
+    return {"blind": float(answer == top), "uniform": 1 / len(seen) if seen else 0.0,
+            "position_blind": float(reader)}
 
 
 def _conversation(turns: list[tuple[str, str, str]]) -> list[dict[str, str]]:
@@ -312,16 +433,27 @@ def generate_toy_data(
     seed: int = 0,
     size_jitter: bool = True,
     multi_turn_share: float = 0.5,
+    min_objects: int = 1,
+    max_repeat: int | None = None,
+    cell_questions: str = "occupied",
+    relations: str = "balanced",
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Path]:
     """Write the shapes world into ``out_dir``; returns the written files by name.
 
     ``progress(done, total)`` is called as images are written. Keys of the result: ``images``, ``meta``,
-    ``align_<split>``, ``instruct_<split>``, ``scenes_<split>``.
+    ``align_<split>``, ``instruct_<split>``, ``scenes_<split>``. Scenes hold ``min_objects..max_objects``
+    objects, no colour or shape more than ``max_repeat`` times; ``cell_questions`` and ``relations`` are the ``QuestionRules``. Every val/test question carries
+    ``spatial`` (its type needs positions) and ``references``: what the blind answer (the type's most frequent
+    training answer), a uniform guess among the type's training answers and the position-blind reader score on
+    it.
     """
-    if not 1 <= max_objects <= grid * grid:
-        raise ValueError(f"max_objects must be in 1..{grid * grid} for a {grid}x{grid} grid, got {max_objects}")
+    if not 1 <= min_objects <= max_objects <= grid * grid:
+        raise ValueError(f"need 1 <= min_objects <= max_objects <= {grid * grid} for a {grid}x{grid} grid, "
+                         f"got min_objects={min_objects}, max_objects={max_objects}")
+    rules = QuestionRules(cell_questions, relations)
+    train_answers: dict[str, Counter] = {}
     out = Path(out_dir)
     counts = {"train": n_train, "val": n_val, "test": n_test}
     paths: dict[str, Path] = {"images": out / "images", "meta": out / "meta.json"}
@@ -333,13 +465,16 @@ def generate_toy_data(
             sid = f"{split}_{i:06d}"
             image = f"{split}/{sid}.png"
             qtype = None if split == "train" else QUESTION_TYPES[i % len(QUESTION_TYPES)]
-            objs, rng, qa = _scene_for(seed, split, i, grid, max_objects, size_jitter, qtype)
+            objs, rng, qa = _scene_for(seed, split, i, grid, max_objects, size_jitter, qtype, min_objects, rules,
+                                       max_repeat)
             cap = caption(objs, grid)
             prompt = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
             align.append({"id": sid, "image": image, "conversations": [
                 {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": cap}]})
             if split == "train":
-                turns = _instruct_train(objs, grid, rng, multi_turn_share)
+                turns = _instruct_train(objs, grid, rng, multi_turn_share, rules)
+                for t, _, a in turns:
+                    train_answers.setdefault(t, Counter())[a] += 1
             else:
                 turns = [(qtype, *qa)]
             rec = {"id": sid, "image": image, "conversations": _conversation(turns)}
@@ -349,6 +484,9 @@ def generate_toy_data(
             else:
                 rec["question_type"] = "multi"
                 rec["question_types"] = [t[0] for t in turns]
+            if split != "train":
+                rec["spatial"] = qtype in SPATIAL_TYPES
+                rec["references"] = _references(qtype, *qa, objs, grid, rules, train_answers)
             instruct.append(rec)
             scenes.append({"id": sid, "image": image, "caption": cap, "objects": [
                 {"shape": o.shape, "colour": o.colour, "row": o.row, "col": o.col,
@@ -361,7 +499,9 @@ def generate_toy_data(
 
     meta = {
         "format_version": FORMAT_VERSION, "seed": seed, "image_size": image_size, "grid": grid,
-        "max_objects": max_objects, "size_jitter": size_jitter, "multi_turn_share": multi_turn_share,
+        "min_objects": min_objects, "max_objects": max_objects, "max_repeat": max_repeat, "size_jitter": size_jitter,
+        "multi_turn_share": multi_turn_share, "cell_questions": cell_questions, "relations": relations,
+        "spatial_types": list(SPATIAL_TYPES),
         "counts": counts, "shapes": list(SHAPES), "colours": {k: list(v) for k, v in COLOURS.items()},
         "background": list(BACKGROUND), "question_types": list(QUESTION_TYPES),
         "positions": [position_name(r, c, grid) for r in range(grid) for c in range(grid)],

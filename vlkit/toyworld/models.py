@@ -178,8 +178,11 @@ def scene_messages(objs: list, grid: int, qas: list[tuple[str, str, str]]) -> li
     return msgs
 
 
-def lm_conversations(n: int, seed: int, cfg: dict[str, Any], grid: int, max_objects: int) -> list[list[dict]]:
-    """Chats for LM pretraining, from scenes whose description falls in the train split:
+def lm_conversations(n: int, seed: int, cfg: dict[str, Any], grid: int, max_objects: int, *, min_objects: int = 1,
+                     max_repeat: int | None = None, rules: toy.QuestionRules = toy.QuestionRules()
+                     ) -> list[list[dict]]:
+    """Chats for LM pretraining, from fresh scenes of the world's distribution (``min_objects..max_objects``
+    objects, ``max_repeat``, question ``rules``) whose description falls in the train split:
 
     - ``caption_share`` of them caption a scene: half with the scene given as text (a copy), half without (so the
       LM learns the caption language the align stage asks of it);
@@ -189,7 +192,7 @@ def lm_conversations(n: int, seed: int, cfg: dict[str, Any], grid: int, max_obje
     lo, hi = cfg["turns"]
     convs: list[list[dict]] = []
     while len(convs) < n:
-        objs = toy.sample_scene(rng, grid, max_objects)
+        objs = toy.sample_scene(rng, grid, max_objects, min_objects=min_objects, max_repeat=max_repeat)
         cap = toy.caption(objs, grid)
         if toy.split_of(cap) != "train":
             continue
@@ -203,13 +206,21 @@ def lm_conversations(n: int, seed: int, cfg: dict[str, Any], grid: int, max_obje
         qas: list[tuple[str, str, str]] = []
         for _ in range(4 * hi):
             qtype = toy.QUESTION_TYPES[int(rng.integers(len(toy.QUESTION_TYPES)))]
-            qa = toy.ask(qtype, objs, grid, rng)
+            qa = toy.ask(qtype, objs, grid, rng, rules=rules)
             if qa is not None and qa[0] not in {q for _, q, _ in qas}:  # an answer is never copied from a turn
                 qas.append((qtype, *qa))
             if len(qas) == want:
                 break
         convs.append(scene_messages(objs, grid, qas))
     return convs
+
+
+def world_scenes(data_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The scene and question settings of a world's data config, as ``lm_conversations`` takes them."""
+    return {"grid": data_cfg["grid"], "max_objects": data_cfg["max_objects"],
+            "min_objects": data_cfg.get("min_objects", 1), "max_repeat": data_cfg.get("max_repeat"),
+            "rules": toy.QuestionRules(data_cfg.get("cell_questions", "occupied"),
+                                       data_cfg.get("relations", "balanced"))}
 
 
 def lm_batch(tok, convs: list[list[dict]], other_weight: float = 0.0) -> dict[str, "torch.Tensor"]:
@@ -254,7 +265,7 @@ def train_lm(tok, out_dir: Path, cfg: dict[str, Any], seed: int, data_cfg: dict[
                          pad_token_id=tok.pad_token_id, **cfg["arch"])
     model = Qwen2ForCausalLM(config)
     steps, batch = cfg["steps"], cfg["batch"]
-    convs = lm_conversations(steps * batch, seed, cfg, data_cfg["grid"], data_cfg["max_objects"])
+    convs = lm_conversations(steps * batch, seed, cfg, **world_scenes(data_cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.95))
     ckpt = ckpt or StepCheckpoint(None, 1, "")
     start, losses, _ = ckpt.restore(model, opt)

@@ -35,10 +35,21 @@ CLIP_ARCH = dict(
 LM_ARCH = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
                intermediate_size=352, max_position_embeddings=2048, tie_word_embeddings=False, rope_theta=10000.0)
 DATA = dict(n_train=20000, n_val=1000, n_test=1000, image_size=64, grid=3, max_objects=4, multi_turn_share=0.5)
+# The world where position matters (issue 26): 6-8 objects of 9 cells, no colour or shape more than twice, cell
+# questions about any cell ("nothing" when empty), relations asked independently of the answer. A
+# position-blind reader scores 0.28 / 0.28 / 0.11 / 0.22 on the four spatial types of its 1 000 val questions.
+DATA_V4 = dict(DATA, min_objects=6, max_objects=8, max_repeat=2, cell_questions="any", relations="uniform")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         data=DATA,
+        clip=dict(steps=2500, batch=128, lr=2e-3, arch=CLIP_ARCH),
+        lm=dict(steps=5000, batch=32, lr=3e-3, turns=(6, 10), caption_share=0.15, other_token_weight=0.3,
+                arch=LM_ARCH),
+        probes=dict(n_train=3000, epochs=300),
+    ),
+    "v4": dict(
+        data=DATA_V4,
         clip=dict(steps=2500, batch=128, lr=2e-3, arch=CLIP_ARCH),
         lm=dict(steps=5000, batch=32, lr=3e-3, turns=(6, 10), caption_share=0.15, other_token_weight=0.3,
                 arch=LM_ARCH),

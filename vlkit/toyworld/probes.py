@@ -13,7 +13,7 @@ from vlkit.data import toy
 from vlkit.toyworld.models import clip_text, load_images, normalize
 
 # ---- quality probes -------------------------------------------------------------------------------------------
-def _val_lm_convs(data_dir: Path) -> tuple[list[list[dict]], list[str], list[str]]:
+def val_lm_convs(data_dir: Path) -> tuple[list[list[dict]], list[str], list[str]]:
     """The val questions as single-turn chats with the scene given as text, their types, and the bare questions."""
     scenes = {s["id"]: s for s in toy.load_scenes(data_dir, "val")}
     convs, types, questions = [], [], []
@@ -27,21 +27,28 @@ def _val_lm_convs(data_dir: Path) -> tuple[list[list[dict]], list[str], list[str
 
 
 def _lm_answers(lm_dir: Path, convs: list[list[dict]], batch: int = 50) -> dict[str, Any]:
-    """Teacher-forced pass over single-turn chats: per chat whether every answer token is the argmax, plus the
-    summed NLL and token counts of all tokens and of answer tokens."""
-    import torch
+    """``lm_answers`` of the saved LM in ``lm_dir``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(lm_dir)
     model = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+    return lm_answers(model, tok, convs, batch)
+
+
+def lm_answers(model, tok, convs: list[list[dict]], batch: int = 50) -> dict[str, Any]:
+    """Teacher-forced pass over single-turn chats: per chat whether every answer token is the argmax, plus the
+    summed NLL and token counts of all tokens and of answer tokens. Runs on the model's device."""
+    import torch
+
+    device = next(model.parameters()).device
     out = {"hits": [], "nll_all": 0.0, "n_all": 0, "nll_ans": 0.0, "n_ans": 0}
     with torch.no_grad():
         for k in range(0, len(convs), batch):
             enc = tok.apply_chat_template(convs[k:k + batch], tokenize=True, return_dict=True, padding=True,
                                           return_tensors="pt", return_assistant_tokens_mask=True)
-            ids, att = enc["input_ids"], enc["attention_mask"]
-            ans = torch.as_tensor(enc["assistant_masks"]).bool()
-            logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+            ids, att = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            ans = torch.as_tensor(enc["assistant_masks"]).bool().to(device)
+            logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
             target, valid, ans_t = ids[:, 1:], att[:, 1:].bool(), ans[:, 1:]
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
             out["nll_all"] += nll[valid].sum().item()
@@ -56,7 +63,7 @@ def _lm_answers(lm_dir: Path, convs: list[list[dict]], batch: int = 50) -> dict[
 def probe_lm(lm_dir: Path, data_dir: Path, batch: int = 50) -> dict[str, Any]:
     """Held-out perplexity (all tokens of val chat text), answer perplexity, and teacher-forced answer accuracy
     (every answer token is the argmax) by question type, given the scene as text."""
-    convs, types, _ = _val_lm_convs(data_dir)
+    convs, types, _ = val_lm_convs(data_dir)
     r = _lm_answers(lm_dir, convs, batch)
     correct: dict[str, list[bool]] = {}
     for t, h in zip(types, r["hits"]):
@@ -72,7 +79,7 @@ def lm_breakdown(lm_dir: Path, data_dir: Path) -> dict[str, dict[str, tuple[floa
     """``probe_lm``'s accuracy from text split finer, to see what limits toy-lm: for each question type,
     (accuracy, n) by the cell asked about (colour/shape at a position), by the answer (position of an object,
     existence) or by whether the answer is an object or "nothing" (relation)."""
-    convs, types, questions = _val_lm_convs(data_dir)
+    convs, types, questions = val_lm_convs(data_dir)
     hits = _lm_answers(lm_dir, convs)["hits"]
     groups: dict[str, dict[str, list[bool]]] = {}
     for conv, t, question, h in zip(convs, types, questions, hits):
@@ -274,29 +281,17 @@ def _cell_features(feats: dict, occupied: "torch.Tensor", grid: int):
     return cells, occupied.flatten().long()
 
 
-def answer_baselines(data_dir: Path, n_eval: int = 400) -> dict[str, dict[str, float]]:
-    """What a model that ignores the image reaches, per question type, on the first ``n_eval`` val questions (the
-    default recipe's evaluation set): ``blind`` always gives the type's most frequent training answer; ``uniform``
-    picks uniformly among the type's distinct training answers."""
-    from collections import Counter
+def answer_baselines(data_dir: Path, n_eval: int = 400) -> dict[str, dict[str, Any]]:
+    """The references of the first ``n_eval`` val questions (the default recipe's evaluation set), per question
+    type and over all: the means of the ``references`` each question carries (``blind``, ``uniform``,
+    ``position_blind``; see ``vlkit.data.toy.generate_toy_data``), the count ``n`` and whether the type is
+    ``spatial``."""
+    from vlkit.evaluate import reference_report
 
-    answers: dict[str, Counter] = {}
-    for rec in json.loads((Path(data_dir) / "instruct_train.json").read_text()):
-        types = rec.get("question_types") or [rec["question_type"]]
-        for qtype, turn in zip(types, rec["conversations"][1::2]):
-            answers.setdefault(qtype, Counter())[turn["value"]] += 1
     val = json.loads((Path(data_dir) / "instruct_val.json").read_text())[:n_eval]
-    out: dict[str, dict[str, float]] = {}
-    for qtype in toy.QUESTION_TYPES:
-        recs = [r for r in val if r["question_type"] == qtype]
-        if not recs or qtype not in answers:
-            continue
-        top = answers[qtype].most_common(1)[0][0]
-        out[qtype] = {"blind": round(float(np.mean([r["answer"] == top for r in recs])), 3),
-                      "uniform": round(1 / len(answers[qtype]), 3), "n": len(recs)}
-    every = [r for r in val if r["question_type"] in out]
-    out["all"] = {"blind": round(float(np.mean([r["answer"] == answers[r["question_type"]].most_common(1)[0][0]
-                                                 for r in every])), 3),
-                  "uniform": round(float(np.mean([out[r["question_type"]]["uniform"] for r in every])), 3),
-                  "n": len(every)}
+    rep = reference_report(val)
+    out: dict[str, dict[str, Any]] = {}
+    for qtype, refs in rep["references_by_type"].items():
+        out[qtype] = {**refs, "n": rep["count_by_type"][qtype], "spatial": qtype in rep["spatial_types"]}
+    out["all"] = {**rep["references"], "n": len(val)}
     return out

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vlkit._locks import locked
+from vlkit.data.toy import RECORDS_VERSION
 from vlkit.toyworld import _runtime, shipped
 from vlkit.toyworld.probes import answer_baselines
 from vlkit.toyworld.pretraining import SHIPPED_PRESET, SHIPPED_SEED, generate_data, pretrain, pretrain_config
@@ -88,7 +89,7 @@ def toy_cache_dir(preset: str | None = None, seed: int = SHIPPED_SEED) -> Path:
 
 
 def _marker(preset: str, seed: int) -> dict[str, Any]:
-    return {"world": world_id(preset, seed), "preset": preset, "seed": seed}
+    return {"world": world_id(preset, seed), "preset": preset, "seed": seed, "records": RECORDS_VERSION}
 
 
 def is_built(root: str | os.PathLike, preset: str | None = None, seed: int = SHIPPED_SEED) -> bool:
@@ -98,7 +99,7 @@ def is_built(root: str | os.PathLike, preset: str | None = None, seed: int = SHI
         found = json.loads((Path(root) / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return {k: found.get(k) for k in ("world", "preset", "seed")} == _marker(preset, seed)
+    return {k: found.get(k) for k in ("world", "preset", "seed", "records")} == _marker(preset, seed)
 
 
 def _world_at(root: Path, preset: str, seed: int) -> ToyWorld:
