@@ -313,6 +313,25 @@ def test_report_has_probes(tiny_toy_world):
     assert set(per_object["shape"]) == {"majority", "cell_mean", "patch_window_3x3"}
 
 
+def test_val_questions_carry_the_references(tiny_toy_world):
+    """Every val question carries blind / uniform / position-blind and toy-lm's own from-text hit; the world's
+    report averages them per type, spatial types marked; toy-lm's per-question hits average to its probe."""
+    import json
+
+    val = json.loads((tiny_toy_world.data_dir / "instruct_val.json").read_text())
+    assert all(set(r["references"]) == {"blind", "uniform", "position_blind", "toy_lm_from_text"} for r in val)
+    lm = tiny_toy_world.report["toy_lm"]
+    for qtype, acc in lm["val_answer_accuracy_by_type"].items():
+        hits = [r["references"]["toy_lm_from_text"] for r in val if r["question_type"] == qtype]
+        assert round(sum(hits) / len(hits), 3) == acc
+    base = tiny_toy_world.report["answer_baselines"]
+    for qtype in QUESTION_TYPES:
+        assert set(base[qtype]) == {"blind", "uniform", "position_blind", "toy_lm_from_text", "n", "spatial"}
+        assert base[qtype]["spatial"] == (qtype in ("colour_at_position", "shape_at_position",
+                                                    "position_of_object", "relation"))
+    assert base["relation"]["position_blind"] < 1.0 and base["count"]["position_blind"] == 1.0
+
+
 def test_lm_breakdown_splits_the_probe(tiny_toy_world):
     """The finer split of toy-lm's accuracy from text covers every val question once and agrees with the probe."""
     from vlkit.toyworld import probes

@@ -62,7 +62,7 @@ def lm_answers(model, tok, convs: list[list[dict]], batch: int = 50) -> dict[str
 
 def probe_lm(lm_dir: Path, data_dir: Path, batch: int = 50) -> dict[str, Any]:
     """Held-out perplexity (all tokens of val chat text), answer perplexity, and teacher-forced answer accuracy
-    (every answer token is the argmax) by question type, given the scene as text."""
+    (every answer token is the argmax) by question type and per question, given the scene as text."""
     convs, types, _ = val_lm_convs(data_dir)
     r = _lm_answers(lm_dir, convs, batch)
     correct: dict[str, list[bool]] = {}
@@ -72,7 +72,9 @@ def probe_lm(lm_dir: Path, data_dir: Path, batch: int = 50) -> dict[str, Any]:
     return {"val_perplexity": round(math.exp(r["nll_all"] / r["n_all"]), 3),
             "val_answer_perplexity": round(math.exp(r["nll_ans"] / r["n_ans"]), 3),
             "val_answer_accuracy_from_text": round(float(np.mean(r["hits"])), 3),
-            "val_answer_accuracy_by_type": acc}
+            "val_answer_accuracy_by_type": acc,
+            # per val question, in file order ("1" right): the first-use data carries it as a reference
+            "val_hits_from_text": "".join("1" if h else "0" for h in r["hits"])}
 
 
 def lm_breakdown(lm_dir: Path, data_dir: Path) -> dict[str, dict[str, tuple[float, int]]]:
@@ -281,10 +283,28 @@ def _cell_features(feats: dict, occupied: "torch.Tensor", grid: int):
     return cells, occupied.flatten().long()
 
 
+def add_lm_reference(data_dir: Path, report: dict[str, Any]) -> bool:
+    """Give each val question of ``data_dir`` the reference ``toy_lm_from_text`` (1 when toy-lm, given the scene as
+    text, answered it; from the weights' report) so that every evaluation shows it beside its own accuracy, on the
+    same questions. False (and nothing written) when the report has no per-question hits for this val set."""
+    hits = (report.get("toy_lm") or {}).get("val_hits_from_text")
+    path = Path(data_dir) / "instruct_val.json"
+    val = json.loads(path.read_text())
+    if not hits or len(hits) != len(val):
+        return False
+    for rec, h in zip(val, hits):
+        rec["references"]["toy_lm_from_text"] = float(h == "1")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(val, indent=None, separators=(",", ":")))
+    tmp.replace(path)
+    return True
+
+
 def answer_baselines(data_dir: Path, n_eval: int = 400) -> dict[str, dict[str, Any]]:
     """The references of the first ``n_eval`` val questions (the default recipe's evaluation set), per question
     type and over all: the means of the ``references`` each question carries (``blind``, ``uniform``,
-    ``position_blind``; see ``vlkit.data.toy.generate_toy_data``), the count ``n`` and whether the type is
+    ``position_blind``, see ``vlkit.data.toy.generate_toy_data``; ``toy_lm_from_text``, see ``add_lm_reference``),
+    the count ``n`` and whether the type is
     ``spatial``."""
     from vlkit.evaluate import reference_report
 

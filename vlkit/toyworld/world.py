@@ -20,7 +20,7 @@ from typing import Any
 from vlkit._locks import locked
 from vlkit.data.toy import RECORDS_VERSION
 from vlkit.toyworld import _runtime, shipped
-from vlkit.toyworld.probes import answer_baselines
+from vlkit.toyworld.probes import add_lm_reference, answer_baselines
 from vlkit.toyworld.pretraining import SHIPPED_PRESET, SHIPPED_SEED, generate_data, pretrain, pretrain_config
 
 ENV_DIR = "VLKIT_TOY_DIR"
@@ -140,10 +140,13 @@ def build_toy_world(cache_dir: str | os.PathLike | None = None, *, preset: str |
             t = time.perf_counter()
             generate_data(tmp / "data", pretrain_config(preset, seed))
             seconds["data"] = round(time.perf_counter() - t, 1)
-            if not _shipped(preset, seed):
+            if _shipped(preset, seed):
+                report = shipped_manifest().get("report", {})
+            else:
                 t = time.perf_counter()
-                pretrain(tmp / "weights", preset, seed, data_dir=tmp / "data", console=console)
+                report = pretrain(tmp / "weights", preset, seed, data_dir=tmp / "data", console=console)["report"]
                 seconds["pretrain"] = round(time.perf_counter() - t, 1)
+            add_lm_reference(tmp / "data", report)
             marker = {**_marker(preset, seed), "seconds": seconds,
                       "answer_baselines": answer_baselines(tmp / "data")}
             (tmp / MARKER).write_text(json.dumps(marker, indent=2))
