@@ -34,6 +34,7 @@ from vlkit.distributed import DistContext, check_same_modules, make_engine, shar
 from vlkit.distributed import setup as setup_distributed
 from vlkit.evaluate import evaluate, move
 from vlkit.model import VLM, _resolve, build_model, parameter_counts
+from vlkit.random_init import random_weight_parts, tag_console
 from vlkit.runs import attach_lora, pick_device
 
 
@@ -647,6 +648,9 @@ def _train(recipe: Recipe, run_dir: Path | None, console: Console, dry_run: bool
             write_json_atomic(summary_path, summary)
 
     model = build_model(recipe).to(device)
+    if random_weight_parts(model):  # components built with random_init (asked for, never silent): every line says so
+        summary["random_weights"] = random_weight_parts(model)
+        tag_console(console, summary["random_weights"], held)
     summary["num_image_tokens"] = model.num_image_tokens
     summary["build_s"] = time.time() - t0  # the model from its weights (encoder, LLM, tokenizer)
     features_fn = features.for_model(model, device) if features is not None else None
