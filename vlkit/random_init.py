@@ -61,13 +61,16 @@ def tag_console(console: Any, parts: list[str], stack: contextlib.ExitStack) -> 
     """Prefix every ``console.print`` with :func:`notice` until ``stack`` closes (nothing when ``parts`` is empty)."""
     if not parts:
         return
+    from rich.control import Control
     from rich.markup import escape
 
     prefix = escape(notice(parts))
     plain = console.print
 
     def print_tagged(*objects: Any, **kwargs: Any) -> None:
-        if objects and all(isinstance(o, str) for o in objects):
+        if not objects or any(isinstance(o, Control) for o in objects):  # blank lines, cursor control: untouched
+            plain(*objects, **kwargs)
+        elif all(isinstance(o, str) for o in objects):
             plain(prefix + str(objects[0]), *objects[1:], **kwargs)
         else:  # a table or other renderable: the notice on its own line just above it
             plain(notice(parts).strip(), style="bold red", markup=False, highlight=False)
