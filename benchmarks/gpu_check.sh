@@ -26,6 +26,7 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 export VLKIT_TOY_DIR=/tmp/vlkit-gpu-check-toy VLKIT_CACHE_DIR=/tmp/vlkit-gpu-check-cache
 export VLKIT_TOKENIZED_DIR=/tmp/vlkit-gpu-check-tokenized VLKIT_DISABLE_PLUGIN_AUTOLOAD=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"  # HF's full-vocabulary logits are large
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 # the python side keeps to --budget (default 260 s); the hard limit here leaves the JSON of every finished phase
 timeout -k 10 "${GPU_CHECK_TIMEOUT:-285}" "$PY" -X faulthandler benchmarks/gpu_check.py --out "$OUT/gpu_check.json" "$@"
