@@ -7,6 +7,7 @@ from rich.text import Text
 
 from vlkit.config import Recipe
 from vlkit.model import VLM, build_model, parameter_counts
+from vlkit.random_init import NOTE, random_weight_parts
 from vlkit.registry import FAMILIES
 
 
@@ -16,9 +17,11 @@ def describe_model(recipe: Recipe) -> tuple[dict[str, Any], VLM]:
     fams = {"encoder": "encoders", "tokens": "token_strategies", "projector": "projectors", "fusion": "fusions",
             "llm": "llms"}
     rows = []
+    random_parts = random_weight_parts(model)
     for part, fam in fams.items():
         name = getattr(recipe, part).name
-        rows.append({"part": part, "name": name, "source": FAMILIES[fam].source(name), **counts[part]})
+        rows.append({"part": part, "name": name + (" (RANDOM WEIGHTS)" if part in random_parts else ""),
+                     "source": FAMILIES[fam].source(name), **counts[part]})
     enc = model.encoder
     facts = {
         "encoder": f"embed_dim={enc.embed_dim} image_size={enc.image_size} grid={getattr(enc, 'grid', None)} "
@@ -29,6 +32,8 @@ def describe_model(recipe: Recipe) -> tuple[dict[str, Any], VLM]:
         "llm hidden size": model.llm.hidden_size,
         "stages": " -> ".join(recipe.train.stages),
     }
+    if random_parts:
+        facts["weights"] = f"{NOTE} (random_init) in {', '.join(random_parts)}: shapes only, no trained weights"
     return {"components": rows, "facts": facts}, model
 
 

@@ -67,16 +67,37 @@ class HFCausalLM(nn.Module):
 @register_llm("hf")
 def hf(model: str = "Qwen/Qwen2.5-1.5B-Instruct", tokenizer: str | None = None, dtype: str = "float32",
        trust_remote_code: bool = False, attn_implementation: str | None = "sdpa", image_token: str = "<image>",
-       revision: str | None = None) -> HFCausalLM:
-    """Any ``AutoModelForCausalLM`` by hub name or local dir; ``trust_remote_code`` only when the recipe asks."""
+       revision: str | None = None, random_init: bool = False) -> HFCausalLM:
+    """Any ``AutoModelForCausalLM`` by hub name or local dir; ``trust_remote_code`` only when the recipe asks.
+
+    ``random_init=True`` builds the model from ``model``'s published config with random weights (no weights read,
+    only when asked; vlkit/random_init.py). The embedding keeps the config's vocabulary size; ``tokenizer`` (e.g.
+    ``toy:tokenizer``, a ChatML tokenizer that ships with vlkit) must not have more tokens than that."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"llm.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    kwargs = {"trust_remote_code": trust_remote_code, "revision": revision, "dtype": DTYPES[dtype]}
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": DTYPES[dtype]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    if random_init:
+        from vlkit.random_init import mark_random, published_config
+
+        lm = AutoModelForCausalLM.from_config(published_config(model), **kwargs)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(model, revision=revision, **kwargs)
     lm.requires_grad_(False)  # frozen until a training stage says otherwise (LoRA or full)
-    tok = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code, revision=revision)
-    return HFCausalLM(lm, tok, image_token=image_token)
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code, revision=revision)
+    except OSError as exc:
+        if not random_init or tokenizer:
+            raise
+        raise OSError(f"llm.random_init builds {model} from its config, but its tokenizer is not available offline "
+                      f"({exc}); set llm.tokenizer (toy:tokenizer is a ChatML tokenizer that ships with vlkit)") from exc
+    if random_init:
+        vocab = lm.get_input_embeddings().num_embeddings
+        if len(tok) > vocab:
+            raise ValueError(f"llm.tokenizer has {len(tok)} tokens, more than {model}'s embedding ({vocab}); "
+                             "random_init keeps the published vocabulary size")
+    out = HFCausalLM(lm, tok, image_token=image_token)
+    return mark_random(out) if random_init else out

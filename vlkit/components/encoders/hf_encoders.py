@@ -118,14 +118,23 @@ class HFVisionEncoder(WrappedEncoder):
 
 def _hf_tower(kind: str, model_cls: Any, processor_cls: Any, model: str, layer: int, frozen: bool,
               trust_remote_code: bool, cls_token: bool, default_mean: tuple[float, float, float],
-              default_std: tuple[float, float, float]) -> HFVisionEncoder:
-    """``model_cls.from_pretrained(model)`` with its image processor (when the dir has one), wrapped."""
-    net = _hf_load(model_cls, model, trust_remote_code)
-    proc = _hf_image_processor(processor_cls, model, trust_remote_code)
-    return HFVisionEncoder(
+              default_std: tuple[float, float, float], random_init: bool = False) -> HFVisionEncoder:
+    """``model_cls.from_pretrained(model)`` with its image processor (when the dir has one), wrapped. With
+    ``random_init`` the tower is built from ``model``'s published config with random weights (no weights read; the
+    encoder is marked, see vlkit/random_init.py) and mean/std are the defaults unless a local dir has a processor."""
+    if random_init:
+        from vlkit.random_init import mark_random, published_config
+
+        net = model_cls._from_config(published_config(model, sub="vision_config"))
+        proc = _hf_image_processor(processor_cls, model, trust_remote_code) if os.path.isdir(model) else None
+    else:
+        net = _hf_load(model_cls, model, trust_remote_code)
+        proc = _hf_image_processor(processor_cls, model, trust_remote_code)
+    encoder = HFVisionEncoder(
         net, model_name=model, kind=kind, layer=layer, frozen=frozen, cls_token=cls_token, image_processor=proc,
         default_mean=default_mean, default_std=default_std,
     )
+    return mark_random(encoder) if random_init else encoder
 
 
 @register_encoder("hf_clip")
@@ -134,14 +143,16 @@ def hf_clip(
     layer: int = -1,
     frozen: bool = True,
     trust_remote_code: bool = False,
+    random_init: bool = False,
 ) -> HFVisionEncoder:
     """``CLIPVisionModel.from_pretrained(model)``: a hub id or a local dir holding a ``CLIPVisionModel`` or a full
     ``CLIPModel`` (its vision tower is taken). LLaVA-1.5 uses ``layer=-2``. mean/std from the dir's
-    ``CLIPImageProcessor`` when present, else the OpenAI CLIP constants. The tower is ``.hf_model``."""
+    ``CLIPImageProcessor`` when present, else the OpenAI CLIP constants. The tower is ``.hf_model``.
+    ``random_init=True``: random weights at the published config's shapes, only when asked (vlkit/random_init.py)."""
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
     return _hf_tower("hf_clip", CLIPVisionModel, CLIPImageProcessor, model, layer, frozen, trust_remote_code,
-                     cls_token=True, default_mean=OPENAI_CLIP_MEAN, default_std=OPENAI_CLIP_STD)
+                     cls_token=True, default_mean=OPENAI_CLIP_MEAN, default_std=OPENAI_CLIP_STD, random_init=random_init)
 
 
 @register_encoder("hf_siglip")
@@ -150,12 +161,13 @@ def hf_siglip(
     layer: int = -1,
     frozen: bool = True,
     trust_remote_code: bool = False,
+    random_init: bool = False,
 ) -> HFVisionEncoder:
     """``SiglipVisionModel.from_pretrained(model)`` (hub id, local ``SiglipVisionModel`` or full ``SiglipModel``
     dir). No CLS token: ``patches`` are all tokens, ``has_cls`` is False, ``cls`` is the attention-pooled
     ``pooler_output`` at ``layer=-1`` (mean of patches otherwise). mean/std from the ``SiglipImageProcessor``
-    when present, else 0.5/0.5."""
+    when present, else 0.5/0.5. ``random_init=True``: random weights from the published config (vlkit/random_init.py)."""
     from transformers import SiglipImageProcessor, SiglipVisionModel
 
     return _hf_tower("hf_siglip", SiglipVisionModel, SiglipImageProcessor, model, layer, frozen, trust_remote_code,
-                     cls_token=False, default_mean=HALF, default_std=HALF)
+                     cls_token=False, default_mean=HALF, default_std=HALF, random_init=random_init)
