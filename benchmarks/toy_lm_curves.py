@@ -132,6 +132,8 @@ def _train_one(name: str, cfg: dict, stream_path: str, tok_dir: str, val_convs, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="v4")
+    ap.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                    help="change the preset's world, e.g. cell_names=compass (repeatable)")
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=64)
@@ -150,6 +152,12 @@ def main() -> None:
 
     t_start = time.perf_counter()
     config = pretraining.pretrain_config(args.preset, 0)
+    for change in args.data:
+        key, _, value = change.partition("=")
+        if key not in config["data"] and key not in ("cell_names", "min_objects", "max_repeat", "cell_questions",
+                                                     "relations"):
+            raise SystemExit(f"--data {change}: unknown world key {key!r}; valid: {', '.join(config['data'])}")
+        config["data"][key] = int(value) if value.isdigit() else value
     work = Path(tempfile.mkdtemp(prefix="toy-lm-curves-"))
     data_cfg = dict(config["data"], n_train=args.n_train_scenes, n_test=8)
     toy.generate_toy_data(work / "data", seed=0, **data_cfg)

@@ -70,8 +70,17 @@ _PLURAL = {"cross": "crosses"}
 _HELD_OUT_PERCENT = {"val": (0, 5), "test": (5, 10)}
 
 
-def position_name(row: int, col: int, grid: int) -> str:
-    """'top left' .. 'bottom right' on a 3x3 grid, 'row R column C' (1-based) otherwise."""
+# one-word names of the 3x3 cells: every cell one token, none a prefix of another (with "words", "top" is a cell
+# and the start of "top left", and "left" is a cell, part of two others and a relation word)
+COMPASS = ("northwest", "north", "northeast", "west", "centre", "east", "southwest", "south", "southeast")
+CELL_NAMES = ("words", "compass")
+
+
+def position_name(row: int, col: int, grid: int, names: str = "words") -> str:
+    """'top left' .. 'bottom right' on a 3x3 grid ('northwest' .. 'southeast' with ``names="compass"``),
+    'row R column C' (1-based) otherwise."""
+    if grid == 3 and names == "compass":
+        return COMPASS[row * 3 + col]
     if grid == 3:
         vert = ("top", "", "bottom")[row]
         horiz = ("left", "", "right")[col]
@@ -109,12 +118,12 @@ def _join(parts: list[str]) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def caption(objects: list[Obj], grid: int) -> str:
+def caption(objects: list[Obj], grid: int, names: str = "words") -> str:
     """Canonical caption: every cell in row-major order with what it holds ('top left: red circle, top: nothing,
     ...'). A fixed layout puts each cell at the same place in every caption, as a patch grid does for an image,
     so a small LM reads a cell's content by its place rather than by searching free text."""
     by_cell = {(o.row, o.col): o.name for o in objects}
-    return ", ".join(f"{position_name(r, c, grid)}: {by_cell.get((r, c), NOTHING)}"
+    return ", ".join(f"{position_name(r, c, grid, names)}: {by_cell.get((r, c), NOTHING)}"
                      for r in range(grid) for c in range(grid))
 
 
@@ -152,8 +161,11 @@ class QuestionRules:
 
     cells: str = "occupied"
     relations: str = "balanced"
+    cell_names: str = "words"  # position_name's names, in questions, answers and captions
 
     def __post_init__(self):
+        if self.cell_names not in CELL_NAMES:
+            raise ValueError(f"question rules: cell_names must be one of {CELL_NAMES}, got {self.cell_names!r}")
         if self.cells not in ("occupied", "any"):
             raise ValueError(f"question rules: cells must be 'occupied' or 'any', got {self.cells!r}")
         if self.relations not in ("balanced", "uniform"):
@@ -192,13 +204,13 @@ def ask(qtype: str, objs: list[Obj], grid: int, rng: np.random.Generator,
     ``want_object`` forces a relation question whose answer is an object (True) or "nothing" (False) (balanced
     relations only)."""
     pick = objs[int(rng.integers(len(objs)))]
-    pos = position_name(pick.row, pick.col, grid)
+    pos = position_name(pick.row, pick.col, grid, rules.cell_names)
     if rules.cells == "any" and qtype in ("colour_at_position", "shape_at_position"):
         cell = int(rng.integers(grid * grid))
         by_cell = {(o.row, o.col): o for o in objs}
         there = by_cell.get(divmod(cell, grid))
         attr = "colour" if qtype == "colour_at_position" else "shape"
-        return (f"What {attr} is the object in the {position_name(*divmod(cell, grid), grid)}?",
+        return (f"What {attr} is the object in the {position_name(*divmod(cell, grid), grid, rules.cell_names)}?",
                 getattr(there, attr) if there else NOTHING)
     if rules.relations == "uniform" and qtype == "relation":
         by_cell = {(o.row, o.col): o for o in objs}
@@ -305,7 +317,7 @@ def position_blind_answers(qtype: str, question: str, answer: str, objs: list[Ob
     elif qtype == "position_of_object":
         for r in range(grid):
             for c in range(grid):
-                dist[position_name(r, c, grid)] += Fraction(1, cells)
+                dist[position_name(r, c, grid, rules.cell_names)] += Fraction(1, cells)
     else:  # relation
         named = f"{m['colour']} {m['shape']}"
         dist[NOTHING] += Fraction(cells - n, cells - 1)
@@ -376,7 +388,7 @@ def _scene_for(seed: int, split: str, index: int, grid: int, max_objects: int, s
             if qtype == "relation" and rules.relations == "balanced" else None)
     for _ in range(100_000):
         objs = sample_scene(rng, grid, max_objects, size_jitter, n=n, max_repeat=max_repeat)
-        if split_of(caption(objs, grid)) != split:
+        if split_of(caption(objs, grid, rules.cell_names)) != split:
             continue
         if qtype is None:
             return objs, rng, None
@@ -437,6 +449,7 @@ def generate_toy_data(
     max_repeat: int | None = None,
     cell_questions: str = "occupied",
     relations: str = "balanced",
+    cell_names: str = "words",
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Path]:
@@ -452,7 +465,7 @@ def generate_toy_data(
     if not 1 <= min_objects <= max_objects <= grid * grid:
         raise ValueError(f"need 1 <= min_objects <= max_objects <= {grid * grid} for a {grid}x{grid} grid, "
                          f"got min_objects={min_objects}, max_objects={max_objects}")
-    rules = QuestionRules(cell_questions, relations)
+    rules = QuestionRules(cell_questions, relations, cell_names)
     train_answers: dict[str, Counter] = {}
     out = Path(out_dir)
     counts = {"train": n_train, "val": n_val, "test": n_test}
@@ -467,7 +480,7 @@ def generate_toy_data(
             qtype = None if split == "train" else QUESTION_TYPES[i % len(QUESTION_TYPES)]
             objs, rng, qa = _scene_for(seed, split, i, grid, max_objects, size_jitter, qtype, min_objects, rules,
                                        max_repeat)
-            cap = caption(objs, grid)
+            cap = caption(objs, grid, cell_names)
             prompt = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
             align.append({"id": sid, "image": image, "conversations": [
                 {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": cap}]})
@@ -490,7 +503,7 @@ def generate_toy_data(
             instruct.append(rec)
             scenes.append({"id": sid, "image": image, "caption": cap, "objects": [
                 {"shape": o.shape, "colour": o.colour, "row": o.row, "col": o.col,
-                 "position": position_name(o.row, o.col, grid), "size": o.size} for o in objs]})
+                 "position": position_name(o.row, o.col, grid, cell_names), "size": o.size} for o in objs]})
             jobs.append((str(out / "images" / image), objs))
         for name, records in (("align", align), ("instruct", instruct), ("scenes", scenes)):
             p = out / f"{name}_{split}.json"
@@ -501,10 +514,11 @@ def generate_toy_data(
         "format_version": FORMAT_VERSION, "seed": seed, "image_size": image_size, "grid": grid,
         "min_objects": min_objects, "max_objects": max_objects, "max_repeat": max_repeat, "size_jitter": size_jitter,
         "multi_turn_share": multi_turn_share, "cell_questions": cell_questions, "relations": relations,
+        "cell_names": cell_names,
         "spatial_types": list(SPATIAL_TYPES),
         "counts": counts, "shapes": list(SHAPES), "colours": {k: list(v) for k, v in COLOURS.items()},
         "background": list(BACKGROUND), "question_types": list(QUESTION_TYPES),
-        "positions": [position_name(r, c, grid) for r in range(grid) for c in range(grid)],
+        "positions": [position_name(r, c, grid, cell_names) for r in range(grid) for c in range(grid)],
         "caption_prompts": list(CAPTION_PROMPTS), "images_root": "images",
     }
     paths["meta"].write_text(json.dumps(meta, indent=2))

@@ -169,11 +169,11 @@ def train_clip(data_dir: Path, tok, out_dir: Path, cfg: dict[str, Any], seed: in
 
 
 # ---- toy-lm ---------------------------------------------------------------------------------------------------
-def scene_messages(objs: list, grid: int, qas: list[tuple[str, str, str]]) -> list[dict[str, str]]:
+def scene_messages(objs: list, grid: int, qas: list[tuple[str, str, str]], names: str = "words") -> list[dict[str, str]]:
     """A chat about a scene given as text: the first user turn carries ``Scene: <caption>.``."""
     msgs = []
     for k, (_, q, a) in enumerate(qas):
-        content = f"Scene: {toy.caption(objs, grid)}. {q}" if k == 0 else q
+        content = f"Scene: {toy.caption(objs, grid, names)}. {q}" if k == 0 else q
         msgs += [{"role": "user", "content": content}, {"role": "assistant", "content": a}]
     return msgs
 
@@ -193,7 +193,7 @@ def lm_conversations(n: int, seed: int, cfg: dict[str, Any], grid: int, max_obje
     convs: list[list[dict]] = []
     while len(convs) < n:
         objs = toy.sample_scene(rng, grid, max_objects, min_objects=min_objects, max_repeat=max_repeat)
-        cap = toy.caption(objs, grid)
+        cap = toy.caption(objs, grid, rules.cell_names)
         if toy.split_of(cap) != "train":
             continue
         r = rng.random()
@@ -211,7 +211,7 @@ def lm_conversations(n: int, seed: int, cfg: dict[str, Any], grid: int, max_obje
                 qas.append((qtype, *qa))
             if len(qas) == want:
                 break
-        convs.append(scene_messages(objs, grid, qas))
+        convs.append(scene_messages(objs, grid, qas, rules.cell_names))
     return convs
 
 
@@ -220,7 +220,7 @@ def world_scenes(data_cfg: dict[str, Any]) -> dict[str, Any]:
     return {"grid": data_cfg["grid"], "max_objects": data_cfg["max_objects"],
             "min_objects": data_cfg.get("min_objects", 1), "max_repeat": data_cfg.get("max_repeat"),
             "rules": toy.QuestionRules(data_cfg.get("cell_questions", "occupied"),
-                                       data_cfg.get("relations", "balanced"))}
+                                       data_cfg.get("relations", "balanced"), data_cfg.get("cell_names", "words"))}
 
 
 def lm_batch(tok, convs: list[list[dict]], other_weight: float = 0.0) -> dict[str, "torch.Tensor"]:

@@ -136,6 +136,12 @@ def _lm_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckpt_
 
 
 JOBS = {"toy-clip": _clip_job, "toy-lm": _lm_job}
+_SECTION = {"toy-clip": "clip", "toy-lm": "lm"}
+
+
+def job_threads(config: dict[str, Any], job: str) -> int:
+    """A job's torch threads: its section's ``threads`` if set (toy-lm may use both cores), else the config's."""
+    return int(config[_SECTION[job]].get("threads", config["threads"]))
 
 
 def _job_main(name: str, weights: str, data_dir: str, config: dict[str, Any], ckpt_dir: str, parent: int, step,
@@ -145,7 +151,7 @@ def _job_main(name: str, weights: str, data_dir: str, config: dict[str, Any], ck
 
     try:
         _runtime.tune_malloc()
-        with _runtime.quiet_runtime(config["threads"]):
+        with _runtime.quiet_runtime(job_threads(config, name)):
             def update(done: int, text: str = "") -> None:
                 if os.getppid() != parent:  # the parent was killed: stop, or a rerun would share our files
                     raise SystemExit(f"toy world: the {name} job stops, its parent process is gone")
@@ -164,8 +170,11 @@ def _run_jobs(weights: Path, data_dir: Path, config: dict[str, Any], updates: di
     """toy-clip and toy-lm are independent: each trains in its own single-threaded process, side by side, with
     its checkpoints in ``ckpt_dir/<job>``."""
     if not _runtime.parallel_jobs():
-        with _runtime.quiet_runtime(config["threads"]):
-            return [job(weights, data_dir, config, updates[name], ckpt_dir / name) for name, job in JOBS.items()]
+        results = []
+        for name, job in JOBS.items():
+            with _runtime.quiet_runtime(job_threads(config, name)):
+                results.append(job(weights, data_dir, config, updates[name], ckpt_dir / name))
+        return results
     import multiprocessing as mp
     import queue as queue_mod
 
