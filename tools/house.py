@@ -16,19 +16,24 @@ from pathlib import Path
 
 # the layers, lowest first: each room may import only rooms on its own floor or below
 FLOORS: dict[str, int] = {
-    "vlkit._atomic": 0, "vlkit._locks": 0, "vlkit._numerics": 0, "vlkit._proc": 0, "vlkit._version": 0,
-    "vlkit.types": 0,
-    "vlkit.registry": 1, "vlkit.checkpoint": 1, "vlkit.data.collate": 1, "vlkit.data.llava": 1,
-    "vlkit.data.toy": 1, "vlkit.data": 1, "vlkit.ablate.stats": 1, "vlkit.ablate.grid": 1, "vlkit.ablate.cluster": 1,
+    # 0: plain helpers and the plugin contract's types
+    "vlkit._atomic": 0, "vlkit._locks": 0, "vlkit._numerics": 0, "vlkit._proc": 0, "vlkit.types": 0,
+    # 1: registries, checkpoints, data files; the ablation grid's expansion and its statistics on arrays
+    "vlkit.registry": 1, "vlkit.checkpoint": 1, "vlkit.data": 1, "vlkit.ablate.grid": 1, "vlkit.ablate.cluster": 1,
+    "vlkit.ablate.stats": 1,
+    # 2: components; the feature cache; the `expect:` grammar and run pairing; the distributed engines
     "vlkit.components": 2, "vlkit.cache": 2, "vlkit.data.tokenized": 2, "vlkit.ablate.expect": 2,
-    "vlkit.distributed": 2,
-    "vlkit.config": 3, "vlkit": 3, "vlkit.ablate.findings": 3, "vlkit.ablate.run": 3,
-    "vlkit.toyworld": 4,
-    "vlkit.model": 5, "vlkit.evaluate": 5,
-    "vlkit.runs": 6, "vlkit.inspect": 6, "vlkit.plan": 6,
-    "vlkit.train": 7, "vlkit.predict": 7, "vlkit.export": 7,
-    "vlkit.lmms_eval_adapter": 8, "vlkit.ablate.plan": 8, "vlkit.ablate.results": 8, "vlkit.ablate.report": 8,
-    "vlkit.ablate": 8, "vlkit.ablate.hypotheses": 8,
+    "vlkit.ablate.pairing": 2, "vlkit.distributed": 2,
+    # 3: the typed recipe (and the package root that re-exports it); findings and tables over a study's rows
+    "vlkit.config": 3, "vlkit": 3, "vlkit.ablate.findings": 3, "vlkit.ablate.tables": 3, "vlkit.ablate.plots": 3,
+    "vlkit.ablate.run": 3,
+    # 4-5: the toy world, the assembled model, evaluation
+    "vlkit.toyworld": 4, "vlkit.model": 5, "vlkit.evaluate": 5,
+    # 6-7: loading runs, inspecting, planning memory; training, predicting, exporting
+    "vlkit.runs": 6, "vlkit.inspect": 6, "vlkit.plan": 6, "vlkit.train": 7, "vlkit.predict": 7, "vlkit.export": 7,
+    # 8: what drives whole runs: ablation plans and reports, the lmms-eval adapter
+    "vlkit.ablate": 8, "vlkit.lmms_eval_adapter": 8,
+    # 9: the command line
     "vlkit.cli": 9,
 }
 MAX_FILE_LINES = 400

@@ -385,8 +385,9 @@ def ablate_cmd(recipe: str = typer.Argument("mlp_patch", help="base recipe (defa
     """Run a declared grid (projector x tokens x N x seeds x any key) and write results and a report."""
     import shlex
 
-    from vlkit.ablate.plan import make_plan, print_plan, estimate_time
-    from vlkit.ablate.report import study_rows, write_report
+    from vlkit.ablate.plan import estimate_time, make_plan, print_grid_plan
+    from vlkit.ablate.report import write_report
+    from vlkit.ablate.results import study_rows
     from vlkit.ablate.run import run_grid
 
     for other in compare or []:
@@ -403,7 +404,7 @@ def ablate_cmd(recipe: str = typer.Argument("mlp_patch", help="base recipe (defa
         cli_axes[key.strip()] = values
     command = "vlkit ablate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     plan = make_plan(recipe, overrides or [], cli_axes, seeds, out, command)
-    print_plan(console, plan)
+    print_grid_plan(console, plan)
     if dry_run:
         estimate_time(console, plan, workers)
         return
@@ -420,7 +421,8 @@ def report_cmd(out: Path = typer.Argument(..., help="ablation directory"),
                compare: Optional[list[Path]] = typer.Option(None, help="another study's directory: set its axes' "
                                                                         "spreads beside this one's (repeatable)")) -> None:
     """Regenerate results.csv/json, report.md and plots from an ablation's run directories."""
-    from vlkit.ablate.report import load_plan, study_rows, write_report
+    from vlkit.ablate.report import write_report
+    from vlkit.ablate.results import load_plan, study_rows
 
     plan, _ = load_plan(out)
     for other in compare or []:
@@ -431,14 +433,14 @@ def report_cmd(out: Path = typer.Argument(..., help="ablation directory"),
 
 
 def print_summary(result: dict[str, Any], axes: list[str]) -> None:
-    from vlkit.ablate.report import _fmt
+    from vlkit.ablate.report import fmt_mean_ci
 
     table = Table(title="ablation: mean ± 95% CI across seeds")
     for col in [*axes, "image tokens", "trainable", "seeds", "accuracy", "val loss"]:
         table.add_column(col)
     for a in result["aggregate"]:
         table.add_row(*[str(a.get(x)) for x in axes], str(a.get("image_tokens")), f"{a.get('trainable_params') or 0:,}",
-                      str(a["seeds"]), _fmt(a.get("accuracy")), _fmt(a.get("val_loss")))
+                      str(a["seeds"]), fmt_mean_ci(a.get("accuracy")), fmt_mean_ci(a.get("val_loss")))
     console.print(table)
 
 
