@@ -308,13 +308,13 @@ def eval_cmd(run: Path = typer.Argument(..., help="run directory"),
     """Validation loss and generation accuracy (per question type) of a trained run on any LLaVA file."""
     from vlkit.data.llava import ImageTransform, load_records
     from vlkit.evaluate import evaluate
-    from vlkit.model import _resolve
+    from vlkit.model import resolve_ref
     from vlkit.export import load_model as load_run
     from vlkit.train import print_accuracy
 
     model, recipe, device = load_run(run)
-    records = load_records(_resolve(data))[:max_samples]
-    root = _resolve(image_root or recipe.data.image_root)
+    records = load_records(resolve_ref(data))[:max_samples]
+    root = resolve_ref(image_root or recipe.data.image_root)
     t = ImageTransform(model.encoder.image_size, model.encoder.mean, model.encoder.std)
     m = evaluate(model, records, root, t, device, recipe.data.max_length, batch_size, max_new_tokens)
     print_accuracy(console, str(run), m)
@@ -339,10 +339,10 @@ def predict_cmd(run: Path = typer.Argument(..., help="run directory"),
     gen = dict(do_sample=sample, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     if batch is not None:
         from vlkit.data.llava import load_records
-        from vlkit.model import _resolve
+        from vlkit.model import resolve_ref
 
         records = load_records(batch)
-        answers = predict_records(model, records, _resolve(image_root or recipe.data.image_root), device, **gen)
+        answers = predict_records(model, records, resolve_ref(image_root or recipe.data.image_root), device, **gen)
         rows = [{"id": r.get("id"), "prediction": a} for r, a in zip(records, answers)]
         if out:
             from vlkit._atomic import write_json_atomic
