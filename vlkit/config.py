@@ -94,7 +94,7 @@ class TrainConfig(_Strict):
     run_name: str | None = None
     feature_cache: bool = False
     cache_dir: str | None = None
-    # multi-process training (launch with torchrun / deepspeed / srun; see vlkit/distributed.py). auto: DDP when
+    # multi-process training (launch with torchrun / deepspeed / srun; see vlkit/distributed/). auto: DDP when
     # launched with more than one process. Launch settings are not part of a run's identity.
     distributed: Literal["auto", "none", "ddp", "fsdp", "deepspeed"] = "auto"
     deepspeed: dict[str, Any] | str | None = None  # DeepSpeed config, or a path to its JSON; {zero_stage: 2} shorthand
@@ -103,7 +103,7 @@ class TrainConfig(_Strict):
     @classmethod
     def _deepspeed_config(cls, value: Any) -> Any:
         if isinstance(value, dict):
-            from vlkit.distributed import deepspeed_config_problems
+            from vlkit.deepspeed_config import deepspeed_config_problems
 
             problems = deepspeed_config_problems(value)
             if problems:
