@@ -194,13 +194,12 @@ class MicroBatchStream:
     """Global micro-batches from (seed, epoch), each rank collating its slice (dummy: an idle rank, weight 0).
 
     The order is fixed before loading, so ``data.num_workers`` loader processes keep it (and exact resume); the
-    stream advances ``position`` (epoch, batch_pos) as it yields."""
+    stream advances ``position`` (epoch, batch_pos) as it yields. :meth:`close` ends the loader's processes."""
 
     def __init__(self, data: StageData, recipe: Recipe, micro: int, ctx: DistContext, collator: Collator,
                  position: Position) -> None:
-        self.data, self.recipe, self.micro, self.ctx, self.collator = data, recipe, micro, ctx, collator
         self.position = position
-        self._batches = self._generate()
+        self._batches = _micro_batches(data, recipe, micro, ctx, collator, position)  # holds no reference to self
 
     def __next__(self) -> dict[str, Any]:
         return next(self._batches)
@@ -209,19 +208,23 @@ class MicroBatchStream:
         """The next ``n`` micro-batches (one optimizer step's), on ``device``."""
         return [move(next(self), device) for _ in range(n)]
 
-    def _generate(self) -> Iterator[dict[str, Any]]:
-        data, pos, seed = self.data, self.position, self.recipe.train.seed
-        while True:
-            order = epoch_batches(data.lengths, data.has_image, self.micro, seed, pos.epoch,
-                                  self.recipe.data.group_by_length)
-            shards = [shard_batch(b, self.ctx.rank, self.ctx.world_size) for b in order[pos.batch_pos:]]
-            # its own generator: a DataLoader draws a seed when iterated, which would shift the global RNG that
-            # dropout uses (and break exact resume, which restores that RNG mid-epoch)
-            loader = torch.utils.data.DataLoader(data.train, batch_sampler=[idx for idx, _ in shards],
-                                                 collate_fn=self.collator, num_workers=self.recipe.data.num_workers,
-                                                 generator=torch.Generator().manual_seed(seed))
-            for (_, dummy), batch in zip(shards, loader):
-                pos.batch_pos += 1
-                batch["dummy"] = dummy or batch.pop("all_bad")  # every image of this slice failed: weight 0
-                yield batch
-            pos.epoch, pos.batch_pos = pos.epoch + 1, 0
+    def close(self) -> None:
+        self._batches.close()
+
+
+def _micro_batches(data: StageData, recipe: Recipe, micro: int, ctx: DistContext, collator: Collator,
+                   pos: Position) -> Iterator[dict[str, Any]]:
+    seed = recipe.train.seed
+    while True:
+        order = epoch_batches(data.lengths, data.has_image, micro, seed, pos.epoch, recipe.data.group_by_length)
+        shards = [shard_batch(b, ctx.rank, ctx.world_size) for b in order[pos.batch_pos:]]
+        # its own generator: a DataLoader draws a seed when iterated, which would shift the global RNG that
+        # dropout uses (and break exact resume, which restores that RNG mid-epoch)
+        loader = torch.utils.data.DataLoader(data.train, batch_sampler=[idx for idx, _ in shards],
+                                             collate_fn=collator, num_workers=recipe.data.num_workers,
+                                             generator=torch.Generator().manual_seed(seed))
+        for (_, dummy), batch in zip(shards, loader):
+            pos.batch_pos += 1
+            batch["dummy"] = dummy or batch.pop("all_bad")  # every image of this slice failed: weight 0
+            yield batch
+        pos.epoch, pos.batch_pos = pos.epoch + 1, 0

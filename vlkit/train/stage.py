@@ -100,14 +100,17 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
                    MicroBatchStream(data, recipe, micro, ctx, Collator(model.tokenizer.pad_token_id), resume.position),
                    autocast_dtype(recipe.train.precision, device))
     model.train()
-    first = None
-    if resume.found is None:  # before wrapping: ZeRO-3 / FSDP shard the weights these checks read
-        first = run.stream.take(stage.grad_accum, device)
-        preflight(model, first[0], console, model.tokenizer)
-    run.engine, run.scheduler = build_optimizer_under_strategy(run, micro)
-    resume_optimizer(run, resume)
-    t_start = time.time()
-    ended = run_steps(run, first, t_start, dry_run, stop_after)
+    try:
+        first = None
+        if resume.found is None:  # before wrapping: ZeRO-3 / FSDP shard the weights these checks read
+            first = run.stream.take(stage.grad_accum, device)
+            preflight(model, first[0], console, model.tokenizer)
+        run.engine, run.scheduler = build_optimizer_under_strategy(run, micro)
+        resume_optimizer(run, resume)
+        t_start = time.time()
+        ended = run_steps(run, first, t_start, dry_run, stop_after)
+    finally:
+        run.stream.close()  # the data loader's processes end with the steps (they hold the run directory's lock)
     if ended is not None:
         return ended
     metrics = stage_metrics(run, trainable, pad_frac, {**phases, "train_s": time.time() - t_start})

@@ -2,12 +2,14 @@
 finished stages' final checkpoints when it is damaged)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from vlkit._atomic import StateError, read_json, write_text_atomic
+from vlkit._locks import hold_run_dir, release_run
 from vlkit.checkpoint import find_checkpoint
 from vlkit.config import Recipe, dump_recipe
 
@@ -29,6 +31,24 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
     write_text_atomic(cfg, dump_recipe(recipe))
     write_text_atomic(ident, recipe.identity() + "\n")
     return run_dir
+
+
+def clear_run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
+    """``vlkit train --fresh``: delete a run directory's checkpoints, log and summary (its config stays), holding
+    its lock, so a directory another process trains is never cleared (RunBusyError)."""
+    lock = hold_run_dir(default_run_dir(recipe, run_dir))
+    try:
+        d = prepare_run_dir(recipe, run_dir)
+        for sub in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard"):
+            target = d / sub
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        return d
+    finally:
+        if lock is not None:
+            release_run(lock)
 
 
 STAGE_METRICS = "metrics.json"  # a finished stage's summary entry, kept beside its final checkpoint
