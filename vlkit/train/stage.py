@@ -84,6 +84,8 @@ class ResumePoint:
 def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device: torch.device, console: Console,
               log: MetricsLog, dry_run: bool = False, features_fn: Any = None,
               stop_after: int | None = None, ctx: DistContext | None = None) -> StageResult:
+    """Train one stage of ``recipe`` on ``model`` (resuming from its last checkpoint in ``run_dir``), save its final
+    weights and evaluate it; ``dry_run`` stops after one step, ``stop_after`` after that step."""
     ctx = ctx or DistContext(device=device)  # the process's place in a distributed job (default: alone)
     stage = recipe.stages[stage_name]
     set_trainable(model, stage)
