@@ -145,20 +145,20 @@ def step_breakdown(args, work: Path) -> dict[str, Any]:
     from vlkit.config import load_recipe
     from vlkit.data.collate import Collator, epoch_batches
     from vlkit.data.llava import ImageTransform, LlavaDataset, check_records, load_records
-    from vlkit.model import _resolve, build_model
+    from vlkit.model import build_model, resolve_ref
     from vlkit.train import param_groups, set_trainable
 
     recipe = load_recipe("mlp_patch", overrides(args))
     torch.manual_seed(0)
     model = build_model(recipe)
-    root = Path(_resolve(recipe.data.image_root))
+    root = Path(resolve_ref(recipe.data.image_root))
     transform = ImageTransform(model.encoder.image_size, model.encoder.mean, model.encoder.std)
     collator = Collator(model.tokenizer.pad_token_id)
     cache = FeatureCache(work / "features-breakdown").for_model(model, torch.device("cpu"))
     out: dict[str, Any] = {"batch_size": args.batch}
     for stage_name in ("align", "instruct"):
         stage = recipe.stages[stage_name]
-        recs = load_records(_resolve(stage.data))
+        recs = load_records(resolve_ref(stage.data))
         n_img = getattr(model, "sequence_image_tokens", model.num_image_tokens)
         t_check, (examples, _) = timed(lambda: check_records(recs, root, model.tokenizer, model.image_token_id, n_img,
                                                              recipe.data.max_length))

@@ -101,13 +101,15 @@ def child(overrides: list[str], threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     from rich.console import Console
 
-    import vlkit.train as T
+    import vlkit.train.run as T_run
+    import vlkit.train.stage as T_stage
+    from vlkit.train import train
     from vlkit.config import load_recipe
     from vlkit.model import parameter_counts
 
     rec: dict[str, Any] = {"batches": [], "peak_reset": True}
     holder: dict[str, Any] = {}
-    orig_build, orig_preflight, orig_adamw = T.build_model, T.preflight, torch.optim.AdamW
+    orig_build, orig_preflight, orig_adamw = T_run.build_model, T_stage.preflight, torch.optim.AdamW
 
     class RecordingAdamW(orig_adamw):  # the loop's optimizer, to measure its state tensors
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -149,11 +151,11 @@ def child(overrides: list[str], threads: int) -> dict[str, Any]:
         rec["peak_reset"] &= _reset_peak()
         return out
 
-    T.build_model, T.preflight = build, preflight
+    T_run.build_model, T_stage.preflight = build, preflight  # where train() and run_stage() call them
     torch.optim.AdamW = RecordingAdamW
     recipe = load_recipe(ROOT / RECIPE, overrides)
     t0 = time.time()
-    T.train(recipe, console=Console(quiet=True))
+    train(recipe, console=Console(quiet=True))
     rec["wall_s"] = time.time() - t0
     rec["rss_peak_kb"] = _status_kb("VmHWM")
     rec["params"] = parameter_counts(holder["model"])

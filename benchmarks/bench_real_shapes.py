@@ -72,6 +72,8 @@ def child(over: list[str], threads: int) -> dict[str, Any]:
     from rich.console import Console
 
     import vlkit.train as T
+    import vlkit.train.run as T_run
+    import vlkit.train.stage as T_stage
     from vlkit.model import parameter_counts
 
     gc.collect()
@@ -92,7 +94,8 @@ def child(over: list[str], threads: int) -> dict[str, Any]:
     del a, b
     gc.collect()
 
-    orig_build, orig_preflight, orig_set_trainable = T.build_model, T.preflight, T.set_trainable
+    # where train() looks them up: run.py builds the model, stage.py sets what trains and runs the pre-flight
+    orig_build, orig_preflight, orig_set_trainable = T_run.build_model, T_stage.preflight, T_stage.set_trainable
     holder: dict[str, Any] = {}
 
     def build(recipe):
@@ -133,7 +136,7 @@ def child(over: list[str], threads: int) -> dict[str, Any]:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         return out
 
-    T.build_model, T.preflight, T.set_trainable = build, preflight, set_trainable
+    T_run.build_model, T_stage.preflight, T_stage.set_trainable = build, preflight, set_trainable
     recipe = RS.load_real_recipe(over)
     console = Console(record=True, width=200)
     t0 = time.time()

@@ -133,7 +133,7 @@ def test_cluster_executor_local_mode_same_layout(tiny_toy_world, tmp_path, monke
 
 
 def test_report_orders_numeric_axis_values_numerically():
-    from vlkit.ablate.report import _order
+    from vlkit.ablate.report import axis_order
 
-    assert sorted([64, 9, 16, 1, 4], key=_order) == [1, 4, 9, 16, 64]
-    assert sorted(["mlp", 2, "linear", None], key=_order) == [2, None, "linear", "mlp"]  # numbers, then by text
+    assert sorted([64, 9, 16, 1, 4], key=axis_order) == [1, 4, 9, 16, 64]
+    assert sorted(["mlp", 2, "linear", None], key=axis_order) == [2, None, "linear", "mlp"]  # numbers, then by text

@@ -151,8 +151,9 @@ def test_fsdp_without_reduce_scatter_names_the_requirement(monkeypatch):
     import torch
 
     from vlkit import distributed
+    from vlkit.distributed import fsdp
 
-    monkeypatch.setattr(distributed, "_gloo_reduce_scatter", lambda: False)
+    monkeypatch.setattr(fsdp, "_gloo_reduce_scatter", lambda: False)
     with pytest.raises(distributed.DistributedError, match="fsdp needs CUDA GPUs with NCCL"):
         distributed.fsdp_supported(torch.device("cpu"))
 

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from vlkit.ablate.hypotheses import (
-    Comparison, ExpectationError, Trend, check_expectations, findings_for, holm, judge, pairs_needed,
-    parse_expectation, resolve,
-)
+from vlkit.ablate.expect import Comparison, ExpectationError, Trend, check_expectations, parse_expectation, resolve
+from vlkit.ablate.findings import findings_for, judge
+from vlkit.ablate.stats import holm, pairs_needed
 from helpers import vlkit
 from vlkit.config import RECIPES_DIR, ConfigError, load_recipe
 
@@ -384,10 +383,11 @@ def test_report_without_expectations_is_unchanged(tmp_path):
 
 
 def test_power_note_for_a_zero_effect_names_no_absurd_seed_count():
-    from vlkit.ablate import hypotheses as h
+    from vlkit.ablate.findings import _power_note
+    from vlkit.ablate.stats import paired_stat
 
-    stat = h.paired_stat([0.42, 0.44, 0.40], [0.42, 0.40, 0.44], 1, "patch", "cls", None)
-    note = h._power_note(stat, None, 7)
+    stat = paired_stat([0.42, 0.44, 0.40], [0.42, 0.40, 0.44], 1, "patch", "cls", None)
+    note = _power_note(stat, None, 7)
     assert "no practical number of seeds" in note and "≤ 1,000" in note
 
 

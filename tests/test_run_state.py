@@ -14,7 +14,7 @@ from rich.console import Console
 from helpers import FAST, losses, vlkit
 from vlkit import _atomic
 from vlkit._atomic import StateError, read_json, write_json_atomic
-from vlkit.ablate.report import load_plan
+from vlkit.ablate.results import load_plan
 from vlkit.ablate.run import run_status
 from vlkit.config import load_recipe
 from vlkit.train import MetricsLog, train

@@ -94,7 +94,7 @@ class TrainConfig(_Strict):
     run_name: str | None = None
     feature_cache: bool = False
     cache_dir: str | None = None
-    # multi-process training (launch with torchrun / deepspeed / srun; see vlkit/distributed.py). auto: DDP when
+    # multi-process training (launch with torchrun / deepspeed / srun; see vlkit/distributed/). auto: DDP when
     # launched with more than one process. Launch settings are not part of a run's identity.
     distributed: Literal["auto", "none", "ddp", "fsdp", "deepspeed"] = "auto"
     deepspeed: dict[str, Any] | str | None = None  # DeepSpeed config, or a path to its JSON; {zero_stage: 2} shorthand
@@ -103,7 +103,7 @@ class TrainConfig(_Strict):
     @classmethod
     def _deepspeed_config(cls, value: Any) -> Any:
         if isinstance(value, dict):
-            from vlkit.distributed import deepspeed_config_problems
+            from vlkit.deepspeed_config import deepspeed_config_problems
 
             problems = deepspeed_config_problems(value)
             if problems:
@@ -126,7 +126,7 @@ class Recipe(_Strict):
     stages: dict[str, StageConfig]
     train: TrainConfig = TrainConfig()
     grid: dict[str, Any] | None = None  # ablation axes: key.path or shortcut -> values; "seeds": N or list
-    # a study's declared expectations, checked by its report (vlkit/ablate/hypotheses.py); not part of a run's identity
+    # a study's declared expectations, grammar in vlkit/ablate/expect.py, judged by the report; not part of a run's identity
     expect: list[Any] | None = None
 
     @model_validator(mode="after")
@@ -359,9 +359,12 @@ def grid_axes(grid: dict[str, Any] | None) -> dict[str, list[Any]]:
 
 def eval_question_types(recipe: Recipe) -> list[str] | None:
     """Question types of the last stage's evaluation set when known before a run (the toy world's), else None."""
-    from vlkit.ablate.hypotheses import toy_question_types
+    eval_data = recipe.stages[recipe.train.stages[-1]].eval_data
+    if eval_data and eval_data.startswith("toy:"):
+        from vlkit.data.toy import QUESTION_TYPES
 
-    return toy_question_types(recipe.stages[recipe.train.stages[-1]].eval_data)
+        return list(QUESTION_TYPES)
+    return None
 
 
 def check_expect(recipe: Recipe, source: str, axes: dict[str, list[Any]] | None = None) -> list[str]:
@@ -369,7 +372,7 @@ def check_expect(recipe: Recipe, source: str, axes: dict[str, list[Any]] | None 
     recipe's own ``grid:``; a run's recipe has none, so only the grammar and metric names are checked)."""
     if recipe.expect is None:
         return []
-    from vlkit.ablate.hypotheses import check_expectations
+    from vlkit.ablate.expect import check_expectations
 
     if axes is None and recipe.grid is not None:
         axes = grid_axes(recipe.grid)

@@ -61,11 +61,11 @@ def render_example(tokenizer, input_ids: list[int], labels: list[int], image_tok
 
 def sample_view(recipe: Recipe, model: VLM, stage: str | None = None) -> Text:
     from vlkit.data.llava import load_records, tokenize_record
-    from vlkit.model import _resolve
+    from vlkit.model import resolve_ref
 
     stage = stage or recipe.train.stages[0]
     cfg = recipe.stages[stage]
-    records = load_records(_resolve(cfg.data))
+    records = load_records(resolve_ref(cfg.data))
     ex = tokenize_record(records[0], model.tokenizer, model.image_token_id, model.sequence_image_tokens,
                          recipe.data.max_length)
     head = Text(f"\nsample {records[0].get('id', '#0')} of stage '{stage}' ({ex.length} tokens, "

@@ -147,8 +147,9 @@ class VLM(nn.Module):
         return self.llm.model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
 
-def _resolve(value: Any) -> Any:
-    """``toy:...`` references to the embedded default, built on first use."""
+def resolve_ref(value: Any) -> Any:
+    """A recipe value as a path or model name: ``toy:...`` references point into the embedded default (built on first
+    use); anything else is returned as it is."""
     if isinstance(value, str) and value.startswith("toy:"):
         from vlkit.toyworld import resolve_toy
 
@@ -157,7 +158,7 @@ def _resolve(value: Any) -> Any:
 
 
 def _resolved_params(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: _resolve(v) for k, v in params.items()}
+    return {k: resolve_ref(v) for k, v in params.items()}
 
 
 def _check_encoder(encoder: Any, name: str) -> None:

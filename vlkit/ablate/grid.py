@@ -107,6 +107,11 @@ def combo_overrides(tokens: str | None, projector: str | None, n: int | None, nu
     return [o for o in ov if o], note
 
 
+def show_value(value: Any) -> str:
+    """An axis value as results.csv writes it (lists joined with '+')."""
+    return "+".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def _slug(value: Any) -> str:
     if isinstance(value, list):
         value = "+".join(map(str, value))

@@ -62,13 +62,13 @@ def make_plan(recipe: str, overrides: list[str], cli_axes: dict[str, str], seeds
             "base_overrides": base_ov,
             "num_patches": num_patches, "command": command, "runs": [s.to_dict() for s in specs]}
     if base.expect:
-        plan["expect"] = list(base.expect)  # checked by the report (vlkit/ablate/hypotheses.py)
+        plan["expect"] = list(base.expect)  # judged by the report (vlkit/ablate/findings.py)
         plan["question_types"] = eval_question_types(base)
     write_json_atomic(out / "plan.json", plan)
     return {**plan, "specs": specs, "out": out}
 
 
-def print_plan(console: Console, plan: dict[str, Any]) -> None:
+def print_grid_plan(console: Console, plan: dict[str, Any]) -> None:
     specs: list[RunSpec] = plan["specs"]
     t = Table(title=f"plan: {len(specs)} runs over {', '.join(plan['axes']) or '(no axes)'} x seeds {plan['seeds']} "
                     f"-> {plan['out']}")

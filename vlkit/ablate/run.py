@@ -8,6 +8,7 @@ processes on this machine) and ``slurm`` (submitit; ``cluster=local`` runs the s
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.live import Live
@@ -147,6 +148,33 @@ def run_grid(recipe: str, specs: list[RunSpec], out: Path, executor: str = "loca
     A point whose directory a live process holds (another grid, a `vlkit train`) is left to it: "elsewhere"."""
     console = console or Console()
     runs_dir = out / "runs"
+    states, todo = _pending(specs, runs_dir, console)
+    if not todo:
+        return states
+    workers = workers or default_workers(len(todo))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    progress = GridProgress(specs, states, time.time())
+    submit, pool = _submitter(executor, recipe, out, feature_cache, threads, workers, states, slurm)
+    console.print(f"running {len(todo)} run(s) with the {executor} executor, {workers} at a time"
+                  + (f", {threads} thread(s) each" if executor == "local" else ""))
+    with Live(progress.table(), console=console, refresh_per_second=2, transient=False) as live:
+        futures = {submit(s): s for s in todo}
+        for fut in _as_done(futures, live, progress, states):
+            s = futures[fut]
+            try:
+                states[s.id] = fut.result()["status"]
+            except Exception as exc:  # an executor-level failure of one run is recorded, the grid goes on
+                states[s.id] = "failed"
+                (runs_dir / s.id).mkdir(parents=True, exist_ok=True)
+                write_json_atomic(runs_dir / s.id / "status.json", {"status": "failed", "error": repr(exc)})
+            live.update(progress.table())
+    if executor == "local":
+        pool.shutdown()
+    return states
+
+
+def _pending(specs: list[RunSpec], runs_dir: Path, console: Console) -> tuple[dict[str, str], list[RunSpec]]:
+    """Each point's state before the grid runs, and the points to run (queued)."""
     states: dict[str, str] = {}
     todo: list[RunSpec] = []
     for s in specs:
@@ -164,44 +192,39 @@ def run_grid(recipe: str, specs: list[RunSpec], out: Path, executor: str = "loca
                       + ", ".join(f"{i} ({run_holder(runs_dir / i)})" for i in elsewhere))
     if not todo:
         console.print("every run of the grid is finished" if not elsewhere else "nothing else to run")
-        return states
-    workers = workers or default_workers(len(todo))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    progress = GridProgress(specs, states, time.time())
+    return states, todo
+
+
+def _submitter(executor: str, recipe: str, out: Path, feature_cache: bool, threads: int, workers: int,
+               states: dict[str, str], slurm: dict[str, Any] | None) -> tuple[Callable[[RunSpec], Any], Any]:
+    """``submit(spec) -> future`` for the executor, and its pool (threads that wait on child processes, or
+    submitit's executor)."""
+    runs_dir = out / "runs"
     if executor == "local":
-        pool = ThreadPoolExecutor(max_workers=workers)  # threads only wait on child processes
-
-        def local_run(s: RunSpec) -> dict[str, Any]:
-            states[s.id] = "running"
-            return execute_run(recipe, s.to_dict(), str(runs_dir / s.id), feature_cache, threads)
-
-        def submit(s: RunSpec) -> Any:
-            return pool.submit(local_run, s)
-    elif executor in ("slurm", "submitit-local"):
+        pool = ThreadPoolExecutor(max_workers=workers)
+        return functools.partial(_submit_local, pool, states, recipe, runs_dir, feature_cache, threads), pool
+    if executor in ("slurm", "submitit-local"):
         from vlkit.ablate.cluster import submitit_submitter
 
         submit_job, pool = submitit_submitter(out, executor, slurm or {})
+        return functools.partial(_submit_job, submit_job, recipe, runs_dir, feature_cache, threads), pool
+    raise ValueError(f"unknown executor '{executor}'; valid: local, slurm, submitit-local")
 
-        def submit(s: RunSpec) -> Any:
-            return submit_job(execute_run, recipe, s.to_dict(), str(runs_dir / s.id), feature_cache, threads)
-    else:
-        raise ValueError(f"unknown executor '{executor}'; valid: local, slurm, submitit-local")
-    console.print(f"running {len(todo)} run(s) with the {executor} executor, {workers} at a time"
-                  + (f", {threads} thread(s) each" if executor == "local" else ""))
-    with Live(progress.table(), console=console, refresh_per_second=2, transient=False) as live:
-        futures = {submit(s): s for s in todo}
-        for fut in _as_done(futures, live, progress, states):
-            s = futures[fut]
-            try:
-                states[s.id] = fut.result()["status"]
-            except Exception as exc:  # an executor-level failure of one run is recorded, the grid goes on
-                states[s.id] = "failed"
-                (runs_dir / s.id).mkdir(parents=True, exist_ok=True)
-                write_json_atomic(runs_dir / s.id / "status.json", {"status": "failed", "error": repr(exc)})
-            live.update(progress.table())
-    if executor == "local":
-        pool.shutdown()
-    return states
+
+def _submit_local(pool: ThreadPoolExecutor, states: dict[str, str], recipe: str, runs_dir: Path, feature_cache: bool,
+                  threads: int, s: RunSpec) -> Any:
+    return pool.submit(_local_run, states, recipe, runs_dir, feature_cache, threads, s)
+
+
+def _local_run(states: dict[str, str], recipe: str, runs_dir: Path, feature_cache: bool, threads: int,
+               s: RunSpec) -> dict[str, Any]:
+    states[s.id] = "running"
+    return execute_run(recipe, s.to_dict(), str(runs_dir / s.id), feature_cache, threads)
+
+
+def _submit_job(submit_job: Callable[..., Any], recipe: str, runs_dir: Path, feature_cache: bool, threads: int,
+                s: RunSpec) -> Any:
+    return submit_job(execute_run, recipe, s.to_dict(), str(runs_dir / s.id), feature_cache, threads)
 
 
 def _as_done(futures, live, progress, states):

@@ -297,6 +297,34 @@ def check_records(records: list[Any], image_root: str | Path | None, tokenizer=N
     Returns the usable examples (tokenized when a tokenizer is given) and one Problem per bad record.
     """
     problems: list[Problem] = []
+    paths, usable = _locate_images(records, image_root, problems)
+    if open_images and paths:
+        if on_images is not None:
+            on_images(len(paths))
+        found = image_problems(list(paths.values()), decode_images, workers, advance)
+        broken = {i: msg for i, msg in zip(paths, found) if msg is not None}
+        for i, msg in broken.items():
+            problems.append(Problem(i, record_id(records[i], i), "image_corrupt",
+                                    f"image '{records[i]['image']}' is unreadable: {msg}"))
+        usable = [i for i in usable if i not in broken]
+    good: list[Example] = []
+    for i in usable:
+        rec = records[i]
+        if tokenizer is None:
+            good.append(Example([], [], rec.get("image"), i))
+            continue
+        known = _tokenized(rec, i, tokenizer, image_token_id, num_image_tokens, max_length, memo)
+        if "ids" in known:
+            good.append(Example(list(known["ids"]), list(known["labels"]), rec.get("image"), i, record_meta(rec)))
+        else:
+            problems.append(Problem(i, record_id(rec, i), known["kind"], known["message"]))
+    problems.sort(key=lambda p: p.index)  # stable: a record's own problems keep their order
+    return good, problems
+
+
+def _locate_images(records: list[Any], image_root: str | Path | None,
+                   problems: list[Problem]) -> tuple[dict[int, Path], list[int]]:
+    """Structure and image-path checks (problems appended): each image record's file, and the usable records."""
     paths: dict[int, Path] = {}
     usable: list[int] = []
     for i, rec in enumerate(records):
@@ -319,39 +347,26 @@ def check_records(records: list[Any], image_root: str | Path | None, tokenizer=N
                 continue
             paths[i] = path
         usable.append(i)
-    if open_images and paths:
-        if on_images is not None:
-            on_images(len(paths))
-        found = image_problems(list(paths.values()), decode_images, workers, advance)
-        broken = {i: msg for i, msg in zip(paths, found) if msg is not None}
-        for i, msg in broken.items():
-            problems.append(Problem(i, record_id(records[i], i), "image_corrupt",
-                                    f"image '{records[i]['image']}' is unreadable: {msg}"))
-        usable = [i for i in usable if i not in broken]
-    good: list[Example] = []
-    for i in usable:
-        rec = records[i]
-        if tokenizer is None:
-            good.append(Example([], [], rec.get("image"), i))
-            continue
-        known = memo.get(i) if memo is not None else None
-        if known is None:
-            try:
-                ex = tokenize_record(rec, tokenizer, image_token_id, num_image_tokens, max_length, i)
-                known = {"ids": ex.input_ids, "labels": ex.labels}
-            except DataError as exc:
-                msg = str(exc)
-                kind = "too_long" if "truncation would cut" in msg else "no_supervised_tokens" \
-                    if "no supervised" in msg else "template"
-                known = {"kind": kind, "message": msg}
-            if memo is not None:
-                memo[i] = known
-        if "ids" in known:
-            good.append(Example(list(known["ids"]), list(known["labels"]), rec.get("image"), i, record_meta(rec)))
-        else:
-            problems.append(Problem(i, record_id(rec, i), known["kind"], known["message"]))
-    problems.sort(key=lambda p: p.index)  # stable: a record's own problems keep their order
-    return good, problems
+    return paths, usable
+
+
+def _tokenized(rec: dict[str, Any], i: int, tokenizer, image_token_id: int | None, num_image_tokens: int,
+               max_length: int, memo: dict[int, dict[str, Any]] | None) -> dict[str, Any]:
+    """A record templated: ``{"ids", "labels"}``, or ``{"kind", "message"}`` of why it cannot train (from ``memo``
+    when an earlier run templated it; new results go into ``memo``)."""
+    known = memo.get(i) if memo is not None else None
+    if known is None:
+        try:
+            ex = tokenize_record(rec, tokenizer, image_token_id, num_image_tokens, max_length, i)
+            known = {"ids": ex.input_ids, "labels": ex.labels}
+        except DataError as exc:
+            msg = str(exc)
+            kind = "too_long" if "truncation would cut" in msg else "no_supervised_tokens" \
+                if "no supervised" in msg else "template"
+            known = {"kind": kind, "message": msg}
+        if memo is not None:
+            memo[i] = known
+    return known
 
 
 class LlavaDataset(torch.utils.data.Dataset):

@@ -233,6 +233,7 @@ def _module_vision_spec(kind: str, name: str, net: nn.Module, blocks: list[nn.Mo
 
 
 def describe_encoder(recipe: Recipe, online: bool | None = None) -> EncoderSpec:
+    """The recipe's encoder as an EncoderSpec, from its config or its model definition on the meta device."""
     comp = recipe.encoder
     params = _with_defaults(ENCODERS, comp.name, comp.params())
     layer, frozen = int(params.get("layer", -1)), bool(params.get("frozen", True))
@@ -240,28 +241,7 @@ def describe_encoder(recipe: Recipe, online: bool | None = None) -> EncoderSpec:
     if comp.name in ("hf_clip", "hf_siglip"):
         return _hf_vision_spec(comp.name, model, layer, frozen, online)
     if comp.name in ("timm_vit", "timm_convnext"):
-        import timm
-
-        kwargs: dict[str, Any] = {"num_classes": 0}
-        if comp.name == "timm_vit" and params.get("image_size"):
-            kwargs["img_size"] = int(params["image_size"])
-        with torch.device("meta"):
-            net = timm.create_model(model, pretrained=False, **kwargs)
-        if comp.name == "timm_vit":
-            grid = tuple(int(g) for g in net.patch_embed.grid_size)
-            size = int(net.patch_embed.img_size[0])
-            return _module_vision_spec(comp.name, model, net, list(net.blocks), layer, frozen, int(net.embed_dim),
-                                       size, grid, int(getattr(net, "num_prefix_tokens", 1)),
-                                       "timm model definition (meta device)")
-        size = int(params.get("image_size") or net.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
-        stages = list(net.stages)
-        idx = layer % len(stages)
-        reduction = 4 * 2 ** idx
-        dim = int(net.feature_info[idx]["num_chs"]) if hasattr(net, "feature_info") else int(net.num_features)
-        spec = _module_vision_spec(comp.name, model, net, stages, layer, frozen, dim, size,
-                                   (size // reduction, size // reduction), 0, "timm model definition (meta device)")
-        spec.notes.append("ConvNeXt stage activations use the ViT-block formula (rough)")
-        return spec
+        return _timm_spec(comp.name, model, params, layer, frozen)
     if comp.name == "open_clip":
         import open_clip as oc
 
@@ -273,26 +253,55 @@ def describe_encoder(recipe: Recipe, online: bool | None = None) -> EncoderSpec:
         return _module_vision_spec(comp.name, model, v, list(v.transformer.resblocks), layer, frozen,
                                    int(v.transformer.width), int(size), grid, 1,
                                    "open_clip model definition (meta device)")
-    # a plugin encoder: build it on the meta device when its factory allows, else unknown
+    return _plugin_spec(comp.name, comp.params(), params, frozen)
+
+
+def _timm_spec(name: str, model: str, params: dict[str, Any], layer: int, frozen: bool) -> EncoderSpec:
+    import timm
+
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if name == "timm_vit" and params.get("image_size"):
+        kwargs["img_size"] = int(params["image_size"])
+    with torch.device("meta"):
+        net = timm.create_model(model, pretrained=False, **kwargs)
+    if name == "timm_vit":
+        grid = tuple(int(g) for g in net.patch_embed.grid_size)
+        size = int(net.patch_embed.img_size[0])
+        return _module_vision_spec(name, model, net, list(net.blocks), layer, frozen, int(net.embed_dim),
+                                   size, grid, int(getattr(net, "num_prefix_tokens", 1)),
+                                   "timm model definition (meta device)")
+    size = int(params.get("image_size") or net.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    stages = list(net.stages)
+    idx = layer % len(stages)
+    reduction = 4 * 2 ** idx
+    dim = int(net.feature_info[idx]["num_chs"]) if hasattr(net, "feature_info") else int(net.num_features)
+    spec = _module_vision_spec(name, model, net, stages, layer, frozen, dim, size,
+                               (size // reduction, size // reduction), 0, "timm model definition (meta device)")
+    spec.notes.append("ConvNeXt stage activations use the ViT-block formula (rough)")
+    return spec
+
+
+def _plugin_spec(name: str, given: dict[str, Any], params: dict[str, Any], frozen: bool) -> EncoderSpec:
+    """A plugin encoder built on the meta device when its factory allows; else an 'unknown' spec that says why."""
     try:
         with torch.device("meta"), _offline():
-            enc = ENCODERS.create(comp.name, **comp.params())
+            enc = ENCODERS.create(name, **given)
         grid = tuple(enc.grid) if getattr(enc, "grid", None) else (1, 1)
         blocks = enc.blocks() if hasattr(enc, "blocks") else []
         n = grid[0] * grid[1]
         return EncoderSpec(
-            name=comp.name, kind=comp.name, source="plugin factory on the meta device", dtype_bytes=4,
+            name=name, kind=name, source="plugin factory on the meta device", dtype_bytes=4,
             params=_nparams(enc), hidden=int(enc.embed_dim), intermediate=4 * int(enc.embed_dim),
             depth=len(blocks), used_blocks=len(blocks), tokens=n + (1 if getattr(enc, "has_cls", False) else 0),
             patches=n, has_cls=bool(getattr(enc, "has_cls", False)), grid=grid,
             block_params=_nparams(blocks[0]) if blocks else 0, unused_params=0, keeps_all_hidden=False,
             act_saves=2, frozen=frozen, notes=["plugin encoder: activations use the ViT-block formula"])
-    except Exception as exc:  # noqa: BLE001 - unknown plugin
+    except Exception as exc:  # noqa: BLE001 - unknown plugin: reported in the spec's source and notes
         return EncoderSpec(
-            name=comp.name, kind=comp.name, source=f"unknown ({type(exc).__name__}: {exc})"[:160], dtype_bytes=4,
+            name=name, kind=name, source=f"unknown ({type(exc).__name__}: {exc})"[:160], dtype_bytes=4,
             params=0, hidden=int(params.get("embed_dim", 0) or 0), intermediate=0, depth=0, used_blocks=0, tokens=1,
             patches=1, has_cls=False, grid=(1, 1), block_params=0, unused_params=0, keeps_all_hidden=False,
-            act_saves=2, frozen=frozen, notes=[f"encoder '{comp.name}' could not be described: not estimated"])
+            act_saves=2, frozen=frozen, notes=[f"encoder '{name}' could not be described: not estimated"])
 
 
 @contextlib.contextmanager

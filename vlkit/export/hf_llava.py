@@ -1,133 +1,31 @@
-"""Export a trained run: ``vlkit`` format (any model) or a Hugging Face ``LlavaForConditionalGeneration``.
-
-``vlkit`` format (``format="vlkit"``) -- works for every recipe::
-
-    OUT/config.yaml        the run's resolved recipe
-    OUT/model.safetensors  every parameter some finished stage trained (projector, LoRA adapters as adapters,
-                           unfrozen encoder blocks, full-LLM weights), final values, named as in the loaded model
-    OUT/export.json        format, source run, stages and checkpoints used, LoRA stage, image tokens
-
-Base weights are not copied: the encoder and LLM are rebuilt from the recipe's model references (hub ids, local
-dirs, ``toy:`` paths), exactly as :func:`vlkit.runs.load_run` does. :func:`load_export` loads it back (same model,
-identical logits); :func:`load_model` takes either a run directory or a vlkit export.
-
-``hf-llava`` format (``format="hf-llava"``) -- a self-contained ``LlavaForConditionalGeneration`` directory
-(config, safetensors weights, generation config, tokenizer with the image token, ``LlavaProcessor`` with a
-``CLIPImageProcessor`` and chat template) for the combinations HF Llava can express:
-
-* encoder ``hf_clip`` / ``hf_siglip`` (built-in): ``vision_tower`` = the encoder's ``hf_model`` (trained blocks
-  included); ``vision_feature_layer`` = the encoder's ``layer`` as a ``hidden_states`` index (negative layers
-  unchanged, block ``k >= 0`` -> ``k + 1``);
-* tokens ``patch`` (CLIP: ``vision_feature_select_strategy="default"``, drops the CLS token; SigLIP has no CLS
-  token so ``"full"``) or ``cls_patch`` (CLIP only: ``"full"``);
-* projector ``mlp`` with depth 2 and hidden size = the LLM's hidden size -> ``linear_1``, GELU, ``linear_2``;
-  projector ``linear`` (or ``mlp`` depth 1) is expressed exactly as ``linear_1`` = the projector,
-  ``projector_hidden_act="linear"`` (identity), ``linear_2`` = identity matrix with zero bias (costs one extra
-  ``H x H`` matrix; the outputs are the same numbers);
-* LLM: any built-in ``hf`` causal LM whose decoder is what ``AutoModel`` builds from its config and whose LM head
-  has no bias; LoRA adapters are merged (``merge_and_unload``).
-
-Everything else (timm / open_clip / plugin encoders, ``cls`` / ``pooled`` tokens, ``cross_attention`` /
-``cls_reshape`` / deeper MLP / plugin projectors, non-prefix fusion) raises :class:`ExportError` naming the part
-and the reason; use ``format="vlkit"`` for those.
-"""
+"""The ``hf-llava`` export format: what ``LlavaForConditionalGeneration`` can express of a recipe, and writing it
+(weights, config, generation config, tokenizer, processor)."""
 from __future__ import annotations
 
 import copy
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import (CLIPImageProcessor, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration,
                           LlavaProcessor)
 
 from vlkit import __version__
-from vlkit.checkpoint import load_trainable
 from vlkit.components.encoders import HFVisionEncoder
 from vlkit.components.llms import HFCausalLM
 from vlkit.components.projectors import LinearProjector, MLPProjector
 from vlkit.components.tokens import ClsPatchTokens, PatchTokens
-from vlkit.config import dump_recipe, load_recipe
-from vlkit.model import build_model
+from vlkit.export.common import EXPORT_VERSION, ExportError, complete
 from vlkit.registry import ENCODERS, LLMS, PROJECTORS, TOKEN_STRATEGIES
-from vlkit.runs import attach_lora, load_run, load_run_tracked, pick_device
 
-FORMATS = ("hf-llava", "vlkit")
-EXPORT_VERSION = 1
 HF_ENCODERS = ("hf_clip", "hf_siglip")
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ExportError(ValueError):
-    """A run cannot be exported in the requested format; the message names the part and why."""
 
-
-def _complete(recipe, used: dict[str, str]) -> bool:
-    return all(used.get(s) == "final" for s in recipe.train.stages)
-
-
-# =================================================================================================================
-# vlkit format
-# =================================================================================================================
-def _write_vlkit(model, recipe, run_dir: Path, out: Path, used: dict[str, str], lora_stage: str | None,
-                 touched: set[int]) -> dict[str, Any]:
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if id(p) in touched}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "vlkit_export": "vlkit"})
-    (out / "config.yaml").write_text(dump_recipe(recipe))
-    info = {
-        "format": "vlkit", "export_version": EXPORT_VERSION, "vlkit_version": __version__,
-        "source_run": str(run_dir.resolve()), "recipe": recipe.name, "identity": recipe.identity(),
-        "stages": used, "complete": _complete(recipe, used), "lora_stage": lora_stage,
-        "num_image_tokens": model.num_image_tokens, "tensors": len(tensors),
-        "parameters": int(sum(t.numel() for t in tensors.values())),
-        "note": "base encoder/LLM weights are rebuilt from the recipe's model references",
-    }
-    return info
-
-
-def load_export(path: str | Path, device: str | torch.device | None = None):
-    """A ``vlkit``-format export as ``(model, recipe, device)``, like :func:`vlkit.runs.load_run`."""
-    path = Path(path)
-    info = read_export_info(path)
-    if info.get("format") != "vlkit":
-        raise ExportError(f"{path} is a '{info.get('format')}' export; only 'vlkit' exports load into vlkit "
-                          "(load an hf-llava export with transformers' LlavaForConditionalGeneration)")
-    recipe = load_recipe(path / "config.yaml")
-    dev = torch.device(device) if device is not None else pick_device(recipe.train.device)
-    model = build_model(recipe)
-    if info.get("lora_stage"):
-        attach_lora(model, recipe.stages[info["lora_stage"]])
-    load_trainable(model, path / "model.safetensors")
-    return model.to(dev).eval(), recipe, dev
-
-
-def read_export_info(path: str | Path) -> dict[str, Any]:
-    p = Path(path) / "export.json"
-    if not p.exists():
-        raise FileNotFoundError(f"{path} is not a vlkit export (no export.json)")
-    return json.loads(p.read_text())
-
-
-def is_export(path: str | Path) -> bool:
-    return (Path(path) / "export.json").exists()
-
-
-def load_model(path: str | Path):
-    """A run directory or a ``vlkit``-format export as ``(model, recipe, device)`` (for ``predict`` / ``eval``)."""
-    if is_export(path):
-        return load_export(path)
-    return load_run(path)
-
-
-# =================================================================================================================
-# hf-llava format: what it can express
-# =================================================================================================================
 def hf_llava_problems(recipe) -> list[str]:
     """Why a recipe cannot be exported as ``LlavaForConditionalGeneration`` (empty when it can), from the recipe
     alone (no weights loaded)."""
@@ -229,9 +127,6 @@ def check_hf_llava(recipe, model=None) -> None:
         )
 
 
-# =================================================================================================================
-# hf-llava format: building it
-# =================================================================================================================
 def _projector_weights(proj, hidden: int) -> tuple[dict[str, torch.Tensor], str]:
     """``multi_modal_projector`` tensors and ``projector_hidden_act`` for a vlkit linear / mlp projector."""
     linears = [m for m in proj.modules() if isinstance(m, nn.Linear)]
@@ -299,16 +194,35 @@ def _target_dtype(model, dtype: str | None) -> torch.dtype:
 
 
 def _write_hf_llava(model, recipe, run_dir: Path, out: Path, used: dict[str, str], dtype: str | None) -> dict[str, Any]:
+    """Merge LoRA, describe the model as a LlavaConfig, assemble and save the HF model, then its processor."""
     enc, llm = model.encoder, model.llm
     # LoRA merged into the LLM's weights (the loaded model is ours to change)
     lora = hasattr(llm.model, "merge_and_unload")
     if lora:
         llm.model = llm.model.merge_and_unload()
-    lm = llm.base()
-    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
-    hidden = llm.hidden_size
     target = _target_dtype(model, dtype)
+    config, proj_sd = _llava_config(model)
+    hf = _assemble(model, config, proj_sd, target)
+    hf.generation_config = _generation_config(llm.base(), llm.tokenizer)
+    hf.save_pretrained(out, safe_serialization=True)
+    _save_processor(model, config.vision_feature_select_strategy, out)
+    return {
+        "format": "hf-llava", "export_version": EXPORT_VERSION, "vlkit_version": __version__,
+        "source_run": str(run_dir.resolve()), "recipe": recipe.name, "identity": recipe.identity(),
+        "stages": used, "complete": complete(recipe, used), "lora_merged": lora,
+        "num_image_tokens": model.num_image_tokens, "image_token": llm.image_token,
+        "image_token_id": int(model.image_token_id), "vision_feature_layer": int(config.vision_feature_layer),
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "projector_hidden_act": config.projector_hidden_act, "dtype": str(target).split(".")[-1],
+        "tie_word_embeddings": bool(config.tie_word_embeddings),
+    }
 
+
+def _llava_config(model) -> tuple[LlavaConfig, dict[str, torch.Tensor]]:
+    """The LlavaConfig of the model (text and vision configs, feature layer and selection, projector activation)
+    and the projector's weights under HF Llava's names."""
+    enc, lm = model.encoder, model.llm.base()
+    head = lm.get_output_embeddings()
     text_config = copy.deepcopy(lm.config)
     text_config.vocab_size = int(lm.get_input_embeddings().num_embeddings)
     text_config._name_or_path = ""  # no local paths of the build machine in the export
@@ -319,18 +233,24 @@ def _write_hf_llava(model, recipe, run_dir: Path, out: Path, used: dict[str, str
         text_config.tie_word_embeddings = False  # e.g. LoRA on the embeddings or the head untied them
     vision_config = copy.deepcopy(enc.hf_model.config)
     vision_config._name_or_path = ""
-    has_cls = bool(enc.has_cls)
-    select = "default" if model.tokens.name == "patch" and has_cls else "full"
+    select = "default" if model.tokens.name == "patch" and bool(enc.has_cls) else "full"
     feature_layer = enc.layer if enc.layer < 0 else enc.layer + 1
-    proj_sd, act = _projector_weights(model.projector, hidden)
+    proj_sd, act = _projector_weights(model.projector, model.llm.hidden_size)
     config = LlavaConfig(
         vision_config=vision_config, text_config=text_config, image_token_index=int(model.image_token_id),
         image_seq_length=int(model.num_image_tokens), projector_hidden_act=act,
         vision_feature_select_strategy=select, vision_feature_layer=int(feature_layer),
         multimodal_projector_bias=True, tie_word_embeddings=bool(text_config.tie_word_embeddings),
     )
+    return config, proj_sd
 
-    # assemble without initialising a second copy of the weights: build on the meta device, assign ours
+
+def _assemble(model, config: LlavaConfig, proj_sd: dict[str, torch.Tensor],
+              target: torch.dtype) -> LlavaForConditionalGeneration:
+    """LlavaForConditionalGeneration holding the model's weights in ``target`` dtype, built on the meta device
+    (no second copy of the weights is initialised) and given ours."""
+    enc, lm = model.encoder, model.llm.base()
+    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     with torch.device("meta"):
         hf = LlavaForConditionalGeneration(config)
     if type(hf.model.language_model) is not type(decoder):
@@ -364,16 +284,25 @@ def _write_hf_llava(model, recipe, run_dir: Path, out: Path, used: dict[str, str
     if config.tie_word_embeddings:
         hf.tie_weights()
     hf.config.dtype = target
-    tok = llm.tokenizer
+    return hf
+
+
+def _generation_config(lm, tok) -> GenerationConfig:
+    """The LLM's generation config with the tokenizer's end-of-turn, pad and bos ids."""
     eos = _eos_ids(tok)
     gen = GenerationConfig.from_model_config(lm.config) if lm.generation_config is None else \
         copy.deepcopy(lm.generation_config)
     gen.eos_token_id = eos if len(eos) != 1 else eos[0]
     gen.pad_token_id = tok.pad_token_id
     gen.bos_token_id = tok.bos_token_id if tok.bos_token_id is not None else gen.bos_token_id
-    hf.generation_config = gen
-    hf.save_pretrained(out, safe_serialization=True)
+    return gen
 
+
+def _save_processor(model, select: str, out: Path) -> None:
+    """LlavaProcessor: the encoder's preprocessing as a CLIPImageProcessor, the tokenizer and chat template; checked
+    to expand ``<image>`` to the model's number of image tokens."""
+    enc, llm = model.encoder, model.llm
+    has_cls = bool(enc.has_cls)
     size = int(enc.image_size)
     image_processor = CLIPImageProcessor(
         do_resize=True, size={"shortest_edge": size}, resample=3,  # PIL.Image.BICUBIC
@@ -383,8 +312,8 @@ def _write_hf_llava(model, recipe, run_dir: Path, out: Path, used: dict[str, str
     )
     patch = int(getattr(enc.hf_model.config, "patch_size"))
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=patch,
-        vision_feature_select_strategy=select, chat_template=_processor_chat_template(tok, llm.image_token),
+        image_processor=image_processor, tokenizer=llm.tokenizer, patch_size=patch,
+        vision_feature_select_strategy=select, chat_template=_processor_chat_template(llm.tokenizer, llm.image_token),
         image_token=llm.image_token, num_additional_image_tokens=1 if has_cls else 0,
     )
     processor.save_pretrained(out)
@@ -392,15 +321,6 @@ def _write_hf_llava(model, recipe, run_dir: Path, out: Path, used: dict[str, str
     if n_check != model.num_image_tokens:
         raise ExportError(f"the processor would expand <image> to {n_check} tokens but the model makes "
                           f"{model.num_image_tokens}")
-    return {
-        "format": "hf-llava", "export_version": EXPORT_VERSION, "vlkit_version": __version__,
-        "source_run": str(run_dir.resolve()), "recipe": recipe.name, "identity": recipe.identity(),
-        "stages": used, "complete": _complete(recipe, used), "lora_merged": lora,
-        "num_image_tokens": model.num_image_tokens, "image_token": llm.image_token,
-        "image_token_id": int(model.image_token_id), "vision_feature_layer": int(feature_layer),
-        "vision_feature_select_strategy": select, "projector_hidden_act": act, "dtype": str(target).split(".")[-1],
-        "tie_word_embeddings": bool(config.tie_word_embeddings),
-    }
 
 
 def _find_buffer(hf_name: str, b_name: str, tower: nn.Module, decoder: nn.Module) -> torch.Tensor:
@@ -413,46 +333,3 @@ def _find_buffer(hf_name: str, b_name: str, tower: nn.Module, decoder: nn.Module
             if buf is not None:
                 return buf.detach().cpu().clone()
     raise ExportError(f"no source for buffer {hf_name}.{b_name} of the assembled LlavaForConditionalGeneration")
-
-
-# =================================================================================================================
-# entry point
-# =================================================================================================================
-def export_run(run_dir: str | Path, out: str | Path, format: str = "hf-llava", dtype: str | None = None,
-               overwrite: bool = False) -> dict[str, Any]:
-    """Export the run in ``run_dir`` to the new directory ``out``; returns what ``export.json`` records.
-
-    The directory is assembled beside ``out`` and moved into place at the end, so a failed export leaves nothing.
-    """
-    if format not in FORMATS:
-        raise ExportError(f"unknown export format '{format}'; valid: {', '.join(FORMATS)}")
-    run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise ExportError(f"{out} exists and is not empty; choose another directory or pass --overwrite")
-    if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
-        raise ExportError(f"{out} is inside the run directory {run_dir}; export somewhere else")
-    if format == "hf-llava":
-        cfg = run_dir / "config.yaml"
-        if not cfg.exists():
-            raise FileNotFoundError(f"{run_dir} is not a vlkit run directory (no config.yaml)")
-        check_hf_llava(load_recipe(cfg))  # before loading any weights
-    loaded = load_run_tracked(run_dir)
-    model, recipe, used = loaded.model, loaded.recipe, loaded.used
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        with torch.no_grad():
-            if format == "vlkit":
-                info = _write_vlkit(model, recipe, run_dir, tmp, used, loaded.lora_stage, loaded.touched)
-            else:
-                check_hf_llava(recipe, model)
-                info = _write_hf_llava(model, recipe, run_dir, tmp, used, dtype)
-        (tmp / "export.json").write_text(json.dumps(info, indent=1))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return info

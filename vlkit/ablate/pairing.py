@@ -1,0 +1,43 @@
+"""Pairing a study's runs by seed: one table, read by the Findings and by the report's tables alike.
+
+Two runs pair when they differ only in the compared axis: the same seed and the same values of every other axis.
+A run counts when it finished and its metric cell is a number (:func:`vlkit.ablate.stats.number`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from vlkit.ablate.grid import show_value
+from vlkit.ablate.stats import number
+
+PairKey = tuple[str, ...]  # the other axes' values, then the seed, as results.csv shows them
+
+
+def arm_table(rows: list[dict[str, Any]], axes: list[str], axis: str, metric: str) -> dict[str, dict[PairKey, float]]:
+    """Each arm of ``axis`` (its value as results.csv shows it) -> {pair key: the run's metric value}, in the rows'
+    order. Two runs of one arm under one key (a repeated grid point): the later one counts."""
+    others = [x for x in axes if x != axis]
+    table: dict[str, dict[PairKey, float]] = {}
+    for r in rows:
+        value = number(r.get(metric))
+        if r.get("status") != "finished" or value is None:
+            continue
+        key = tuple(show_value(r.get(x)) for x in others) + (str(r.get("seed")),)
+        table.setdefault(show_value(r.get(axis)), {})[key] = value
+    return table
+
+
+def arms(rows: list[dict[str, Any]], axis: str) -> list[Any]:
+    """The values of ``axis`` among the finished runs, in the order they first appear, as the rows hold them (a
+    table's arm is ``show_value`` of one)."""
+    return list(dict.fromkeys(r.get(axis) for r in rows if r.get("status") == "finished"))
+
+
+def pairs(rows: list[dict[str, Any]], axes: list[str], axis: str, a: str, b: str,
+          metric: str) -> tuple[list[float], list[float], int]:
+    """Metric values of arm a and arm b, paired by seed within each setting of the other axes (in sorted key
+    order); and the number of settings that gave a pair."""
+    table = arm_table(rows, axes, axis, metric)
+    xa, xb = table.get(a, {}), table.get(b, {})
+    common = sorted(set(xa) & set(xb))
+    return [xa[k] for k in common], [xb[k] for k in common], len({k[:-1] for k in common})
