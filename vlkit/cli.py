@@ -310,6 +310,7 @@ def eval_cmd(run: Path = typer.Argument(..., help="run directory"),
     from vlkit.evaluate import evaluate
     from vlkit.model import _resolve
     from vlkit.export import load_model as load_run
+    from vlkit.random_init import results_say_random
     from vlkit.train import print_accuracy
 
     model, recipe, device = load_run(run)
@@ -317,7 +318,8 @@ def eval_cmd(run: Path = typer.Argument(..., help="run directory"),
     root = _resolve(image_root or recipe.data.image_root)
     t = ImageTransform(model.encoder.image_size, model.encoder.mean, model.encoder.std)
     m = evaluate(model, records, root, t, device, recipe.data.max_length, batch_size, max_new_tokens)
-    print_accuracy(console, str(run), m)
+    with results_say_random(console, model):  # a run built with random_init says so on every line
+        print_accuracy(console, str(run), m)
 
 
 @app.command("predict")
@@ -334,6 +336,7 @@ def predict_cmd(run: Path = typer.Argument(..., help="run directory"),
     """Answer a question about an image (or every record of a JSON file) with a trained run."""
     from vlkit.export import load_model as load_run
     from vlkit.predict import predict_records
+    from vlkit.random_init import results_say_random
 
     model, recipe, device = load_run(run)
     gen = dict(do_sample=sample, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
@@ -348,8 +351,9 @@ def predict_cmd(run: Path = typer.Argument(..., help="run directory"),
             from vlkit._atomic import write_json_atomic
 
             write_json_atomic(out, rows)
-        for row in rows[:20]:
-            console.print(f"{row['id']}: {row['prediction']}", markup=False)
+        with results_say_random(console, model):
+            for row in rows[:20]:
+                console.print(f"{row['id']}: {row['prediction']}", markup=False)
         return
     if image is None or prompt is None:
         raise ValueError("give --image and --prompt, or --batch FILE")
@@ -357,7 +361,8 @@ def predict_cmd(run: Path = typer.Argument(..., help="run directory"),
     rec = {"id": "cli", "image": image.name, "conversations": [{"from": "human", "value": text},
                                                                {"from": "gpt", "value": ""}]}
     answer = predict_records(model, [rec], image.resolve().parent, device, **gen)[0]
-    console.print(answer, markup=False)
+    with results_say_random(console, model):
+        console.print(answer, markup=False)
 
 
 # ---- ablate / report -----------------------------------------------------------------------------------------------
