@@ -67,6 +67,13 @@ def notice(parts: list[str]) -> str:
     return f"[{NOTE}: {', '.join(parts)}] " if parts else ""
 
 
+def progress_label(model: nn.Module, label: str) -> str:
+    """A progress bar's description (rich markup): ``label``, after the notice when some weights are random."""
+    from rich.markup import escape
+
+    return escape(notice(random_weight_parts(model))) + label
+
+
 @contextlib.contextmanager
 def results_say_random(console: Any, model: nn.Module) -> Iterator[None]:
     """Within the block every ``console.print`` carries :func:`notice` when ``model`` has random weights."""

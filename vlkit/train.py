@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from vlkit._atomic import StateError, read_json, write_json_atomic, write_text_atomic
@@ -35,7 +34,7 @@ from vlkit.distributed import DistContext, check_same_modules, make_engine, shar
 from vlkit.distributed import setup as setup_distributed
 from vlkit.evaluate import evaluate, move
 from vlkit.model import VLM, _resolve, build_model, parameter_counts
-from vlkit.random_init import notice, random_weight_parts, tag_console
+from vlkit.random_init import progress_label, random_weight_parts, tag_console
 from vlkit.runs import attach_lora, pick_device
 
 
@@ -416,7 +415,7 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
                TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[tps]:.0f} tok/s"),
                TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal and dry_run) as progress:
-        task = progress.add_task(escape(notice(random_weight_parts(model))) + stage_name, total=total_steps, completed=step, loss=float("nan"), lr=0.0, tps=0.0)
+        task = progress.add_task(progress_label(model, stage_name), total=total_steps, completed=step, loss=float("nan"), lr=0.0, tps=0.0)
         while step < total_steps:
             engine.zero_grad()
             parts = first or [move(next(stream), device) for _ in range(stage.grad_accum)]
