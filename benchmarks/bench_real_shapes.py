@@ -18,7 +18,7 @@ is asked for the same stage at the batch's exact shape (``--device cpu --micro-b
 transformers: what no planner term holds) against the plan's total (weights + gradients + AdamW + activations).
 The machine's fp32 matmul rate is measured in the same child at the same thread count.
 
-    python benchmarks/bench_real_shapes.py --batch 4 --threads 2      # ~6 min on 2 cores; ~12 GB of RAM
+    python benchmarks/bench_real_shapes.py --batch 2 --threads 2   # ~10 min on 2 busy cores; peak RSS 13.6 GB
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -71,3 +72,23 @@ def test_train_and_inspect_say_random_weights_on_every_result_line(tiny_toy_worl
     assert len(results) >= 2, res.stdout
     for line in results:
         assert line.startswith("[RANDOM WEIGHTS: encoder, llm]"), line
+
+
+@pytest.mark.slow
+def test_a_random_weight_run_evaluates_with_the_same_weights_and_says_so(tiny_toy_world, tmp_path, config_only_dirs):
+    """The random weights are a function of the config: vlkit eval rebuilds the ones the run trained with."""
+    clip_dir, lm_dir = config_only_dirs
+    over = [f"encoder.model={clip_dir}", "encoder.random_init=true", f"llm.model={lm_dir}", "llm.random_init=true",
+            "llm.tokenizer=toy:tokenizer"]
+    run = tmp_path / "run"
+    vlkit("train", "recipes/mlp_patch.yaml", *FAST, *over, "stages.align.max_steps=1", "stages.instruct.max_steps=1",
+          "train.stages=[instruct]", "--run-dir", str(run))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["random_weights"] == ["encoder", "llm"]
+    res = vlkit("eval", str(run), "--data", "toy:data/instruct_val.json", "--max-samples", "8", "--batch-size", "8")
+    rows = [line for line in res.stdout.splitlines() if "val loss" in line or "│ all" in line]
+    assert rows and all(line.startswith("[RANDOM WEIGHTS: encoder, llm]") or "│ all" in line for line in rows)
+    assert "[RANDOM WEIGHTS: encoder, llm]" in res.stdout.split("│ all")[0]
+    val_loss = float(re.search(r"val loss ([0-9.]+)", res.stdout).group(1))
+    trained = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert val_loss == pytest.approx(next(r["val_loss"] for r in trained if "val_loss" in r), rel=1e-4)

@@ -20,7 +20,8 @@ FLOORS: dict[str, int] = {
     "vlkit._atomic": 0, "vlkit._locks": 0, "vlkit._numerics": 0, "vlkit._proc": 0, "vlkit.types": 0,
     # 1: registries, checkpoints, data files; the ablation grid's expansion and its statistics on arrays
     "vlkit.registry": 1, "vlkit.checkpoint": 1, "vlkit.data": 1, "vlkit.ablate.grid": 1, "vlkit.ablate.cluster": 1,
-    "vlkit.ablate.stats": 1, "vlkit.deepspeed_config": 1,
+    "vlkit.ablate.stats": 1, "vlkit.deepspeed_config": 1, "vlkit.published_configs": 1, "vlkit.random_init": 1,
+    "vlkit.data.references": 1,
     # 2: components; the feature cache; the `expect:` grammar and run pairing; the distributed engines
     "vlkit.components": 2, "vlkit.cache": 2, "vlkit.data.tokenized": 2, "vlkit.ablate.expect": 2,
     "vlkit.ablate.pairing": 2, "vlkit.distributed": 2,
@@ -32,7 +33,7 @@ FLOORS: dict[str, int] = {
     # 6-7: loading runs, inspecting, planning memory; training, predicting, exporting
     "vlkit.runs": 6, "vlkit.inspect": 6, "vlkit.plan": 6, "vlkit.train": 7, "vlkit.predict": 7, "vlkit.export": 7,
     # 8: what drives whole runs: ablation plans and reports, the lmms-eval adapter
-    "vlkit.ablate": 8, "vlkit.lmms_eval_adapter": 8,
+    "vlkit.ablate": 8, "vlkit.lmms_eval_adapter": 8, "vlkit.lmms_eval_task": 8,
     # 9: the command line
     "vlkit.cli": 9,
 }

@@ -10,6 +10,7 @@ from typing import Any, Iterable
 import torch
 
 from vlkit.data.collate import Collator
+from vlkit.data.references import reference_report
 from vlkit.data.llava import IGNORE, Example, LlavaDataset, to_messages, tokenize_record
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -109,29 +110,6 @@ def accuracy_report(records: list[dict[str, Any]], predictions: list[str]) -> di
     if refs_report["references"]:  # the toy world's questions carry blind / uniform / position-blind references
         report.update({k: refs_report[k] for k in ("references", "references_by_type", "spatial_types")})
     return report
-
-
-def reference_report(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The references the records carry (``rec["references"]``: what e.g. a blind or a position-blind reader
-    scores on that question, 0..1), averaged overall and per ``question_type``, and the types whose records are
-    marked ``spatial``. Records without references give empty results (any LLaVA file)."""
-    by_type: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    overall: dict[str, list[float]] = defaultdict(list)
-    counts: dict[str, int] = defaultdict(int)
-    spatial = set()
-    for rec in records:
-        qtype = str(rec.get("question_type", "all"))
-        counts[qtype] += 1
-        if rec.get("spatial"):
-            spatial.add(qtype)
-        for name, value in (rec.get("references") or {}).items():
-            by_type[qtype][name].append(float(value))
-            overall[name].append(float(value))
-    full = {name for name, v in overall.items() if len(v) == len(records)}  # only references every record has
-    return {"references": {n: round(sum(overall[n]) / len(overall[n]), 4) for n in sorted(full)},
-            "references_by_type": {t: {n: round(sum(v[n]) / len(v[n]), 4) for n in sorted(full)}
-                                   for t, v in sorted(by_type.items())},
-            "count_by_type": dict(sorted(counts.items())), "spatial_types": sorted(spatial)}
 
 
 def evaluate(model, records: list[dict[str, Any]], image_root, transform, device: torch.device, max_length: int,

@@ -25,11 +25,15 @@ def predict_records(model: VLM, records: list[dict[str, Any]], image_root, devic
 def evaluate_run(run: str | Path, data: str, image_root: str | None = None, max_samples: int | None = None,
                  batch_size: int = 32, max_new_tokens: int = 16) -> dict[str, Any]:
     """Validation loss, generation accuracy per question type and BLEU of a run (or a vlkit export) on a LLaVA
-    file (``toy:`` paths allowed); images from ``image_root``, else the run's ``data.image_root``."""
+    file (``toy:`` paths allowed); images from ``image_root``, else the run's ``data.image_root``. ``random_weights``
+    names the components built with random_init."""
     from vlkit.export import load_model
+    from vlkit.random_init import random_weight_parts
 
     model, recipe, device = load_model(run)
     records = load_records(resolve_ref(data))[:max_samples]
     root = resolve_ref(image_root or recipe.data.image_root)
     t = ImageTransform(model.encoder.image_size, model.encoder.mean, model.encoder.std)
-    return evaluate(model, records, root, t, device, recipe.data.max_length, batch_size, max_new_tokens)
+    m = evaluate(model, records, root, t, device, recipe.data.max_length, batch_size, max_new_tokens)
+    m["random_weights"] = random_weight_parts(model)  # the result lines say so (vlkit eval)
+    return m

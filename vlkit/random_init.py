@@ -11,8 +11,9 @@ prints say so.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 RANDOM_WEIGHTS_ATTR = "random_weights"  # set to True on a component built with random_init
@@ -24,7 +25,7 @@ def published_config(model: str, sub: str | None = None) -> Any:
     full CLIP/SigLIP config's tower (``vision_config``)."""
     from transformers import AutoConfig
 
-    from vlkit.plan.configs import load_config
+    from vlkit.published_configs import load_config
 
     try:
         loaded = load_config(model)
@@ -41,6 +42,15 @@ def published_config(model: str, sub: str | None = None) -> Any:
     return AutoConfig.for_model(model_type, **data)
 
 
+@contextlib.contextmanager
+def fixed_seed(seed: int = 0) -> Iterator[None]:
+    """Random weights as a function of the config alone (a run's rebuilt model for ``vlkit eval`` has the weights it
+    trained with), without touching the caller's RNG streams."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
+
+
 def mark_random(module: nn.Module) -> nn.Module:
     setattr(module, RANDOM_WEIGHTS_ATTR, True)
     return module
@@ -55,6 +65,21 @@ def random_weight_parts(model: nn.Module) -> list[str]:
 def notice(parts: list[str]) -> str:
     """The words every printed result carries when some weights are random (empty when none are)."""
     return f"[{NOTE}: {', '.join(parts)}] " if parts else ""
+
+
+def progress_label(model: nn.Module, label: str) -> str:
+    """A progress bar's description (rich markup): ``label``, after the notice when some weights are random."""
+    from rich.markup import escape
+
+    return escape(notice(random_weight_parts(model))) + label
+
+
+@contextlib.contextmanager
+def results_say_random(console: Any, model: nn.Module) -> Iterator[None]:
+    """Within the block every ``console.print`` carries :func:`notice` when ``model`` has random weights."""
+    with contextlib.ExitStack() as stack:
+        tag_console(console, random_weight_parts(model), stack)
+        yield
 
 
 def tag_console(console: Any, parts: list[str], stack: contextlib.ExitStack) -> None:

@@ -45,11 +45,16 @@ def eval_cmd(run: Path = typer.Argument(..., help="run directory"),
              max_samples: Optional[int] = typer.Option(None, help="evaluate the first N records"),
              batch_size: int = typer.Option(32), max_new_tokens: int = typer.Option(16)) -> None:
     """Validation loss and generation accuracy (per question type) of a trained run on any LLaVA file."""
+    import contextlib
+
     from vlkit.predict import evaluate_run
+    from vlkit.random_init import tag_console
     from vlkit.train import print_accuracy
 
     m = evaluate_run(run, data, image_root, max_samples, batch_size, max_new_tokens)
-    print_accuracy(console, str(run), m)
+    with contextlib.ExitStack() as stack:
+        tag_console(console, m.pop("random_weights"), stack)  # a run built with random_init says so on every line
+        print_accuracy(console, str(run), m)
 
 
 @app.command("predict")
@@ -66,6 +71,7 @@ def predict_cmd(run: Path = typer.Argument(..., help="run directory"),
     """Answer a question about an image (or every record of a JSON file) with a trained run."""
     from vlkit.export import load_model
     from vlkit.predict import predict_records
+    from vlkit.random_init import results_say_random
 
     model, recipe, device = load_model(run)
     gen = dict(do_sample=sample, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
@@ -80,8 +86,9 @@ def predict_cmd(run: Path = typer.Argument(..., help="run directory"),
             from vlkit._atomic import write_json_atomic
 
             write_json_atomic(out, rows)
-        for row in rows[:20]:
-            console.print(f"{row['id']}: {row['prediction']}", markup=False)
+        with results_say_random(console, model):  # a run built with random_init says so on every line
+            for row in rows[:20]:
+                console.print(f"{row['id']}: {row['prediction']}", markup=False)
         return
     if image is None or prompt is None:
         raise ValueError("give --image and --prompt, or --batch FILE")
@@ -89,7 +96,8 @@ def predict_cmd(run: Path = typer.Argument(..., help="run directory"),
     rec = {"id": "cli", "image": image.name, "conversations": [{"from": "human", "value": text},
                                                                {"from": "gpt", "value": ""}]}
     answer = predict_records(model, [rec], image.resolve().parent, device, **gen)[0]
-    console.print(answer, markup=False)
+    with results_say_random(console, model):
+        console.print(answer, markup=False)
 
 
 @app.command("export")

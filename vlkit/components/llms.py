@@ -81,9 +81,10 @@ def hf(model: str = "Qwen/Qwen2.5-1.5B-Instruct", tokenizer: str | None = None, 
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if random_init:
-        from vlkit.random_init import mark_random, published_config
+        from vlkit.random_init import fixed_seed, mark_random, published_config
 
-        lm = AutoModelForCausalLM.from_config(published_config(model), **kwargs)
+        with fixed_seed():
+            lm = AutoModelForCausalLM.from_config(published_config(model), **kwargs)
     else:
         lm = AutoModelForCausalLM.from_pretrained(model, revision=revision, **kwargs)
     lm.requires_grad_(False)  # frozen until a training stage says otherwise (LoRA or full)

@@ -306,7 +306,7 @@ def answer_baselines(data_dir: Path, n_eval: int = 400) -> dict[str, dict[str, A
     ``position_blind``, see ``vlkit.data.toy.generate_toy_data``; ``toy_lm_from_text``, see ``add_lm_reference``),
     the count ``n`` and whether the type is
     ``spatial``."""
-    from vlkit.evaluate import reference_report
+    from vlkit.data.references import reference_report
 
     val = json.loads((Path(data_dir) / "instruct_val.json").read_text())[:n_eval]
     rep = reference_report(val)

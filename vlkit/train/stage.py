@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from vlkit.checkpoint import find_checkpoint, load_checkpoint
@@ -25,7 +24,7 @@ from vlkit.data.collate import Collator, epoch_batches, padding_fraction
 from vlkit.data.llava import ImageTransform
 from vlkit.distributed import DistContext, StageEngine, check_same_modules, make_engine
 from vlkit.model import VLM, parameter_counts
-from vlkit.random_init import notice, random_weight_parts
+from vlkit.random_init import progress_label
 from vlkit.train.data import (BadImages, MicroBatchStream, Position, StageData, TrainingError, load_stage_data,
                                   micro_batch_size, preflight, prepare_features, stage_steps)
 from vlkit.train.evaluation import eval_row, run_eval
@@ -201,7 +200,7 @@ def run_steps(run: StageRun, first: list[dict[str, Any]] | None, t_start: float,
     pos = run.position
     with Progress(*columns, console=run.console, transient=False,
                   disable=not run.console.is_terminal and dry_run) as progress:
-        task = progress.add_task(escape(notice(random_weight_parts(run.model))) + run.name, total=run.total_steps, completed=pos.step, loss=float("nan"), lr=0.0,
+        task = progress.add_task(progress_label(run.model, run.name), total=run.total_steps, completed=pos.step, loss=float("nan"), lr=0.0,
                                  tps=0.0)
         while pos.step < run.total_steps:
             run.engine.zero_grad()

@@ -123,9 +123,10 @@ def _hf_tower(kind: str, model_cls: Any, processor_cls: Any, model: str, layer: 
     ``random_init`` the tower is built from ``model``'s published config with random weights (no weights read; the
     encoder is marked, see vlkit/random_init.py) and mean/std are the defaults unless a local dir has a processor."""
     if random_init:
-        from vlkit.random_init import mark_random, published_config
+        from vlkit.random_init import fixed_seed, mark_random, published_config
 
-        net = model_cls._from_config(published_config(model, sub="vision_config"))
+        with fixed_seed():
+            net = model_cls._from_config(published_config(model, sub="vision_config"))
         proc = _hf_image_processor(processor_cls, model, trust_remote_code) if os.path.isdir(model) else None
     else:
         net = _hf_load(model_cls, model, trust_remote_code)
