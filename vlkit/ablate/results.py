@@ -69,9 +69,29 @@ def collect(out: Path) -> list[dict[str, Any]]:
             })
             for qt, acc in (last.get("accuracy_by_type") or {}).items():
                 row[f"acc/{qt}"] = acc
+            for qt, n in (last.get("count_by_type") or {}).items():
+                row[f"n/{qt}"] = n  # questions of the type the run answered (the evaluation's binomial n)
             row.update(time_columns(summary, rd))
         rows.append(row)
     return rows
+
+
+def load_answers(out: Path, rows: list[dict[str, Any]]) -> dict[str, dict[str, tuple[str, bool]]]:
+    """Each finished run's answers from its last stage's ``predictions_<stage>.jsonl`` (run id -> {question id:
+    (question type, correct)}); runs made before vlkit kept answers have none and are left out."""
+    from vlkit.evaluate import predictions_path, read_predictions
+
+    answers: dict[str, dict[str, tuple[str, bool]]] = {}
+    for row in rows:
+        rd = out / "runs" / str(row["run"])
+        if row.get("status") != "finished" or not (rd / "summary.json").exists():
+            continue
+        stages = list(read_json(rd / "summary.json", "Run the grid again: the run rebuilds it").get("stages", {}))
+        path = predictions_path(rd, stages[-1]) if stages else None
+        if path is not None and path.exists():
+            answers[str(row["run"])] = {str(r["id"]): (str(r["question_type"]), bool(r["correct"]))
+                                        for r in read_predictions(path)}
+    return answers
 
 
 TIME_PHASES = {"t_build": "model build (encoder, LLM, tokenizer from their weights)",
