@@ -83,18 +83,19 @@ def variance_markdown(sources: list[dict[str, Any]]) -> list[str]:
     if not sources:
         return []
     lines = ["", "## Where the variance comes from", "",
-             "A run's accuracy varies with the training seed and with the questions it is scored on. Evaluation "
-             "sampling is binomial, p(1 − p)/n at the run's n questions; the seed's part is the variance across "
-             "seeds (pooled within configurations) less that. More questions shrink the first (cheap), more seeds "
-             "average the second (costly). p: does the seed add variance beyond the binomial (χ² test)?", "",
-             "| metric | questions per run | SD across seeds | evaluation SD | seed SD | share from evaluation | p | "
+             "A run's accuracy varies with the questions it is scored on and with its training seed. Evaluation "
+             "sampling: a trained model's accuracy on n questions drawn from the generator varies binomially, "
+             "p(1 − p)/n. Training seed: the variance across seeds on the same questions, pooled within "
+             "configurations. More questions shrink the first (cheap); only more seeds average the second (costly). "
+             "p: do the seeds spread more than binomial noise at this n would (χ², one-sided)?", "",
+             "| metric | questions per run | evaluation SD | seed SD | run SD | share from evaluation | p | "
              "to shrink it |", "|---|---|---|---|---|---|---|---|"]
     for v in sources:
         n = f"{v['questions']}" + (" (inferred)" if v["n_source"] == "inferred" else "")
         share = v["share_evaluation"]
         advice = "add questions" if share >= 0.5 else "add seeds"
-        lines.append(f"| {v['metric']} | {n} | {math.sqrt(v['total']):.3f} | {math.sqrt(v['evaluation']):.3f} | "
-                     f"{math.sqrt(v['seed']):.3f} | {share:.0%} | {fmt_p(v['p_seed'])} | {advice} |")
+        lines.append(f"| {v['metric']} | {n} | {math.sqrt(v['evaluation']):.3f} | {math.sqrt(v['seed']):.3f} | "
+                     f"{math.sqrt(v['total']):.3f} | {share:.0%} | {fmt_p(v['p_seed'])} | {advice} |")
     if any(v["n_source"] == "inferred" for v in sources):
         lines += ["", "(inferred): the runs did not record their number of questions (made before vlkit did); n is "
                   "the smallest count that makes every accuracy of the metric a whole number of correct answers."]

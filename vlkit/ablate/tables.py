@@ -92,8 +92,8 @@ def _questions(row: dict[str, Any], metric: str) -> int | None:
 
 def variance_sources(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:
     """Per accuracy metric: how much of a run's variance is evaluation sampling (binomial at the run's number of
-    questions) and how much the training seed (vlkit/ablate/stats.py, variance_split), pooled over the
-    configurations. Runs that did not record their number of questions get the smallest one their accuracies
+    questions) and how much the training seed (the spread across seeds on the same questions, pooled over the
+    configurations; vlkit/ablate/stats.py, variance_split). Runs that did not record their number of questions get the smallest one their accuracies
     allow (``n_source``: inferred)."""
     finished = [r for r in rows if r.get("status") == "finished"]
     out = []
