@@ -16,10 +16,10 @@ from typing import Any
 from vlkit.ablate.pairing import pairs, question_pairs
 from vlkit.ablate.stats import ALPHA, CrossedStat, crossed_design, crossed_stat, paired_stat, pairs_needed
 
-QUESTION_METHOD = ("question-level: answers paired by question within each seed pair, seeds and questions both "
-                   "random (crossed seed × question variance components by two-way ANOVA mean squares; t with "
-                   "Satterthwaite df)")
-RUN_LEVEL_METHOD = "run-level: paired t-test over seeds (the runs kept no answers)"
+QUESTION_METHOD = ("answers paired by question within each seed pair, seeds and questions both random: crossed "
+                   "seed × question variance components from two-way ANOVA mean squares, t with Satterthwaite df "
+                   "(at most pairs − 1)")
+RUN_LEVEL_METHOD = "paired t-test over the runs' values, paired by seed"
 
 
 @dataclass

@@ -119,6 +119,10 @@ def _size(c: Contrast) -> str:
     return f"{c.n} pairs{q}, {'question' if c.method == 'question' else 'run'} level"
 
 
+def _count(k: int | None) -> str:
+    return f"about {k}" if k is not None and k <= MAX_SEEDS else f"no practical number (≤ {MAX_SEEDS:,})"
+
+
 def _power_note(c: Contrast, family: int) -> str:
     """One line: seeds per arm that would settle an inconclusive verdict (module docstring, Power note)."""
     if c.n < 2:
@@ -129,7 +133,7 @@ def _power_note(c: Contrast, family: int) -> str:
     if c.margin is not None and abs(c.effect) < c.margin:
         # both one-sided tests at alpha (a two-sided test at 2 alpha), 90% power each: >= 80% for the pair
         delta, test_alpha, power = c.margin, 2 * alpha, 1 - (1 - POWER) / 2
-        what = f"put the {100 - 200 * alpha:g}% CI inside ±{c.margin:g} with 80% probability if the true " \
+        what = f"put the {100 - 200 * alpha:.3g}% CI inside ±{c.margin:g} with 80% probability if the true " \
                f"difference were 0 ({level})"
     elif c.margin is not None:
         delta, test_alpha, power = abs(c.effect) - c.margin, 2 * alpha, POWER
@@ -145,12 +149,8 @@ def _power_note(c: Contrast, family: int) -> str:
         cs = c.crossed
         basis = (f"given the observed variance components (seed {cs.var_seed:.2g}, question {cs.var_question:.2g}, "
                  f"evaluation {cs.var_residual:.2g}; now {c.n} pairs × {c.questions} questions)")
-        extra = "; with 10× the questions " + (f"about {more}" if more is not None and more <= MAX_SEEDS
-                                                else "still no practical number")
-        if n is None or n > MAX_SEEDS:
-            return (f"Power: no practical number of seeds (≤ {MAX_SEEDS:,}) at {c.questions} questions per pair would "
-                    f"{what}{extra}, {basis}.")
-        return f"Power: about {n} seeds per arm{per} at {c.questions} questions per pair{extra}, would {what}, {basis}."
+        return (f"Power: to {what}: {_count(n)} seeds per arm{per} at {c.questions} questions per pair, "
+                f"{_count(more)} at {10 * c.questions}, {basis}.")
     if n is None or n > MAX_SEEDS:
         return (f"Power: the observed effect is {fmt_effect(c.effect)} with SD {c.sd:.3f} of paired differences; "
                 f"no practical number of seeds (≤ {MAX_SEEDS:,}) resolves it — state the smallest effect that matters "

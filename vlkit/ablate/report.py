@@ -16,7 +16,7 @@ from vlkit._atomic import write_json_atomic, write_text_atomic
 from vlkit.ablate.findings import Finding, findings_for, findings_json, fmt_effect, fmt_p
 from vlkit.ablate.plots import plot
 from vlkit.ablate.contrast import QUESTION_METHOD, RUN_LEVEL_METHOD
-from vlkit.ablate.results import (TIME_PHASES, collect, load_answers, load_plan, plan_axes, study_rows,
+from vlkit.ablate.results import (TIME_PHASES, collect, kept_rows, load_answers, load_plan, plan_axes, study_rows,
                                   write_results)
 from vlkit.ablate.tables import aggregate, axis_spreads, comparisons, metric_columns, variance_sources
 
@@ -27,12 +27,12 @@ def analysis_line(rows: list[dict[str, Any]], answers: dict[str, Any]) -> str:
     kept = sum(run in answers for run in finished)
     if finished and kept == len(finished):
         return (f"Analysis: **question level** — all {kept} finished runs kept their answers "
-                f"(`predictions_<stage>.jsonl`), so accuracy contrasts pair every question within every seed pair: "
-                f"{QUESTION_METHOD}. Other metrics (losses, BLEU) stay at run level: {RUN_LEVEL_METHOD}.")
+                f"(`predictions_<stage>.jsonl`), so accuracy contrasts use every question: {QUESTION_METHOD}. Other "
+                f"metrics (losses, BLEU) stay at run level: {RUN_LEVEL_METHOD}.")
     if kept == 0:
         return (f"Analysis: **run level** — none of the {len(finished)} finished runs has its answers "
-                "(`predictions_<stage>.jsonl`: runs made before vlkit kept them), so arms are paired by seed only "
-                f"({RUN_LEVEL_METHOD}); a question-level analysis needs the runs made again.")
+                "(`predictions_<stage>.jsonl`: runs made before vlkit kept them), so every contrast is a "
+                f"{RUN_LEVEL_METHOD}; a question-level analysis needs the runs made again.")
     return (f"Analysis: **mixed** — {kept} of {len(finished)} finished runs kept their answers; a contrast is at "
             "question level only where every paired run has them (the table's `level` column), else run level.")
 
@@ -229,15 +229,20 @@ def notes_markdown(rows: list[dict[str, Any]], plots: list[str]) -> list[str]:
 
 
 def write_report(out: Path, command: str | None = None, compare: list[Path] | None = None) -> dict[str, Any]:
-    """results.csv, results.json, report.md and plots from the run directories; ``compare``: other studies'
-    directories whose axis spreads are set beside this one's."""
+    """results.csv, results.json, report.md and plots from the run directories (a study kept without them: report.md
+    and findings.json from its results.json); ``compare``: other studies' directories whose axis spreads are set
+    beside this one's."""
     plan, _ = load_plan(out)
     axes = [a for a in plan["axes"]]
-    rows = collect(out)
-    write_results(out, rows)
+    if (out / "runs").is_dir():
+        rows = collect(out)
+        write_results(out, rows)
+        plots = plot(out, rows, axes)
+    else:  # a study kept without its runs (docs/examples): its results.json is the record, its plots stay
+        rows = kept_rows(out)
+        plots = [p for p in ("accuracy_vs_tokens.png", "loss_curves.png") if (out / p).exists()]
     agg = aggregate(rows, axes)
     comps = comparisons(rows, axes)
-    plots = plot(out, rows, axes)
     lines = [f"# Ablation report: {plan['recipe']}", ""]
     if command or plan.get("command"):
         lines += ["Made with:", "", "```", command or plan["command"], "```", ""]

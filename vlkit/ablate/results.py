@@ -38,6 +38,17 @@ def study_rows(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return plan, finished
 
 
+def kept_rows(out: Path) -> list[dict[str, Any]]:
+    """Every row of a study's results.json (a study kept without its run directories)."""
+    path = out / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{out} has neither run directories (runs/) nor results.json")
+    rows = read_json(path, f"Regenerate it with `vlkit report {out}` (needs its runs/)")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "run" in r and "status" in r for r in rows):
+        raise ValueError(f"{path} is not a list of runs; regenerate it with `vlkit report {out}` (needs its runs/)")
+    return rows
+
+
 def _last_stage(summary: dict[str, Any]) -> dict[str, Any]:
     stages = summary.get("stages", {})
     return stages[list(stages)[-1]] if stages else {}
