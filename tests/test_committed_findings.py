@@ -119,3 +119,16 @@ def test_the_vlkit_path_gives_the_committed_findings():
         now = [f.to_dict() for f in findings_for(plan["expect"], plan_axes(plan), rows)]
         committed = json.loads((EXAMPLES / study / "findings.json").read_text())["findings"]
         assert now == committed, study
+
+
+def test_the_cls_vs_patch_readme_states_the_recomputed_non_positional_differences():
+    """The corrected sentence of docs/examples/cls_vs_patch/README.md (5 seeds, patch − CLS, paired t): every
+    number in it is the recomputation's."""
+    readme = " ".join((EXAMPLES / "cls_vs_patch" / "README.md").read_text().split())
+    rows = json.loads((EXAMPLES / "cls_vs_patch/seeds5/results.json").read_text())
+    for metric in ("existence", "count_by_attribute", "count", "shape_of_colour"):
+        d = paired(rows, ["tokens"], "tokens", "patch", "cls", f"acc/{metric}")
+        effect = f"{sum(d) / len(d):+.3f}".replace("-", "−")
+        p = f"p = {stats.ttest_1samp(d, 0).pvalue:.3g}"
+        assert f"{effect}, {p}" in readme, (metric, effect, p)
+    assert "CLS is equivalent or better" not in readme
