@@ -220,3 +220,23 @@ def test_variance_split_binomial_against_seed():
     binom = (0.4 * 0.6 + 0.25 + 0.6 * 0.4) / 3 / 50
     assert v["evaluation"] == pytest.approx(binom) and v["share_evaluation"] == pytest.approx(binom / (binom + 0.01))
     assert v["p_seed"] == pytest.approx(stats.chi2.sf(0.02 / binom, 2))
+
+
+def test_seeds_added_after_a_report_make_the_findings_exploratory(tmp_path):
+    from vlkit.ablate.plan import seed_extensions
+    from vlkit.ablate.report import write_report
+
+    write_study(tmp_path, np.random.default_rng(2), 0.2)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert seed_extensions(tmp_path, [0, 1, 2, 3, 4, 5]) == []  # no report yet: planned seeds, not a second look
+    write_report(tmp_path)
+    assert "Exploratory" not in (tmp_path / "report.md").read_text()
+    assert seed_extensions(tmp_path, [0, 1, 2, 3]) == []  # the same seeds again
+    extended = seed_extensions(tmp_path, [0, 1, 2, 3, 4, 5])
+    assert extended == [{"from": 4, "to": 6, "seeds_before": [0, 1, 2, 3]}]
+    (tmp_path / "plan.json").write_text(json.dumps({**plan, "seeds": [0, 1, 2, 3, 4, 5], "extended": extended}))
+    write_report(tmp_path)
+    assert "**Exploratory.** Seeds were added after a report of this study had been written (seeds 4 → 6)" in \
+        (tmp_path / "report.md").read_text()
+    assert "exploratory" in json.loads((tmp_path / "findings.json").read_text())
+    assert seed_extensions(tmp_path, [0, 1, 2, 3, 4, 5]) == extended  # kept by later plans

@@ -1,8 +1,9 @@
 """A study's report: report.md (Findings first when the recipe declares ``expect:``, then the results table, paired
 comparisons, axis spreads, other studies beside this one, where the time went) and findings.json.
 
-Layers, bottom up: expect.py (the ``expect:`` grammar), stats.py (paired tests, intervals, Holm, power),
-pairing.py (runs paired by seed), findings.py (expectations judged), results.py (rows from run directories),
+Layers, bottom up: expect.py (the ``expect:`` grammar), stats.py (paired tests, intervals, Holm, power, the crossed
+seed × question variance), pairing.py (runs paired by seed; answers paired by question), contrast.py (one contrast
+at question or run level), findings.py (expectations judged), results.py (rows from run directories),
 tables.py (means, comparisons, spreads), plots.py, and this module, which only writes text.
 """
 from __future__ import annotations
