@@ -250,26 +250,30 @@ def test_too_few_pairs_is_inconclusive_with_a_note():
     assert f.verdict == "inconclusive" and f.n_pairs == 1 and "at least 2 seeds" in f.power_note
 
 
-def test_trend_up_to_knee_then_flat():
+def test_trend_as_planned_contrasts_knee_vs_start_then_flat_vs_knee():
     axes = {"num_image_tokens": [16, 1, 9, 4]}  # declared in any order, tested in numeric order
     noise = [0.0, 0.01, -0.01, 0.005, -0.005]
     curve = {1: 0.2, 4: 0.4, 9: 0.6, 16: 0.6}
-    rows = rows_from({(n,): [v + e for e in noise] for n, v in curve.items()}, ("num_image_tokens",))
-    f = one("accuracy increases with num_image_tokens up to 9 then flat (±0.05)", rows, axes)
+
+    def rows():
+        return rows_from({(n,): [v + e for e in noise] for n, v in curve.items()}, ("num_image_tokens",))
+
+    f = one("accuracy increases with num_image_tokens up to 9 then flat (±0.05)", rows(), axes)
     assert f.verdict == "supported", f.sentence
-    assert [(s["from"], s["to"], s["kind"]) for s in f.steps] == [
-        ("1", "4", "increases"), ("4", "9", "increases"), ("9", "16", "flat")]
+    assert [(s["from"], s["to"], s["kind"]) for s in f.steps] == [("1", "9", "increases"), ("9", "16", "flat")]
     assert f.sentence.startswith("Supported: accuracy rises with num_image_tokens up to 9 and stays within ±0.05")
-    # without 'up to' the flat step 9 -> 16 is a step that should rise: not significant, so not established
-    assert one("accuracy increases with num_image_tokens", rows, axes).verdict == "inconclusive"
-    # a step that goes significantly the wrong way contradicts the trend
+    # without 'up to' the contrast is the last value against the first: 16 vs 1
+    f = one("accuracy increases with num_image_tokens", rows(), axes)
+    assert f.verdict == "supported" and [(s["from"], s["to"]) for s in f.steps] == [("1", "16")]
+    # a later value beyond the margin of the knee contradicts 'then flat'; the steps in between are not tested
     curve[16] = 0.3
-    rows = rows_from({(n,): [v + e for e in noise] for n, v in curve.items()}, ("num_image_tokens",))
-    f = one("accuracy increases with num_image_tokens", rows, axes)
-    assert f.verdict == "contradicted" and "9→16" in f.sentence
-    assert one("accuracy increases with num_image_tokens up to 9 then flat (±0.05)", rows, axes).verdict == \
+    assert one("accuracy increases with num_image_tokens up to 9 then flat (±0.05)", rows(), axes).verdict == \
         "contradicted"
-    assert one("accuracy decreases with num_image_tokens up to 4", rows, axes).verdict == "contradicted"
+    assert one("accuracy increases with num_image_tokens", rows(), axes).verdict == "supported"  # 16 still > 1
+    assert one("accuracy decreases with num_image_tokens up to 4", rows(), axes).verdict == "contradicted"
+    curve.update({1: 0.7, 9: 0.3})
+    f = one("accuracy increases with num_image_tokens up to 9", rows(), axes)
+    assert f.verdict == "contradicted" and "1→9" in f.sentence
 
 
 def test_power_calculation_matches_textbook_values():
@@ -362,9 +366,10 @@ def test_report_findings_first_and_recomputable_from_results_csv(tmp_path):
     assert f0["verdict"] == ("supported" if adjusted[test.pvalue] < 0.05 and mean > 0 else "inconclusive")
     assert f0["verdict"] == "supported"
     f1 = by_key["expect[1]"]
-    lo, hi = em - stats.t.ppf(0.975, 3) * ese, em + stats.t.ppf(0.975, 3) * ese
+    lo, hi = em - stats.t.ppf(0.95, 3) * ese, em + stats.t.ppf(0.95, 3) * ese  # TOST at 0.05: the 90% CI
     assert (f1["ci_low"], f1["ci_high"]) == pytest.approx((lo, hi)) and f1["p"] == pytest.approx(tost)
-    assert f1["verdict"] == ("supported" if -0.05 <= lo and hi <= 0.05 else "inconclusive")
+    assert f1["ci_level"] == pytest.approx(0.90) and f1["method"] == "run"
+    assert f1["verdict"] == ("supported" if adjusted[tost] < 0.05 and abs(em) < 0.05 else "inconclusive")
     # the same verdicts straight from the CSV rows
     again = findings_for(expect, {"tokens": ["cls", "patch"]}, rows)
     assert [f.verdict for f in again] == [f["verdict"] for f in data["findings"]]
@@ -383,11 +388,11 @@ def test_report_without_expectations_is_unchanged(tmp_path):
 
 
 def test_power_note_for_a_zero_effect_names_no_absurd_seed_count():
+    from vlkit.ablate.contrast import contrast
     from vlkit.ablate.findings import _power_note
-    from vlkit.ablate.stats import paired_stat
 
-    stat = paired_stat([0.42, 0.44, 0.40], [0.42, 0.40, 0.44], 1, "patch", "cls", None)
-    note = _power_note(stat, None, 7)
+    rows = rows_from({("patch",): [0.42, 0.44, 0.40], ("cls",): [0.42, 0.40, 0.44]}, ("tokens",))
+    note = _power_note(contrast(rows, None, ["tokens"], "tokens", "patch", "cls", "accuracy"), 7)
     assert "no practical number of seeds" in note and "≤ 1,000" in note
 
 

@@ -54,7 +54,7 @@ COMMANDS = {
     'config': ['overrides', 'recipe'],
     'data check': ['--image-root', '--recipe', '--show', '--workers', 'file', 'overrides'],
     'data toy': ['--grid', '--image-size', '--max-objects', '--n-test', '--n-train', '--n-val', '--out', '--seed'],
-    'eval': ['--batch-size', '--data', '--image-root', '--max-new-tokens', '--max-samples', 'run'],
+    'eval': ['--batch-size', '--data', '--image-root', '--max-new-tokens', '--max-samples', '--predictions', 'run'],
     'export': ['--dtype', '--format', '--overwrite', 'out', 'run'],
     'inspect': ['--stage', 'overrides', 'recipe'],
     'list': ['--pattern', 'family'],

@@ -44,6 +44,20 @@ def test_two_stages_write_run_directory(tiny_toy_world, tmp_path):
     assert len(json.loads((tmp_path / "pred.json").read_text())) > 0, out.stdout
     ev = vlkit("eval", str(run), "--data", "toy:data/instruct_val.json", "--max-samples", "16")
     assert "accuracy" in ev.stdout
+    # every end-of-stage evaluation keeps its answers, one row per question, out of summary.json
+    from vlkit.evaluate import read_predictions
+
+    assert "predictions" not in inst and "predictions" not in json.dumps(summary["stages"]["align"])
+    for stage in ("align", "instruct"):
+        kept = read_predictions(run / f"predictions_{stage}.jsonl")
+        counts = summary["stages"][stage]["count_by_type"]
+        assert len(kept) == sum(counts.values()) and len({r["id"] for r in kept}) == len(kept)
+        for qtype, acc in summary["stages"][stage]["accuracy_by_type"].items():
+            hits = [r["correct"] for r in kept if r["question_type"] == qtype]
+            assert len(hits) == counts[qtype] and abs(sum(hits) / len(hits) - acc) < 1e-12
+    assert {"reference", "prediction"} <= set(kept[0])
+    evald = read_predictions(run / "predictions_eval_instruct_val.jsonl")
+    assert len(evald) == 16 and "predictions_eval_instruct_val.jsonl" in ev.stdout
 
 
 @pytest.mark.slow

@@ -26,7 +26,8 @@ FLOORS: dict[str, int] = {
     "vlkit.components": 2, "vlkit.cache": 2, "vlkit.data.tokenized": 2, "vlkit.ablate.expect": 2,
     "vlkit.ablate.pairing": 2, "vlkit.distributed": 2,
     # 3: the typed recipe (and the package root that re-exports it); findings and tables over a study's rows
-    "vlkit.config": 3, "vlkit": 3, "vlkit.ablate.findings": 3, "vlkit.ablate.tables": 3, "vlkit.ablate.plots": 3,
+    "vlkit.config": 3, "vlkit": 3, "vlkit.ablate.findings": 3, "vlkit.ablate.contrast": 3, "vlkit.ablate.tables": 3,
+    "vlkit.ablate.plots": 3,
     "vlkit.ablate.run": 3,
     # 4-5: the toy world, the assembled model, evaluation
     "vlkit.toyworld": 4, "vlkit.model": 5, "vlkit.evaluate": 5,

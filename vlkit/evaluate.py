@@ -86,19 +86,67 @@ def generate_answers(model, records: list[dict[str, Any]], image_root, transform
     return answers
 
 
+def prediction_rows(records: list[dict[str, Any]], predictions: list[str]) -> list[dict[str, Any]]:
+    """One row per answered question: id, question type, reference answer, prediction and whether they match
+    (normalised exact match); what ``predictions.jsonl`` keeps so that a study can pair arms question by
+    question."""
+    rows = []
+    for rec, pred in zip(records, predictions):
+        ref = next(t["value"] for t in rec["conversations"] if t["from"] in ("gpt", "assistant"))
+        rows.append({"id": rec.get("id"), "question_type": str(rec.get("question_type", "all")), "reference": ref,
+                     "prediction": pred, "correct": normalize_answer(pred) == normalize_answer(ref)})
+    return rows
+
+
+PREDICTIONS = "predictions_{stage}.jsonl"  # in a run directory: the end-of-stage evaluation's answers
+
+
+def predictions_path(run_dir, stage: str):
+    """Where a run keeps the answers of a stage's end-of-stage evaluation."""
+    from pathlib import Path
+
+    return Path(run_dir) / PREDICTIONS.format(stage=stage)
+
+
+def read_predictions(path) -> list[dict[str, Any]]:
+    """The rows :func:`write_predictions` wrote; a line that is not a JSON object with ``id``, ``question_type`` and
+    ``correct`` is an error naming the file and line."""
+    import json
+
+    rows = []
+    with open(path) as fh:
+        for i, line in enumerate(fh, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{i}: not JSON ({exc.msg}); rerun the evaluation to rewrite it") from None
+            if not isinstance(row, dict) or not {"id", "question_type", "correct"} <= set(row):
+                raise ValueError(f"{path}:{i}: a prediction row needs id, question_type and correct")
+            rows.append(row)
+    return rows
+
+
+def write_predictions(path, rows: list[dict[str, Any]]) -> None:
+    """``rows`` as JSON lines, written atomically (a reader never sees half a file)."""
+    import json
+    from pathlib import Path
+
+    from vlkit._atomic import write_text_atomic
+
+    write_text_atomic(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def accuracy_report(records: list[dict[str, Any]], predictions: list[str]) -> dict[str, Any]:
     """Exact match after normalisation, overall and per ``question_type``; BLEU (sacrebleu) over all; and, where
     the records carry them, their references (``reference_report``)."""
     import sacrebleu
 
-    refs = [next(t["value"] for t in r["conversations"] if t["from"] in ("gpt", "assistant")) for r in records]
+    rows = prediction_rows(records, predictions)
     by_type: dict[str, list[int]] = defaultdict(list)
-    hits = []
-    for rec, ref, pred in zip(records, refs, predictions):
-        hit = int(normalize_answer(pred) == normalize_answer(ref))
-        hits.append(hit)
-        by_type[str(rec.get("question_type", "all"))].append(hit)
-    bleu = sacrebleu.corpus_bleu(predictions, [refs]).score if records else 0.0
+    for row in rows:
+        by_type[row["question_type"]].append(int(row["correct"]))
+    hits = [int(r["correct"]) for r in rows]
+    bleu = sacrebleu.corpus_bleu(predictions, [[r["reference"] for r in rows]]).score if records else 0.0
     report = {
         "accuracy": sum(hits) / max(len(hits), 1),
         "accuracy_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
@@ -123,4 +171,5 @@ def evaluate(model, records: list[dict[str, Any]], image_root, transform, device
     preds = generate_answers(model, records, image_root, transform, device, batch_size, max_new_tokens, features_fn)
     metrics.update(accuracy_report(records, preds))
     metrics["examples"] = [{"id": r.get("id"), "prediction": p} for r, p in zip(records[:5], preds[:5])]
+    metrics["predictions"] = prediction_rows(records, preds)  # the caller keeps them (predictions_<stage>.jsonl)
     return metrics

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from vlkit.data.llava import ImageTransform, load_records
-from vlkit.evaluate import evaluate, generate_answers
+from vlkit.evaluate import evaluate, generate_answers, write_predictions
 from vlkit.model import VLM, resolve_ref
 from vlkit.runs import load_run
 
@@ -22,11 +22,17 @@ def predict_records(model: VLM, records: list[dict[str, Any]], image_root, devic
     return generate_answers(model, records, image_root, t, device, max_new_tokens=max_new, **gen)
 
 
+def eval_predictions_path(run: str | Path, data: str) -> Path:
+    """Where ``vlkit eval`` keeps its answers by default: ``<run>/predictions_eval_<data file stem>.jsonl``."""
+    return Path(run) / f"predictions_eval_{Path(str(data).removeprefix('toy:')).stem}.jsonl"
+
+
 def evaluate_run(run: str | Path, data: str, image_root: str | None = None, max_samples: int | None = None,
-                 batch_size: int = 32, max_new_tokens: int = 16) -> dict[str, Any]:
+                 batch_size: int = 32, max_new_tokens: int = 16, predictions: str | Path | None = None) -> dict[str, Any]:
     """Validation loss, generation accuracy per question type and BLEU of a run (or a vlkit export) on a LLaVA
-    file (``toy:`` paths allowed); images from ``image_root``, else the run's ``data.image_root``. ``random_weights``
-    names the components built with random_init."""
+    file (``toy:`` paths allowed); images from ``image_root``, else the run's ``data.image_root``. With
+    ``predictions`` (a path), the per-question rows are written there as JSON lines and left out of the result.
+    ``random_weights`` names the components built with random_init."""
     from vlkit.export import load_model
     from vlkit.random_init import random_weight_parts
 
@@ -34,6 +40,8 @@ def evaluate_run(run: str | Path, data: str, image_root: str | None = None, max_
     records = load_records(resolve_ref(data))[:max_samples]
     root = resolve_ref(image_root or recipe.data.image_root)
     t = ImageTransform(model.encoder.image_size, model.encoder.mean, model.encoder.std)
-    m = evaluate(model, records, root, t, device, recipe.data.max_length, batch_size, max_new_tokens)
-    m["random_weights"] = random_weight_parts(model)  # the result lines say so (vlkit eval)
-    return m
+    metrics = evaluate(model, records, root, t, device, recipe.data.max_length, batch_size, max_new_tokens)
+    if predictions is not None:
+        write_predictions(predictions, metrics.pop("predictions"))
+    metrics["random_weights"] = random_weight_parts(model)  # the result lines say so (vlkit eval)
+    return metrics

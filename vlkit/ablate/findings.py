@@ -1,31 +1,36 @@
 """Findings: a study's expectations (vlkit/ablate/expect.py) judged on its runs with paired statistics.
 
-Statistics (all paired):
+Statistics (vlkit/ablate/contrast.py makes each contrast, vlkit/ablate/stats.py does the arithmetic):
 
 - **Pairing.** The two arms are paired by seed within each setting of the grid's other axes: a pair is two runs
-  that differ only in the compared axis. Pairs from every setting of the other axes are pooled, so the effect is the
-  mean over those settings; runs that are not finished, or lack the metric, drop out with their partner.
-- **Comparisons** ``>`` / ``<``: effect = mean of (a − b) over pairs, its 95% t-interval, and the two-sided paired
-  t-test. Supported when the Holm-corrected p < 0.05 and the effect has the expected sign; contradicted when the
-  Holm-corrected p < 0.05 and the sign is the opposite; inconclusive otherwise.
-- **Equivalence** ``~``: judged by the 95% CI alone, not by p > 0.05: supported when the whole CI lies inside
-  ±margin, contradicted when it lies wholly outside, inconclusive when it straddles a bound. The listed p is the
-  two one-sided tests' (TOST) p, Holm-corrected with the others for reference.
-- **Trends**: each consecutive step of the axis' sorted values up to the knee (every step without ``up to``) is a
-  paired comparison later − earlier in the stated direction; with ``then flat (±m)`` each step after the knee is an
-  equivalence with margin m. The trend claims all its steps at once, so its p is the largest of its steps' p
-  (an intersection-union test: no correction among its own steps is needed). Supported when that p, Holm-corrected
-  across the study's expectations, is < 0.05, every rising step goes the stated way and every flat step's CI lies
-  inside the margin; contradicted when a step goes significantly the wrong way (its p Holm-corrected across the
-  trend's steps < 0.05) or a flat step's CI lies wholly outside the margin; inconclusive otherwise.
+  that differ only in the compared axis; pairs from every setting are pooled. Runs that are not finished, or lack
+  the metric, drop out with their partner.
+- **Analysis.** When every paired run kept its answers (``predictions_<stage>.jsonl``) and the metric is an
+  accuracy, the contrast is **question level**: each question's answer in arm a minus arm b, within each seed
+  pair, over the questions both answered; the effect is their mean (the same number as the run-level mean) and its
+  variance counts seeds and questions as random (crossed seed × question variance components, t with
+  Satterthwaite df). Otherwise **run level**: the paired t-test over seeds. findings.json and the report name the
+  analysis each finding used.
+- **Comparisons** ``>`` / ``<``: effect = mean of (a − b), its 95% interval, two-sided p. Supported when the
+  Holm-corrected p < α = 0.05 and the effect has the expected sign; contradicted when it is < α with the opposite
+  sign; inconclusive otherwise.
+- **Equivalence** ``~`` (±m): two one-sided tests at α, shown with the 90% (1 − 2α) interval. The expectation's
+  p is the TOST p when the estimate lies inside ±m and the non-equivalence p (one-sided, beyond the nearer bound)
+  when it lies outside; Holm-corrected with the others. Supported when the Holm p < α and the estimate is inside,
+  contradicted when the Holm p < α and it is outside, inconclusive otherwise.
+- **Trends** as planned contrasts: the knee (the last value without ``up to``) against the first value, in the
+  stated direction; with ``then flat (±m)`` each later value against the knee, an equivalence within ±m. The steps
+  in between are not tested. The trend claims all its contrasts at once, so its p is their largest claim p (an
+  intersection-union test). Supported when that p, Holm-corrected across the study's expectations, is < α;
+  contradicted when a contrast goes significantly the other way (the rise with the wrong sign, or a later value
+  beyond ±m; Holm across the trend's contrasts); inconclusive otherwise.
 - **Holm** across all of a study's expectations (step-down, family-wise error 5%).
-- **Power note** (inconclusive verdicts), one line: seeds per arm that would settle it, given the observed SD of
-  the paired differences, by a paired t power calculation (noncentral t; the search starts from the normal
-  approximation n = ((z_{1-α/2} + z_{power}) · SD / δ)²), divided by the settings of the other axes (each seed gives
-  one pair per setting). ``>`` / ``<`` and trend steps: δ = the observed effect, 80% power, at α = 0.05 / (number
-  of tested expectations), the strictest level Holm may apply. ``~`` with the effect inside the margin: δ = the
-  margin, assuming a true difference of 0, 90% power per one-sided bound (>= 80% for both); outside it: δ = effect −
-  margin. A trend's note is for its weakest step (largest p). It is planning arithmetic on a noisy SD, not a promise.
+- **Power note** (inconclusive verdicts), one line: seeds per arm that would settle it at 80% power at the
+  strictest level Holm may apply (α / number of tested expectations), divided over the settings of the other axes.
+  Run level: paired t (noncentral t) on the observed SD of paired differences. Question level: the crossed
+  variance components at the questions the runs answer now, and at ten times as many (questions are cheap, seeds
+  are not). ``~`` with the estimate inside ±m: δ = m, a true difference of 0, 90% per one-sided test; outside:
+  δ = |effect| − m. A trend's note is for its weakest contrast. Planning arithmetic on noisy estimates.
 """
 from __future__ import annotations
 
@@ -33,10 +38,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from vlkit.ablate.contrast import QUESTION_METHOD, RUN_LEVEL_METHOD, Contrast, claim_p, contrast, seeds_for
 from vlkit.ablate.expect import (PLAIN_METRICS, Comparison, Expectation, ExpectationError, Trend, parse_expectation,
                                  resolve)
-from vlkit.ablate.pairing import pairs
-from vlkit.ablate.stats import ALPHA, POWER, PairedStat, holm, number, paired_stat, seeds_needed
+from vlkit.ablate.stats import ALPHA, POWER, holm, number
 
 MAX_SEEDS = 1000  # a power note asking for more seeds than this says "no practical number" instead
 Verdict = Literal["supported", "contradicted", "inconclusive", "not tested"]
@@ -53,54 +58,43 @@ class Finding:
     axis: str | None
     verdict: Verdict
     sentence: str
-    effect: float | None = None  # comparisons: a − b; trends: the deciding step (later − earlier)
+    effect: float | None = None  # comparisons: a − b; trends: the deciding contrast
     ci_low: float | None = None
     ci_high: float | None = None
-    p: float | None = None  # the expectation's p before correction (TOST p for "~"; a trend's largest step p)
+    ci_level: float = 0.95  # 0.90 for an equivalence (TOST at α = 0.05)
+    p: float | None = None  # the expectation's claim p before correction (module docstring)
     p_holm: float | None = None
     n_pairs: int = 0
+    questions: int = 0  # question level: questions per pair; 0 at run level
+    method: str = "run"  # "question" or "run" (contrast.py)
     margin: float | None = None
     power_note: str | None = None
-    steps: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)  # a trend's planned contrasts
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
 
-def comparison_verdict(stat: PairedStat, op: str, margin: float | None, p_holm: float) -> Verdict:
+def contrast_verdict(c: Contrast, op: str, p_holm: float) -> Verdict:
     """The verdict rules of the module docstring, for one comparison or equivalence."""
-    if stat.n < 2 or math.isnan(stat.ci_low):
+    if c.n < 2 or math.isnan(p_holm) or p_holm >= ALPHA:
         return "inconclusive"
     if op == "~":
-        assert margin is not None
-        if -margin <= stat.ci_low and stat.ci_high <= margin:
-            return "supported"
-        if stat.ci_high < -margin or stat.ci_low > margin:
-            return "contradicted"
-        return "inconclusive"
-    if math.isnan(p_holm) or p_holm >= ALPHA:
-        return "inconclusive"
+        assert c.margin is not None
+        return "supported" if abs(c.effect) < c.margin else "contradicted"
     expected = 1 if op == ">" else -1
-    return "supported" if expected * stat.effect > 0 else "contradicted"
+    return "supported" if expected * c.effect > 0 else "contradicted"
 
 
-def _step_verdict(stat: PairedStat, sign: int, margin: float | None, p_step_holm: float) -> Verdict:
-    if margin is not None:
-        return comparison_verdict(stat, "~", margin, p_step_holm)
-    return comparison_verdict(stat, ">" if sign > 0 else "<", None, p_step_holm)
-
-
-def trend_steps(exp: Trend, rows: list[dict[str, Any]], axes: list[str]) -> list[tuple[PairedStat, float | None]]:
-    """(later − earlier statistics, flat margin or None) for each consecutive step of the trend's axis."""
+def trend_contrasts(exp: Trend, rows: list[dict[str, Any]], answers: dict[str, Any] | None,
+                    axes: list[str]) -> list[Contrast]:
+    """The trend's planned contrasts: knee − first (no margin), then each later value − knee (± the flat margin)."""
     values = list(exp.values)
-    knee = values.index(exp.knee) if exp.knee is not None else len(values) - 1
-    last = len(values) - 1 if exp.flat_margin is not None else knee
-    out = []
-    for i in range(last):
-        lo, hi = values[i], values[i + 1]
-        margin = exp.flat_margin if i >= knee else None
-        xa, xb, settings = pairs(rows, axes, exp.axis, hi, lo, exp.metric)
-        out.append((paired_stat(xa, xb, settings, hi, lo, margin), margin))
+    knee = exp.knee if exp.knee is not None else values[-1]
+    out = [contrast(rows, answers, axes, exp.axis, knee, values[0], exp.metric)]
+    if exp.flat_margin is not None:
+        out += [contrast(rows, answers, axes, exp.axis, v, knee, exp.metric, exp.flat_margin)
+                for v in values[values.index(knee) + 1:]]
     return out
 
 
@@ -112,43 +106,68 @@ def fmt_p(x: float | None) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.3g}"
 
 
-def _ci(stat: PairedStat) -> str:
-    return "no CI (fewer than 2 pairs)" if math.isnan(stat.ci_low) else f"95% CI {fmt_effect(stat.ci_low)} to {fmt_effect(stat.ci_high)}"
-
-
-def _power_note(stat: PairedStat, margin: float | None, family: int) -> str:
-    """One line: seeds per arm that would settle an inconclusive verdict (module docstring, Power note)."""
-    if stat.n < 2:
-        return (f"Power: {stat.n} pair(s); at least 2 seeds per arm are needed to estimate a spread, then "
-                "the SD of paired differences says how many more.")
-    per = f" (× {stat.settings} settings of the other axes)" if stat.settings > 1 else ""
-    if margin is not None and abs(stat.effect) < margin:
-        # both one-sided bounds must clear the margin: 90% power each gives >= 80% for the pair
-        n = seeds_needed(stat.sd, margin, stat.settings, ALPHA, 1 - (1 - POWER) / 2)
-        what = f"put the 95% CI inside ±{margin:g} with 80% probability if the true difference were 0"
-    elif margin is not None:
-        n = seeds_needed(stat.sd, abs(stat.effect) - margin, stat.settings, ALPHA, POWER)
-        what = f"put the 95% CI outside ±{margin:g} with 80% probability if the true difference were the observed " \
-               f"{fmt_effect(stat.effect)}"
+def _ci(c: Contrast) -> str:
+    if c.margin is not None:
+        lo, hi, level = c.ci90_low, c.ci90_high, "90%"
     else:
-        n = seeds_needed(stat.sd, stat.effect, stat.settings, ALPHA / family, POWER)
-        level = f"α = 0.05/{family}, the strictest level Holm can apply" if family > 1 else "α = 0.05"
-        what = f"detect the observed effect {fmt_effect(stat.effect)} with 80% power at {level}"
+        lo, hi, level = c.ci_low, c.ci_high, "95%"
+    return "no CI (fewer than 2 pairs)" if math.isnan(lo) else f"{level} CI {fmt_effect(lo)} to {fmt_effect(hi)}"
+
+
+def _size(c: Contrast) -> str:
+    q = f" × {c.questions} questions" if c.method == "question" else ""
+    return f"{c.n} pairs{q}, {'question' if c.method == 'question' else 'run'} level"
+
+
+def _count(k: int | None) -> str:
+    return f"about {k}" if k is not None and k <= MAX_SEEDS else f"no practical number (≤ {MAX_SEEDS:,})"
+
+
+def _power_note(c: Contrast, family: int) -> str:
+    """One line: seeds per arm that would settle an inconclusive verdict (module docstring, Power note)."""
+    if c.n < 2:
+        return (f"Power: {c.n} pair(s); at least 2 seeds per arm are needed to estimate a spread, then "
+                "the spread of the paired differences says how many more.")
+    alpha = ALPHA / family
+    level = f"α = 0.05/{family}, the strictest level Holm can apply" if family > 1 else "α = 0.05"
+    if c.margin is not None and abs(c.effect) < c.margin:
+        # both one-sided tests at alpha (a two-sided test at 2 alpha), 90% power each: >= 80% for the pair
+        delta, test_alpha, power = c.margin, 2 * alpha, 1 - (1 - POWER) / 2
+        what = f"put the {100 - 200 * alpha:.3g}% CI inside ±{c.margin:g} with 80% probability if the true " \
+               f"difference were 0 ({level})"
+    elif c.margin is not None:
+        delta, test_alpha, power = abs(c.effect) - c.margin, 2 * alpha, POWER
+        what = f"show the difference lies beyond ±{c.margin:g} with 80% power if it were the observed " \
+               f"{fmt_effect(c.effect)} ({level})"
+    else:
+        delta, test_alpha, power = c.effect, alpha, POWER
+        what = f"detect the observed effect {fmt_effect(c.effect)} with 80% power at {level}"
+    per = f" (× {c.settings} settings of the other axes)" if c.settings > 1 else ""
+    n = seeds_for(c, delta, test_alpha, power)
+    if c.method == "question" and c.crossed is not None:
+        more = seeds_for(c, delta, test_alpha, power, questions=10 * c.questions)
+        cs = c.crossed
+        basis = (f"given the observed variance components (seed {cs.var_seed:.2g}, question {cs.var_question:.2g}, "
+                 f"evaluation {cs.var_residual:.2g}; now {c.n} pairs × {c.questions} questions)")
+        return (f"Power: to {what}: {_count(n)} seeds per arm{per} at {c.questions} questions per pair, "
+                f"{_count(more)} at {10 * c.questions}, {basis}.")
     if n is None or n > MAX_SEEDS:
-        return (f"Power: the observed effect is {fmt_effect(stat.effect)} with SD {stat.sd:.3f} of paired differences; "
+        return (f"Power: the observed effect is {fmt_effect(c.effect)} with SD {c.sd:.3f} of paired differences; "
                 f"no practical number of seeds (≤ {MAX_SEEDS:,}) resolves it — state the smallest effect that matters "
                 "and size the study for it.")
-    return (f"Power: about {n} seeds per arm{per} would {what}, given the observed SD {stat.sd:.3f} of paired "
-            f"differences (paired t; now {stat.n} pairs).")
+    return (f"Power: about {n} seeds per arm{per} would {what}, given the observed SD {c.sd:.3f} of paired "
+            f"differences (paired t; now {c.n} pairs).")
 
 
-def _comparison_sentence(exp: Comparison, stat: PairedStat, verdict: Verdict, p_holm: float) -> str:
-    eff = f"{exp.a} − {exp.b} = {fmt_effect(stat.effect)} on {exp.metric} ({_ci(stat)}, {stat.n} pairs"
+def _comparison_sentence(exp: Comparison, c: Contrast, verdict: Verdict, p_holm: float) -> str:
+    eff = f"{exp.a} − {exp.b} = {fmt_effect(c.effect)} on {exp.metric} ({_ci(c)}, {_size(c)}"
     if exp.op == "~":
-        where = {"supported": f"the whole CI lies inside ±{exp.margin:g}, so {exp.a} and {exp.b} are equivalent",
-                 "contradicted": f"the whole CI lies outside ±{exp.margin:g}, so they differ by more than the margin",
-                 "inconclusive": f"the CI crosses ±{exp.margin:g}, so the data cannot tell equivalence from a "
-                                 "difference"}[verdict]
+        where = {"supported": f"both one-sided tests place it inside ±{exp.margin:g} (Holm p = {fmt_p(p_holm)}), "
+                              f"so {exp.a} and {exp.b} are equivalent",
+                 "contradicted": f"it lies beyond ±{exp.margin:g} (Holm p = {fmt_p(p_holm)}), so they differ by more "
+                                 "than the margin",
+                 "inconclusive": f"after Holm correction (p = {fmt_p(p_holm)}) the data cannot tell equivalence within "
+                                 f"±{exp.margin:g} from a larger difference"}[verdict]
         return f"{verdict.capitalize()}: {eff}); {where}."
     word = "higher" if exp.op == ">" else "lower"
     if verdict == "supported":
@@ -156,95 +175,105 @@ def _comparison_sentence(exp: Comparison, stat: PairedStat, verdict: Verdict, p_
     elif verdict == "contradicted":
         why = f"{exp.a} is significantly {'lower' if exp.op == '>' else 'higher'}, the opposite of the expectation " \
               f"(Holm p = {fmt_p(p_holm)})"
-    elif stat.n > 1 and stat.sd == 0 and stat.effect == 0:
+    elif c.n > 1 and c.sd == 0 and c.effect == 0 and c.method == "run":
         why = "every pair is exactly equal, so there is no difference to test"
     else:
         why = f"not significant after Holm correction (p = {fmt_p(p_holm)}), so the direction is not established"
     return f"{verdict.capitalize()}: {eff}); {why}."
 
 
-def judge(expectations: list[Expectation], rows: list[dict[str, Any]], axes: list[str]) -> list[Finding]:
-    """Findings for resolved expectations over result rows (report rows or results.csv rows), Holm-corrected
-    across all of them."""
-    findings: list[Finding] = []
-    stats_of: dict[str, Any] = {}
+def judge(expectations: list[Expectation], rows: list[dict[str, Any]], axes: list[str],
+          answers: dict[str, Any] | None = None) -> list[Finding]:
+    """Findings for resolved expectations over result rows (report rows or results.csv rows) and, where the runs
+    kept them, their answers (results.load_answers), Holm-corrected across all of them."""
+    made: dict[str, Any] = {}
     for exp in expectations:
         if isinstance(exp, Trend):
-            stats_of[exp.key] = trend_steps(exp, rows, axes)
+            made[exp.key] = trend_contrasts(exp, rows, answers, axes)
         else:
-            xa, xb, settings = pairs(rows, axes, exp.axis, exp.a, exp.b, exp.metric)  # type: ignore[arg-type]
-            stats_of[exp.key] = paired_stat(xa, xb, settings, exp.a, exp.b, exp.margin)
-    keys = list(stats_of)
-    raw = [_expectation_p(stats_of[k]) for k in keys]
-    adjusted = dict(zip(keys, holm(raw)))
-    for exp in expectations:
-        if isinstance(exp, Trend):
-            findings.append(_judge_trend(exp, stats_of[exp.key], adjusted[exp.key], len(keys)))
-        else:
-            findings.append(_judge_comparison(exp, stats_of[exp.key], adjusted[exp.key], len(keys)))
-    return findings
+            made[exp.key] = contrast(rows, answers, axes, exp.axis, exp.a, exp.b, exp.metric,  # type: ignore[arg-type]
+                                     exp.margin)
+    keys = list(made)
+    adjusted = dict(zip(keys, holm([_expectation_p(made[k]) for k in keys])))
+    return [_judge_trend(exp, made[exp.key], adjusted[exp.key], len(keys)) if isinstance(exp, Trend)
+            else _judge_comparison(exp, made[exp.key], adjusted[exp.key], len(keys)) for exp in expectations]
 
 
-def _expectation_p(stat: PairedStat | list[tuple[PairedStat, float | None]]) -> float:
-    if isinstance(stat, PairedStat):
-        return stat.p_tost if stat.p_tost is not None else stat.p
-    ps = [s.p_tost if m is not None else s.p for s, m in stat]
-    return float("nan") if not ps or any(math.isnan(p) for p in ps) else max(ps)
+def _expectation_p(made: Contrast | list[Contrast]) -> float:
+    if isinstance(made, Contrast):
+        return claim_p(made)
+    ps = [c.p if c.margin is None else c.p_tost for c in made]
+    return float("nan") if not ps or any(p is None or math.isnan(p) for p in ps) else max(ps)  # type: ignore
 
 
-def _judge_comparison(exp: Comparison, stat: PairedStat, p_holm: float, family: int) -> Finding:
-    verdict = comparison_verdict(stat, exp.op, exp.margin, p_holm)
-    kind = "equivalence" if exp.op == "~" else "comparison"
-    note = _power_note(stat, exp.margin, family) if verdict == "inconclusive" else None
-    return Finding(key=exp.key, text=exp.text, kind=kind, metric=exp.metric, axis=exp.axis, verdict=verdict,
-                   sentence=_comparison_sentence(exp, stat, verdict, p_holm), effect=stat.effect,
-                   ci_low=stat.ci_low, ci_high=stat.ci_high, p=_expectation_p(stat), p_holm=p_holm, n_pairs=stat.n,
-                   margin=exp.margin, power_note=note)
+def _judge_comparison(exp: Comparison, c: Contrast, p_holm: float, family: int) -> Finding:
+    verdict = contrast_verdict(c, exp.op, p_holm)
+    eq = exp.op == "~"
+    return Finding(key=exp.key, text=exp.text, kind="equivalence" if eq else "comparison", metric=exp.metric,
+                   axis=exp.axis, verdict=verdict, sentence=_comparison_sentence(exp, c, verdict, p_holm),
+                   effect=c.effect, ci_low=c.ci90_low if eq else c.ci_low, ci_high=c.ci90_high if eq else c.ci_high,
+                   ci_level=1 - 2 * ALPHA if eq else 0.95, p=claim_p(c), p_holm=p_holm, n_pairs=c.n,
+                   questions=c.questions, method=c.method, margin=exp.margin,
+                   power_note=_power_note(c, family) if verdict == "inconclusive" else None)
 
 
-def _judge_trend(exp: Trend, steps: list[tuple[PairedStat, float | None]], p_holm: float, family: int) -> Finding:
+
+
+def _trend_verdicts(exp: Trend, made: list[Contrast], p_holm: float) -> tuple[Verdict, list[Verdict]]:
+    """The trend's verdict and each contrast's (module docstring, Trends)."""
     sign = 1 if exp.direction == "increases" else -1
-    step_holm = holm([s.p for s, _ in steps])
-    verdicts = [_step_verdict(s, sign, m, ph) for (s, m), ph in zip(steps, step_holm)]
-    rising_right = all(sign * s.effect > 0 for s, m in steps if m is None)
-    flat_inside = all(v == "supported" for (s, m), v in zip(steps, verdicts) if m is not None)
+    against = [c.p if c.margin is None else c.p_outside for c in made]  # p of the contrast going the other way
+    within = holm([math.nan if p is None else p for p in against])
+    verdicts: list[Verdict] = []
+    for c, ph in zip(made, within):
+        wrong = (sign * c.effect < 0) if c.margin is None else abs(c.effect) >= c.margin
+        right = (sign * c.effect > 0) if c.margin is None else abs(c.effect) < c.margin
+        p_claim = c.p if c.margin is None else c.p_tost
+        if c.n >= 2 and wrong and not math.isnan(ph) and ph < ALPHA:
+            verdicts.append("contradicted")
+        elif c.n >= 2 and right and p_claim is not None and p_claim < ALPHA:
+            verdicts.append("supported")
+        else:
+            verdicts.append("inconclusive")
+    rise_right = sign * made[0].effect > 0
+    flat_inside = all(abs(c.effect) < c.margin for c in made[1:] if c.margin is not None)
     if "contradicted" in verdicts:
-        verdict: Verdict = "contradicted"
-    elif not math.isnan(p_holm) and p_holm < ALPHA and rising_right and flat_inside:
-        verdict = "supported"
-    else:
-        verdict = "inconclusive"
-    ps = [s.p_tost if m is not None else s.p for s, m in steps]
-    # the deciding step: the one with the largest p (a step without a p decides first)
-    decide = max(range(len(steps)), key=lambda i: math.inf if math.isnan(ps[i]) else ps[i]) if steps else None
-    step_rows = [{"from": s.b, "to": s.a, "kind": "flat" if m is not None else exp.direction, "effect": s.effect,
-                  "ci_low": s.ci_low, "ci_high": s.ci_high, "p": s.p_tost if m is not None else s.p,
-                  "p_holm_within_trend": ph, "n_pairs": s.n, "verdict": v}
-                 for (s, m), ph, v in zip(steps, step_holm, verdicts)]
+        return "contradicted", verdicts
+    if not math.isnan(p_holm) and p_holm < ALPHA and rise_right and flat_inside:
+        return "supported", verdicts
+    return "inconclusive", verdicts
+
+
+def _judge_trend(exp: Trend, made: list[Contrast], p_holm: float, family: int) -> Finding:
+    verdict, verdicts = _trend_verdicts(exp, made, p_holm)
+    ps = [c.p if c.margin is None else c.p_tost for c in made]
+    # the deciding contrast: the one with the largest claim p (one without a p decides first)
+    decide = max(range(len(made)), key=lambda i: math.inf if ps[i] is None or math.isnan(ps[i]) else ps[i])
+    step_rows = [{"from": c.b, "to": c.a, "kind": "flat" if c.margin is not None else exp.direction,
+                  "effect": c.effect, "ci_low": c.ci90_low if c.margin is not None else c.ci_low,
+                  "ci_high": c.ci90_high if c.margin is not None else c.ci_high, "p": p, "n_pairs": c.n,
+                  "method": c.method, "verdict": v} for c, p, v in zip(made, ps, verdicts)]
     step_rows = [{k: (None if isinstance(x, float) and math.isnan(x) else x) for k, x in r.items()} for r in step_rows]
-    parts = ", ".join(f"{s.b}→{s.a} {fmt_effect(s.effect)}" for s, _ in steps)
-    rise = "rises" if sign > 0 else "falls"
+    parts = ", ".join(f"{c.b}→{c.a} {fmt_effect(c.effect)}" for c in made)
     knee = f" up to {exp.knee}" if exp.knee else ""
-    flat = f" and stays within ±{exp.flat_margin:g} after it" if exp.flat_margin is not None else ""
-    claim = f"{exp.metric} {rise} with {exp.axis}{knee}{flat}"
+    flat = f" and stays within ±{exp.flat_margin:g} of it after" if exp.flat_margin is not None else ""
+    claim = f"{exp.metric} {'rises' if exp.direction == 'increases' else 'falls'} with {exp.axis}{knee}{flat}"
     if verdict == "supported":
-        sentence = f"Supported: {claim} (steps {parts}; trend Holm p = {fmt_p(p_holm)})."
+        sentence = f"Supported: {claim} (planned contrasts {parts}; trend Holm p = {fmt_p(p_holm)})."
     elif verdict == "contradicted":
-        bad = [f"{s.b}→{s.a}" for (s, _), v in zip(steps, verdicts) if v == "contradicted"]
-        sentence = f"Contradicted: the expectation that {claim} fails at step(s) {', '.join(bad)} (steps {parts})."
+        bad = [f"{c.b}→{c.a}" for c, v in zip(made, verdicts) if v == "contradicted"]
+        sentence = f"Contradicted: the expectation that {claim} fails at {', '.join(bad)} (planned contrasts {parts})."
     else:
-        sentence = (f"Inconclusive: the data neither establish nor refute that {claim} (steps {parts}; trend Holm "
-                    f"p = {fmt_p(p_holm)}).")
-    note = None
-    if verdict == "inconclusive" and decide is not None:
-        s, m = steps[decide]
-        note = f"Weakest step {s.b}→{s.a}. " + _power_note(s, m, family)
-    d = steps[decide][0] if decide is not None else None
+        sentence = (f"Inconclusive: the data neither establish nor refute that {claim} (planned contrasts {parts}; "
+                    f"trend Holm p = {fmt_p(p_holm)}).")
+    d = made[decide]
+    note = f"Weakest contrast {d.b}→{d.a}. " + _power_note(d, family) if verdict == "inconclusive" else None
+    eq = d.margin is not None
     return Finding(key=exp.key, text=exp.text, kind="trend", metric=exp.metric, axis=exp.axis, verdict=verdict,
-                   sentence=sentence, effect=d.effect if d else None, ci_low=d.ci_low if d else None,
-                   ci_high=d.ci_high if d else None, p=_expectation_p(steps) if steps else None, p_holm=p_holm,
-                   n_pairs=min((s.n for s, _ in steps), default=0), margin=exp.flat_margin, power_note=note,
-                   steps=step_rows)
+                   sentence=sentence, effect=d.effect, ci_low=d.ci90_low if eq else d.ci_low,
+                   ci_high=d.ci90_high if eq else d.ci_high, ci_level=1 - 2 * ALPHA if eq else 0.95,
+                   p=_expectation_p(made), p_holm=p_holm, n_pairs=min(c.n for c in made), questions=d.questions,
+                   method=d.method, margin=exp.flat_margin, power_note=note, steps=step_rows)
 
 
 def measured_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -259,9 +288,10 @@ def measured_columns(rows: list[dict[str, Any]]) -> list[str]:
     return sorted(cols, key=lambda c: (c.startswith("acc/"), c))
 
 
-def findings_for(entries: list[Any], axes: dict[str, list[Any]], rows: list[dict[str, Any]]) -> list[Finding]:
+def findings_for(entries: list[Any], axes: dict[str, list[Any]], rows: list[dict[str, Any]],
+                 answers: dict[str, Any] | None = None) -> list[Finding]:
     """The report's Findings: every ``expect:`` entry, checked again against the grid and the metrics the runs
-    produced, then judged. An entry that cannot be tested (a metric no run measured) is listed as not tested, with
+    produced, then judged (at question level where the runs kept ``answers``). An entry that cannot be tested (a metric no run measured) is listed as not tested, with
     the reason and the nearest measured name, and stays out of the Holm family."""
     columns = measured_columns(rows)
     testable: list[Expectation] = []
@@ -283,14 +313,15 @@ def findings_for(entries: list[Any], axes: dict[str, list[Any]], rows: list[dict
             untested[key] = Finding(key=key, text=exp.text, kind=kind, metric=exp.metric,
                                     axis=getattr(exp, "axis", None), verdict="not tested",
                                     sentence=f"Not tested: {exc}.")
-    judged = {f.key: f for f in judge(testable, rows, list(axes))}
+    judged = {f.key: f for f in judge(testable, rows, list(axes), answers)}
     return [judged.get(f"expect[{i}]") or untested[f"expect[{i}]"] for i in range(len(entries))]
 
 
 def findings_json(findings: list[Finding]) -> dict[str, Any]:
     """findings.json: every finding with its numbers, and the rules they were judged by."""
-    return {"alpha": ALPHA, "power": POWER, "ci_level": 0.95,
+    return {"alpha": ALPHA, "power": POWER, "ci_level": 0.95, "equivalence_ci_level": 1 - 2 * ALPHA,
             "holm_family": sum(f.verdict != "not tested" for f in findings),
             "pairing": "by seed within each setting of the grid's other axes; pairs pooled across settings",
-            "effect": "mean of (a - b) over pairs; trends: the deciding step (largest p), later - earlier",
+            "methods": {"question": QUESTION_METHOD, "run": RUN_LEVEL_METHOD},
+            "effect": "mean of (a - b) over pairs; trends: the deciding planned contrast (largest p)",
             "findings": [f.to_dict() for f in findings]}

@@ -5,7 +5,10 @@ A run counts when it finished and its metric cell is a number (:func:`vlkit.abla
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from vlkit.ablate.grid import show_value
 from vlkit.ablate.stats import number
@@ -41,3 +44,35 @@ def pairs(rows: list[dict[str, Any]], axes: list[str], axis: str, a: str, b: str
     xa, xb = table.get(a, {}), table.get(b, {})
     common = sorted(set(xa) & set(xb))
     return [xa[k] for k in common], [xb[k] for k in common], len({k[:-1] for k in common})
+
+
+Answers = dict[str, dict[str, tuple[str, bool]]]  # run id -> {question id: (question type, correct)}
+
+
+def question_pairs(rows: list[dict[str, Any]], answers: Answers, axes: list[str], axis: str, a: str, b: str,
+                   metric: str) -> "np.ndarray | None":
+    """The (pairs × questions) table of arm a's answer minus arm b's (1 correct, 0 not) on ``metric``'s questions
+    (``accuracy``: every question; ``acc/<type>``: that type's), pairs as in :func:`pairs`, questions those every
+    paired run answered, in sorted id order. None when the metric is not an accuracy or a paired run kept no
+    answers (the analysis then stays at run level)."""
+    import numpy as np
+
+    if metric != "accuracy" and not metric.startswith("acc/"):
+        return None
+    qtype = metric.removeprefix("acc/") if metric != "accuracy" else None
+    others = [x for x in axes if x != axis]
+    runs: dict[str, dict[PairKey, str]] = {}
+    for r in rows:
+        if r.get("status") == "finished" and number(r.get(metric)) is not None:
+            key = tuple(show_value(r.get(x)) for x in others) + (str(r.get("seed")),)
+            runs.setdefault(show_value(r.get(axis)), {})[key] = str(r.get("run"))
+    ra, rb = runs.get(a, {}), runs.get(b, {})
+    common = sorted(set(ra) & set(rb))
+    ids = [(ra[k], rb[k]) for k in common]
+    if not ids or any(x not in answers for pair in ids for x in pair):
+        return None
+    sets = [{q for q, (t, _) in answers[x].items() if qtype is None or t == qtype} for pair in ids for x in pair]
+    questions = sorted(set.intersection(*sets))
+    if not questions:
+        return None
+    return np.array([[float(answers[x][q][1]) - float(answers[y][q][1]) for q in questions] for x, y in ids])

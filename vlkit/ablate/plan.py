@@ -64,6 +64,9 @@ def make_plan(recipe: str, overrides: list[str], cli_axes: dict[str, str], seeds
     if base.expect:
         plan["expect"] = list(base.expect)  # judged by the report (vlkit/ablate/findings.py)
         plan["question_types"] = eval_question_types(base)
+    extended = seed_extensions(out, seed_list)
+    if extended:
+        plan["extended"] = extended  # the report labels its Findings exploratory
     write_json_atomic(out / "plan.json", plan)
     return {**plan, "specs": specs, "out": out}
 
@@ -103,3 +106,19 @@ def estimate_time(console: Console, plan: dict[str, Any], workers: int | None) -
     secs = m["step_time_s"] * steps / w
     console.print(f"estimate: {len(todo)} runs, {steps} optimizer steps, ~{m['step_time_s']:.2f} s/step measured on "
                   f"run {todo[0].id} -> ~{secs / 60:.1f} min with {w} worker(s), plus evaluation")
+
+
+def seed_extensions(out: Path, seeds: list[int]) -> list[dict[str, Any]]:
+    """Seeds added to a study after a report of it was written (the p-values then saw an earlier look): the earlier
+    plan's record, plus this extension when ``seeds`` adds to its seeds and its report.md exists."""
+    path = out / "plan.json"
+    if not path.exists():
+        return []
+    from vlkit._atomic import read_json
+
+    before = read_json(path, "Delete it: the grid's runs are kept and the plan is written again")
+    old = list(before.get("seeds") or [])
+    record = list(before.get("extended") or [])
+    if set(old) < set(seeds) and (out / "report.md").exists():
+        record.append({"from": len(old), "to": len(seeds), "seeds_before": old})
+    return record

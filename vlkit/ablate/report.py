@@ -1,8 +1,9 @@
 """A study's report: report.md (Findings first when the recipe declares ``expect:``, then the results table, paired
 comparisons, axis spreads, other studies beside this one, where the time went) and findings.json.
 
-Layers, bottom up: expect.py (the ``expect:`` grammar), stats.py (paired tests, intervals, Holm, power),
-pairing.py (runs paired by seed), findings.py (expectations judged), results.py (rows from run directories),
+Layers, bottom up: expect.py (the ``expect:`` grammar), stats.py (paired tests, intervals, Holm, power, the crossed
+seed × question variance), pairing.py (runs paired by seed; answers paired by question), contrast.py (one contrast
+at question or run level), findings.py (expectations judged), results.py (rows from run directories),
 tables.py (means, comparisons, spreads), plots.py, and this module, which only writes text.
 """
 from __future__ import annotations
@@ -15,29 +16,91 @@ from typing import Any
 from vlkit._atomic import write_json_atomic, write_text_atomic
 from vlkit.ablate.findings import Finding, findings_for, findings_json, fmt_effect, fmt_p
 from vlkit.ablate.plots import plot
-from vlkit.ablate.results import TIME_PHASES, collect, load_plan, plan_axes, study_rows, write_results
-from vlkit.ablate.tables import aggregate, axis_spreads, comparisons, metric_columns
+from vlkit.ablate.contrast import QUESTION_METHOD, RUN_LEVEL_METHOD
+from vlkit.ablate.results import (TIME_PHASES, collect, kept_rows, load_answers, load_plan, plan_axes, study_rows,
+                                  write_results)
+from vlkit.ablate.tables import aggregate, axis_spreads, comparisons, metric_columns, variance_sources
 
 
-def findings_markdown(findings: list[Finding]) -> list[str]:
-    """The report's Findings section: a table, then each verdict in one sentence (and a power note)."""
+def analysis_line(rows: list[dict[str, Any]], answers: dict[str, Any]) -> str:
+    """Which analysis the runs allow: question level when they kept their answers, else run level, and why."""
+    finished = [str(r["run"]) for r in rows if r.get("status") == "finished"]
+    kept = sum(run in answers for run in finished)
+    if finished and kept == len(finished):
+        return (f"Analysis: **question level** — all {kept} finished runs kept their answers "
+                f"(`predictions_<stage>.jsonl`), so accuracy contrasts use every question: {QUESTION_METHOD}. Other "
+                f"metrics (losses, BLEU) stay at run level: {RUN_LEVEL_METHOD}.")
+    if kept == 0:
+        return (f"Analysis: **run level** — none of the {len(finished)} finished runs has its answers "
+                "(`predictions_<stage>.jsonl`: runs made before vlkit kept them), so every contrast is a "
+                f"{RUN_LEVEL_METHOD}; a question-level analysis needs the runs made again.")
+    return (f"Analysis: **mixed** — {kept} of {len(finished)} finished runs kept their answers; a contrast is at "
+            "question level only where every paired run has them (the table's `level` column), else run level.")
+
+
+def findings_markdown(findings: list[Finding], analysis: str = "", exploratory: str = "") -> list[str]:
+    """The report's Findings section: how they were computed, a table, then each verdict in one sentence."""
     family = sum(f.verdict != "not tested" for f in findings)
-    lines = ["## Findings", "",
-             "The study's declared expectations (`expect:` in its recipe), tested on paired runs: the two arms are "
-             "paired by seed within each setting of the other axes. Effect = a − b (a trend: its deciding step, "
-             "later − earlier) with its 95% t-interval; p is the paired t-test's (two one-sided tests' for `~`, "
-             f"the largest step's for a trend), Holm-corrected across the {family} tested expectation(s). `~` is "
-             "judged by whether the CI lies inside the margin. Rules: README, section Hypotheses.", "",
-             "| key | expectation | effect | 95% CI | p | Holm p | pairs | verdict |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["## Findings", ""]
+    if exploratory:
+        lines += [f"**Exploratory.** {exploratory}", ""]
+    lines += ["The study's declared expectations (`expect:` in its recipe), tested on paired runs: the two arms are "
+              "paired by seed within each setting of the other axes. Effect = a − b (a trend: its deciding planned "
+              "contrast). `>` / `<`: 95% CI and two-sided p. `~` (±m): two one-sided tests at α = 0.05 with the 90% "
+              "CI; p is the TOST p (the non-equivalence p when the estimate lies beyond ±m). Trends: knee vs start "
+              "and each later value vs the knee within ±m, p the largest of theirs. Every p is Holm-corrected "
+              f"across the {family} tested expectation(s). Rules: README, section Hypotheses.", ""]
+    if analysis:
+        lines += [analysis, ""]
+    lines += ["| key | expectation | effect | CI | p | Holm p | pairs | level | verdict |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for f in findings:
-        ci = "" if f.ci_low is None or math.isnan(f.ci_low) else f"{fmt_effect(f.ci_low)} to {fmt_effect(f.ci_high)}"
+        ci = "" if f.ci_low is None or math.isnan(f.ci_low) else \
+            f"{fmt_effect(f.ci_low)} to {fmt_effect(f.ci_high)} ({f.ci_level:.0%})"
         effect = "" if f.effect is None else fmt_effect(f.effect)
+        level = "" if f.verdict == "not tested" else (f"question ({f.questions} q)" if f.method == "question" else "run")
         lines.append(f"| {f.key} | `{f.text}` | {effect} | {ci} | {fmt_p(f.p)} | {fmt_p(f.p_holm)} | {f.n_pairs} | "
-                     f"**{f.verdict}** |")
+                     f"{level} | **{f.verdict}** |")
     lines.append("")
     for f in findings:
         lines.append(f"- {f.key}: {f.sentence}" + (f" {f.power_note}" if f.power_note else ""))
     return lines + [""]
+
+
+def exploratory_line(plan: dict[str, Any]) -> str:
+    """Why a study's p-values are exploratory: seeds added after a report had been read (plan.json's
+    ``extended``); vlkit has no alpha-spending plan to declare, so no such study is confirmatory."""
+    ext = plan.get("extended") or []
+    if not ext:
+        return ""
+    steps = "; ".join(f"seeds {e['from']} → {e['to']}" for e in ext)
+    return (f"Seeds were added after a report of this study had been written ({steps}). Its p-values assume one "
+            "look at the data; with a look before the extension they overstate the evidence (no alpha-spending "
+            "plan was declared), so these Findings are exploratory, for planning a confirmatory study.")
+
+
+def variance_markdown(sources: list[dict[str, Any]]) -> list[str]:
+    """Per metric: a run's accuracy variance split into evaluation sampling and training seed."""
+    if not sources:
+        return []
+    lines = ["", "## Where the variance comes from", "",
+             "A run's accuracy varies with the questions it is scored on and with its training seed. Evaluation "
+             "sampling: a trained model's accuracy on n questions drawn from the generator varies binomially, "
+             "p(1 − p)/n. Training seed: the variance across seeds on the same questions, pooled within "
+             "configurations. More questions shrink the first (cheap); only more seeds average the second (costly). "
+             "p: do the seeds spread more than binomial noise at this n would (χ², one-sided)?", "",
+             "| metric | questions per run | evaluation SD | seed SD | run SD | share from evaluation | p | "
+             "to shrink it |", "|---|---|---|---|---|---|---|---|"]
+    for v in sources:
+        n = f"{v['questions']}" + (" (inferred)" if v["n_source"] == "inferred" else "")
+        share = v["share_evaluation"]
+        advice = "add questions" if share >= 0.5 else "add seeds"
+        lines.append(f"| {v['metric']} | {n} | {math.sqrt(v['evaluation']):.3f} | {math.sqrt(v['seed']):.3f} | "
+                     f"{math.sqrt(v['total']):.3f} | {share:.0%} | {fmt_p(v['p_seed'])} | {advice} |")
+    if any(v["n_source"] == "inferred" for v in sources):
+        lines += ["", "(inferred): the runs did not record their number of questions (made before vlkit did); n is "
+                  "the smallest count that makes every accuracy of the metric a whole number of correct answers."]
+    return lines
 
 
 def time_markdown(rows: list[dict[str, Any]]) -> list[str]:
@@ -167,22 +230,29 @@ def notes_markdown(rows: list[dict[str, Any]], plots: list[str]) -> list[str]:
 
 
 def write_report(out: Path, command: str | None = None, compare: list[Path] | None = None) -> dict[str, Any]:
-    """results.csv, results.json, report.md and plots from the run directories; ``compare``: other studies'
-    directories whose axis spreads are set beside this one's."""
+    """results.csv, results.json, report.md and plots from the run directories (a study kept without them: report.md
+    and findings.json from its results.json); ``compare``: other studies' directories whose axis spreads are set
+    beside this one's."""
     plan, _ = load_plan(out)
     axes = [a for a in plan["axes"]]
-    rows = collect(out)
-    write_results(out, rows)
+    if (out / "runs").is_dir():
+        rows = collect(out)
+        write_results(out, rows)
+        plots = plot(out, rows, axes)
+    else:  # a study kept without its runs (docs/examples): its results.json is the record, its plots stay
+        rows = kept_rows(out)
+        plots = [p for p in ("accuracy_vs_tokens.png", "loss_curves.png") if (out / p).exists()]
     agg = aggregate(rows, axes)
     comps = comparisons(rows, axes)
-    plots = plot(out, rows, axes)
     lines = [f"# Ablation report: {plan['recipe']}", ""]
     if command or plan.get("command"):
         lines += ["Made with:", "", "```", command or plan["command"], "```", ""]
-    findings = write_findings(out, plan, rows)
+    answers = load_answers(out, rows)
+    findings = write_findings(out, plan, rows, answers)
     if findings:
-        lines += findings_markdown(findings)
+        lines += findings_markdown(findings, analysis_line(rows, answers), exploratory_line(plan))
     lines += results_table(rows, agg, axes, plan["seeds"])
+    lines += variance_markdown(variance_sources(rows, axes))
     lines += comparisons_markdown(comps)
     spreads = axis_spreads(rows, axes)
     lines += spread_markdown(spreads)
@@ -194,12 +264,17 @@ def write_report(out: Path, command: str | None = None, compare: list[Path] | No
             "spreads": spreads}
 
 
-def write_findings(out: Path, plan: dict[str, Any], rows: list[dict[str, Any]]) -> list[Finding]:
-    """Judge the plan's expectations on the rows and write findings.json (removed when there are none)."""
+def write_findings(out: Path, plan: dict[str, Any], rows: list[dict[str, Any]],
+                   answers: dict[str, Any] | None = None) -> list[Finding]:
+    """Judge the plan's expectations on the rows (and the runs' answers) and write findings.json (removed when
+    there are none)."""
     path = out / "findings.json"
     if not plan.get("expect"):
         path.unlink(missing_ok=True)
         return []
-    findings = findings_for(plan["expect"], plan_axes(plan), rows)
-    write_json_atomic(path, findings_json(findings))
+    findings = findings_for(plan["expect"], plan_axes(plan), rows, answers)
+    data = findings_json(findings)
+    if plan.get("extended"):
+        data["exploratory"] = exploratory_line(plan)
+    write_json_atomic(path, data)
     return findings

@@ -38,6 +38,17 @@ def study_rows(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return plan, finished
 
 
+def kept_rows(out: Path) -> list[dict[str, Any]]:
+    """Every row of a study's results.json (a study kept without its run directories)."""
+    path = out / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{out} has neither run directories (runs/) nor results.json")
+    rows = read_json(path, f"Regenerate it with `vlkit report {out}` (needs its runs/)")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "run" in r and "status" in r for r in rows):
+        raise ValueError(f"{path} is not a list of runs; regenerate it with `vlkit report {out}` (needs its runs/)")
+    return rows
+
+
 def _last_stage(summary: dict[str, Any]) -> dict[str, Any]:
     stages = summary.get("stages", {})
     return stages[list(stages)[-1]] if stages else {}
@@ -69,9 +80,29 @@ def collect(out: Path) -> list[dict[str, Any]]:
             })
             for qt, acc in (last.get("accuracy_by_type") or {}).items():
                 row[f"acc/{qt}"] = acc
+            for qt, n in (last.get("count_by_type") or {}).items():
+                row[f"n/{qt}"] = n  # questions of the type the run answered (the evaluation's binomial n)
             row.update(time_columns(summary, rd))
         rows.append(row)
     return rows
+
+
+def load_answers(out: Path, rows: list[dict[str, Any]]) -> dict[str, dict[str, tuple[str, bool]]]:
+    """Each finished run's answers from its last stage's ``predictions_<stage>.jsonl`` (run id -> {question id:
+    (question type, correct)}); runs made before vlkit kept answers have none and are left out."""
+    from vlkit.evaluate import predictions_path, read_predictions
+
+    answers: dict[str, dict[str, tuple[str, bool]]] = {}
+    for row in rows:
+        rd = out / "runs" / str(row["run"])
+        if row.get("status") != "finished" or not (rd / "summary.json").exists():
+            continue
+        stages = list(read_json(rd / "summary.json", "Run the grid again: the run rebuilds it").get("stages", {}))
+        path = predictions_path(rd, stages[-1]) if stages else None
+        if path is not None and path.exists():
+            answers[str(row["run"])] = {str(r["id"]): (str(r["question_type"]), bool(r["correct"]))
+                                        for r in read_predictions(path)}
+    return answers
 
 
 TIME_PHASES = {"t_build": "model build (encoder, LLM, tokenizer from their weights)",

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ALPHA = 0.05
 POWER = 0.8
@@ -138,3 +141,184 @@ def seeds_needed(sd: float, delta: float, settings: int, alpha: float = ALPHA, p
     """Seeds per arm: :func:`pairs_needed` over the settings of the other axes (each seed gives one pair each)."""
     n = pairs_needed(sd, delta, alpha, power)
     return None if n is None else max(2, math.ceil(n / max(1, settings)))
+
+
+# ---- question-level pairs: seeds x questions -------------------------------------------------------------------
+@dataclass
+class CrossedStat:
+    """Paired effect over a (pairs × questions) table of differences, with seeds and questions both random.
+
+    ``d[k, q]`` is arm a's answer to question q minus arm b's (1 / 0 correct) in pair k (one seed of one setting of
+    the other axes). The effect is the mean of ``d``; its variance is that of a crossed two-way random-effects model
+    d = δ + s_k + u_q + e_kq: ``var_seed`` (s: how the arms' difference moves from seed to seed), ``var_question``
+    (u: questions one arm gets right more than the other, the same in every seed), ``var_residual`` (e: evaluation
+    sampling within a seed), estimated by the method of moments (two-way ANOVA mean squares)."""
+
+    n: int  # pairs (rows)
+    questions: int  # questions (columns)
+    effect: float
+    se: float
+    df: float  # Satterthwaite degrees of freedom of se²
+    var_seed: float
+    var_question: float
+    var_residual: float
+
+    def ci(self, level: float = 0.95) -> tuple[float, float]:
+        from scipy import stats
+
+        if not (self.se > 0 and self.df > 0):
+            return (self.effect, self.effect) if self.se == 0 else (math.nan, math.nan)
+        hw = float(stats.t.ppf(0.5 + level / 2, self.df)) * self.se
+        return self.effect - hw, self.effect + hw
+
+    def p(self) -> float:
+        """Two-sided p of effect = 0."""
+        from scipy import stats
+
+        if not self.se > 0:
+            return math.nan if self.se != 0 else (0.0 if self.effect != 0 else math.nan)
+        return float(2 * stats.t.sf(abs(self.effect) / self.se, self.df))
+
+    def p_tost(self, margin: float) -> float:
+        """Two one-sided tests that the true effect lies inside ±margin: the larger of their p."""
+        from scipy import stats
+
+        if not self.se > 0:
+            return math.nan if self.se != 0 else (0.0 if abs(self.effect) < margin else 1.0)
+        lower = stats.t.sf((self.effect + margin) / self.se, self.df)
+        upper = stats.t.sf((margin - self.effect) / self.se, self.df)
+        return float(max(lower, upper))
+
+    def p_outside(self, margin: float) -> float:
+        """One-sided p that the true effect lies beyond ±margin on the side of the estimate (non-equivalence)."""
+        from scipy import stats
+
+        if not self.se > 0:
+            return math.nan if self.se != 0 else (0.0 if abs(self.effect) > margin else 1.0)
+        return float(stats.t.sf((abs(self.effect) - margin) / self.se, self.df))
+
+
+def mean_squares(d: "np.ndarray") -> tuple[float, float, float]:
+    """Two-way ANOVA mean squares of a (pairs × questions) table without replication: rows, columns, residual."""
+    import numpy as np
+
+    k, q = d.shape
+    g = d.mean()
+    r, c = d.mean(axis=1), d.mean(axis=0)
+    ms_row = q * float(np.sum((r - g) ** 2)) / (k - 1)
+    ms_col = k * float(np.sum((c - g) ** 2)) / (q - 1)
+    resid = d - r[:, None] - c[None, :] + g
+    ms_e = float(np.sum(resid ** 2)) / ((k - 1) * (q - 1))
+    return ms_row, ms_col, ms_e
+
+
+def crossed_stat(d: "np.ndarray") -> CrossedStat:
+    """:class:`CrossedStat` of a (pairs × questions) table of paired differences (at least 2 × 2).
+
+    Var(mean) = σ²_seed/K + σ²_question/Q + σ²_e/(KQ) = (MS_rows + MS_cols − MS_e)/(KQ). The question component
+    is kept only where it is positive (MS_cols > MS_e), so the variance is never below the seed-paired t-test's
+    (MS_rows/(KQ): the variance of the K run-level differences over K). Degrees of freedom by Satterthwaite, at
+    most K − 1: with 3 seeds and a large seed component, Satterthwaite's larger df gave a false-positive rate of
+    0.0595 at α = 0.05 in the calibration simulation (tests/test_question_stats.py), K − 1 keeps it under α."""
+    import numpy as np
+
+    d = np.asarray(d, dtype=float)
+    k, q = d.shape
+    if k < 2 or q < 2:
+        raise ValueError(f"a crossed analysis needs at least 2 pairs and 2 questions, got {k} × {q}")
+    ms_row, ms_col, ms_e = mean_squares(d)
+    var, df = _crossed_var(np.array([ms_row]), np.array([ms_col]), np.array([ms_e]), k, q)
+    return CrossedStat(k, q, float(d.mean()), math.sqrt(float(var[0])), float(df[0]),
+                       max(0.0, (ms_row - ms_e) / q), max(0.0, (ms_col - ms_e) / k), ms_e)
+
+
+def _crossed_var(ms_row, ms_col, ms_e, k: int, q: int):
+    """Vectorised variance of the mean and its Satterthwaite df from the three mean squares (arrays)."""
+    import numpy as np
+
+    extra = np.maximum(ms_col - ms_e, 0.0)  # (Q−1)-df and (K−1)(Q−1)-df terms; only where positive
+    var = (ms_row + extra) / (k * q)
+    denom = ms_row ** 2 / (k - 1) + np.where(extra > 0, ms_col ** 2 / (q - 1) + ms_e ** 2 / ((k - 1) * (q - 1)), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = np.where(denom > 0, (ms_row + extra) ** 2 / denom, float(k - 1))
+    return var, np.minimum(df, k - 1)  # never more than the seed pairs give: Satterthwaite alone ran over α
+
+
+def crossed_stats_many(d: "np.ndarray") -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+    """Effect, se and df of many (pairs × questions) tables at once: ``d`` is (studies × K × Q); what the
+    calibration simulation in the tests runs (the same arithmetic as :func:`crossed_stat`)."""
+    import numpy as np
+
+    d = np.asarray(d, dtype=float)
+    _, k, q = d.shape
+    g = d.mean(axis=(1, 2))
+    r, c = d.mean(axis=2), d.mean(axis=1)
+    ms_row = q * np.sum((r - g[:, None]) ** 2, axis=1) / (k - 1)
+    ms_col = k * np.sum((c - g[:, None]) ** 2, axis=1) / (q - 1)
+    resid = d - r[:, :, None] - c[:, None, :] + g[:, None, None]
+    ms_e = np.sum(resid ** 2, axis=(1, 2)) / ((k - 1) * (q - 1))
+    var, df = _crossed_var(ms_row, ms_col, ms_e, k, q)
+    return g, np.sqrt(var), df
+
+
+def crossed_power(delta: float, var_seed: float, var_question: float, var_residual: float, k: int, q: int,
+                  alpha: float = ALPHA) -> float:
+    """Power of the two-sided crossed test at ``alpha`` for a true effect ``delta`` with K pairs and Q questions,
+    given the variance components: noncentral t with the Satterthwaite df the expected mean squares give."""
+    import numpy as np
+    from scipy import stats
+
+    ms_row, ms_e = q * var_seed + var_residual, var_residual
+    ms_col = k * var_question + var_residual
+    var, df = _crossed_var(np.array([ms_row]), np.array([ms_col]), np.array([ms_e]), k, q)
+    if not var[0] > 0:
+        return math.nan
+    nc = abs(delta) / math.sqrt(float(var[0]))
+    crit = float(stats.t.ppf(1 - alpha / 2, df[0]))
+    return float(stats.nct.sf(crit, df[0], nc) + stats.nct.cdf(-crit, df[0], nc))
+
+
+def crossed_design(delta: float, var_seed: float, var_question: float, var_residual: float, q: int,
+                   alpha: float = ALPHA, power: float = POWER, max_k: int = 1000) -> int | None:
+    """Pairs (seeds per arm, with one setting) needed at Q questions for ``power``; None when no K ≤ max_k does
+    (the question component alone keeps the variance above what the effect needs)."""
+    if delta == 0 or not math.isfinite(delta):
+        return None
+    for k in range(2, max_k + 1):
+        if crossed_power(delta, var_seed, var_question, var_residual, k, q, alpha) >= power:
+            return k
+    return None
+
+
+def variance_split(groups: list[list[float]], n_questions: list[list[int]]) -> dict[str, float]:
+    """Where a run's accuracy variance comes from: ``groups`` are accuracies of runs that differ only in the seed
+    (one list per configuration), ``n_questions`` the questions each run answered.
+
+    Evaluation sampling: a trained model answers a question right or wrong (greedy decoding), so its accuracy on n
+    questions drawn from the same generator varies binomially, p(1 − p)/n (averaged over the runs). Training seed:
+    the variance of the accuracy across seeds on the same questions (pooled within configurations, its df the
+    seeds less one per configuration). Their sum is the variance of one run's accuracy; ``share_evaluation`` is
+    the first's share. ``p_seed``: whether the seeds spread more than the binomial alone would (χ², one-sided)."""
+    from scipy import stats
+
+    df = sum(len(g) - 1 for g in groups if len(g) > 1)
+    if df == 0:
+        return {"df": 0.0, "total": math.nan, "evaluation": math.nan, "seed": math.nan, "share_evaluation": math.nan,
+                "p_seed": math.nan}
+    ss = sum(sum((x - sum(g) / len(g)) ** 2 for x in g) for g in groups if len(g) > 1)
+    binom = [x * (1 - x) / n for g, ns in zip(groups, n_questions) if len(g) > 1 for x, n in zip(g, ns)]
+    seed, evaluation = ss / df, sum(binom) / len(binom)
+    total = seed + evaluation
+    share = evaluation / total if total > 0 else math.nan
+    p_seed = float(stats.chi2.sf(ss / evaluation, df)) if evaluation > 0 else math.nan
+    return {"df": float(df), "total": total, "evaluation": evaluation, "seed": seed, "share_evaluation": share,
+            "p_seed": p_seed}
+
+
+def questions_behind(values: list[float], limit: int = 2000) -> int | None:
+    """The smallest number of questions n that makes every accuracy in ``values`` a whole count k/n (for runs that
+    did not record n); None when none up to ``limit`` does."""
+    for n in range(1, limit + 1):
+        if all(abs(v * n - round(v * n)) < 1e-6 for v in values):
+            return n
+    return None

@@ -7,7 +7,7 @@ from typing import Any
 
 from vlkit.ablate.grid import show_value
 from vlkit.ablate.pairing import arm_table, arms
-from vlkit.ablate.stats import mean_ci, number, paired_test
+from vlkit.ablate.stats import mean_ci, number, paired_test, questions_behind, variance_split
 
 
 def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -78,4 +78,41 @@ def axis_spreads(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str, 
             out.append({"axis": axis, "metric": col, "best": label[best], "worst": label[worst],
                         "best_mean": means[best], "worst_mean": means[worst], "spread": means[best] - means[worst],
                         **test, "arms": len(means)})
+    return out
+
+
+def _questions(row: dict[str, Any], metric: str) -> int | None:
+    """Questions a run answered for ``metric`` as it recorded them (``n/<type>`` columns; ``accuracy``: all)."""
+    if metric == "accuracy":
+        ns = [number(v) for k, v in row.items() if k.startswith("n/")]
+        return int(sum(ns)) if ns and None not in ns else None  # type: ignore[arg-type]
+    n = number(row.get("n/" + metric.removeprefix("acc/")))
+    return None if n is None else int(n)
+
+
+def variance_sources(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:
+    """Per accuracy metric: how much of a run's variance is evaluation sampling (binomial at the run's number of
+    questions) and how much the training seed (the spread across seeds on the same questions, pooled over the
+    configurations; vlkit/ablate/stats.py, variance_split). Runs that did not record their number of questions get the smallest one their accuracies
+    allow (``n_source``: inferred)."""
+    finished = [r for r in rows if r.get("status") == "finished"]
+    out = []
+    for col in metric_columns(rows):
+        groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+        for r in finished:
+            if number(r.get(col)) is not None:
+                groups[config_key(r, axes)].append(r)
+        values = [[number(r[col]) for r in g] for g in groups.values()]
+        ns = [[_questions(r, col) for r in g] for g in groups.values()]
+        source = "recorded"
+        if any(n is None for g in ns for n in g):
+            guess = questions_behind([v for g in values for v in g])  # type: ignore[misc]
+            if guess is None:
+                continue
+            ns, source = [[guess] * len(g) for g in values], "inferred"
+        split = variance_split(values, ns)  # type: ignore[arg-type]
+        if split["df"] > 0:
+            n_all = sorted({n for g in ns for n in g})
+            out.append({"metric": col, "questions": n_all[0] if len(n_all) == 1 else n_all, "n_source": source,
+                        **split})
     return out

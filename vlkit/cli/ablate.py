@@ -70,7 +70,8 @@ def ablate_cmd(recipe: str = typer.Argument("mlp_patch", help="base recipe (defa
 def report_cmd(out: Path = typer.Argument(..., help="ablation directory"),
                compare: Optional[list[Path]] = typer.Option(None, help="another study's directory: set its axes' "
                                                                         "spreads beside this one's (repeatable)")) -> None:
-    """Regenerate results.csv/json, report.md and plots from an ablation's run directories."""
+    """Regenerate results.csv/json, report.md and plots from an ablation's run directories (kept without them: report.md
+    and findings.json from its results.json)."""
     from vlkit.ablate.report import write_report
     from vlkit.ablate.results import load_plan, study_rows
 

@@ -43,18 +43,22 @@ def eval_cmd(run: Path = typer.Argument(..., help="run directory"),
              data: str = typer.Option(..., "--data", help="LLaVA-format JSON file"),
              image_root: Optional[str] = typer.Option(None, help="image root (default: the run's data.image_root)"),
              max_samples: Optional[int] = typer.Option(None, help="evaluate the first N records"),
-             batch_size: int = typer.Option(32), max_new_tokens: int = typer.Option(16)) -> None:
+             batch_size: int = typer.Option(32), max_new_tokens: int = typer.Option(16),
+             predictions: Optional[Path] = typer.Option(None, help="JSON lines of the answers (default: "
+                                                        "RUN/predictions_eval_<data file stem>.jsonl)")) -> None:
     """Validation loss and generation accuracy (per question type) of a trained run on any LLaVA file."""
     import contextlib
 
-    from vlkit.predict import evaluate_run
+    from vlkit.predict import eval_predictions_path, evaluate_run
     from vlkit.random_init import tag_console
     from vlkit.train import print_accuracy
 
-    m = evaluate_run(run, data, image_root, max_samples, batch_size, max_new_tokens)
+    out = predictions or eval_predictions_path(run, data)
+    m = evaluate_run(run, data, image_root, max_samples, batch_size, max_new_tokens, out)
     with contextlib.ExitStack() as stack:
         tag_console(console, m.pop("random_weights"), stack)  # a run built with random_init says so on every line
         print_accuracy(console, str(run), m)
+    console.print(f"answers: {out}")
 
 
 @app.command("predict")

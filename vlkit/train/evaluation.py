@@ -8,7 +8,7 @@ import torch
 
 from vlkit.config import Recipe, StageConfig
 from vlkit.data.llava import ImageTransform, load_records
-from vlkit.evaluate import evaluate
+from vlkit.evaluate import evaluate, predictions_path, write_predictions
 from vlkit.model import VLM, resolve_ref
 
 
@@ -32,3 +32,11 @@ def final_eval(model: VLM, recipe: Recipe, stage_name: str, device: torch.device
     records = load_records(resolve_ref(stage.eval_data))[: stage.eval_max_samples]
     transform = ImageTransform(model.encoder.image_size, model.encoder.mean, model.encoder.std)
     return run_eval(model, recipe, stage, records, transform, device, features_fn)
+
+
+def keep_predictions(run_dir, stage_name: str, metrics: dict[str, Any], write: bool) -> None:
+    """Move the evaluation's per-question rows out of ``metrics`` (they stay out of summary.json) into
+    ``<run_dir>/predictions_<stage>.jsonl``, written atomically by the process that writes the run (``write``)."""
+    rows = metrics.pop("predictions", None)
+    if rows is not None and write:
+        write_predictions(predictions_path(run_dir, stage_name), rows)

@@ -28,7 +28,7 @@ from vlkit.model import VLM, build_model, parameter_counts
 from vlkit.random_init import random_weight_parts, tag_console
 from vlkit.runs import pick_device
 from vlkit.train.accuracy import print_accuracy
-from vlkit.train.evaluation import eval_row, final_eval
+from vlkit.train.evaluation import eval_row, final_eval, keep_predictions
 from vlkit.train.metrics_log import MetricsLog, NullLog
 from vlkit.train.setup import pin_threads, seed_everything, set_trainable
 from vlkit.train.stage import StageResult, run_stage
@@ -156,6 +156,7 @@ def record_stage(run_dir: Path, stage_name: str, metrics: dict[str, Any], summar
                  console: Console) -> None:
     """The stage's entry: beside its final checkpoint first (summary.json can always be rebuilt from these), then in
     summary.json; then its accuracy table."""
+    keep_predictions(run_dir, stage_name, metrics, ctx.is_main)  # before the stage counts as recorded
     summary["stages"][stage_name] = {k: v for k, v in metrics.items() if k != "examples"}
     if ctx.is_main:
         write_json_atomic(stage_metrics_path(run_dir, stage_name), summary["stages"][stage_name])

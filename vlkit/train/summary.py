@@ -34,12 +34,13 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
 
 
 def clear_run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
-    """``vlkit train --fresh``: delete a run directory's checkpoints, log and summary (its config stays), holding
+    """``vlkit train --fresh``: delete a run directory's checkpoints, log, summary and predictions (its config stays), holding
     its lock, so a directory another process trains is never cleared (RunBusyError)."""
     lock = hold_run_dir(default_run_dir(recipe, run_dir))
     try:
         d = prepare_run_dir(recipe, run_dir)
-        for sub in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard"):
+        kept = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard")
+        for sub in (*kept, *(p.name for p in d.glob("predictions_*.jsonl"))):
             target = d / sub
             if target.is_dir():
                 shutil.rmtree(target)

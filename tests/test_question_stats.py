@@ -1,0 +1,242 @@
+"""Question-level statistics: calibrated by simulation, and recomputed by a second, plain implementation.
+
+The simulations draw answers from a logistic model: question q has a difficulty d_q, the run of arm x with seed k
+a skill θ = shared seed part + the arm's own seed part, and P(correct) = σ(μ + θ + γ·[arm a] + u_q·(±½) − d_q),
+where u_q is an arm × question interaction (questions one arm gets right more often; 0 in the simple null). The
+seed SDs are fitted to the committed studies (vlkit's variance split of docs/examples); the difficulties are
+N(0, 1.5²) on the logit scale (the committed runs kept no answers to fit them from: an assumption).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from vlkit.ablate.stats import (crossed_design, crossed_power, crossed_stat, crossed_stats_many, mean_squares,
+                                variance_split)
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+
+
+def simulate(rng, studies: int, k: int, q: int, sd_armseed: float, gamma: float = 0.0, sd_armq: float = 0.0,
+             mu: float = 0.3, sd_seed: float = 0.3, tau: float = 1.5) -> np.ndarray:
+    """(studies × K × Q) paired answer differences (arm a − arm b) from the logistic model above."""
+    d = rng.normal(0, tau, size=(studies, 1, 1, q))
+    u = rng.normal(0, sd_armq, size=(studies, 1, 1, q)) * np.array([0.5, -0.5])[None, :, None, None]
+    theta = rng.normal(0, sd_seed, size=(studies, 1, k, 1)) + rng.normal(0, sd_armseed, size=(studies, 2, k, 1))
+    logit = mu + theta + np.array([gamma, 0.0])[None, :, None, None] + u - d
+    y = rng.random((studies, 2, k, q)) < 1 / (1 + np.exp(-logit))
+    return y[:, 0].astype(float) - y[:, 1]
+
+
+def fitted_seed_sd() -> float:
+    """The largest seed SD of the committed studies (position_of_object), on the logit scale at its accuracy."""
+    from vlkit.ablate.tables import variance_sources
+
+    worst = 0.0
+    for name in ("cls_vs_patch/seeds5", "num_tokens", "projectors", "stages"):
+        rows = json.loads((EXAMPLES / name / "results.json").read_text())
+        plan = json.loads((EXAMPLES / name / "plan.json").read_text())
+        v = next(v for v in variance_sources(rows, plan["axes"]) if v["metric"] == "acc/position_of_object")
+        vals = [r["acc/position_of_object"] for r in rows if r.get("status") == "finished"]
+        p = sum(vals) / len(vals)
+        worst = max(worst, math.sqrt(v["seed"]) / (p * (1 - p)))  # d logit = d p / (p (1 − p))
+    return worst
+
+
+def p_values(d: np.ndarray) -> np.ndarray:
+    g, se, df = crossed_stats_many(d)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(se > 0, 2 * stats.t.sf(np.abs(g) / se, df), np.where(g == 0, 1.0, 0.0))
+
+
+def test_many_tables_at_once_is_the_one_table_arithmetic():
+    rng = np.random.default_rng(5)
+    d = simulate(rng, 4, 3, 50, 0.3, sd_armq=0.4)
+    g, se, df = crossed_stats_many(d)
+    for i in range(4):
+        one = crossed_stat(d[i])
+        assert (one.effect, one.se, one.df) == pytest.approx((g[i], se[i], df[i]))
+        assert one.p() == pytest.approx(p_values(d[i:i + 1])[0])
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_same_recipe_false_positive_rate_at_most_6_percent(k):
+    """Two arms of one recipe: 2 000 simulated studies per regime, each test at α = 0.05."""
+    rng = np.random.default_rng(27 + k)
+    fitted = fitted_seed_sd()
+    assert 0.2 < fitted < 2.0  # position_of_object's seed SD (≈ 0.07 in accuracy) on the logit scale
+    for sd_armseed, sd_armq in [(0.0, 0.0), (fitted, 0.0), (fitted, 0.5), (0.1, 0.5)]:
+        p = p_values(simulate(rng, 2000, k, 50, sd_armseed, sd_armq=sd_armq))
+        rate = float(np.mean(p < 0.05))
+        assert rate <= 0.06, (k, sd_armseed, sd_armq, rate)
+
+
+def test_the_seed_only_t_test_ignores_question_variability_and_the_crossed_one_does_not():
+    """Why questions count as random: with an arm × question interaction the run-level paired t-test (questions
+    fixed) rejects a true null more often than α over many question sets; the crossed test holds α."""
+    rng = np.random.default_rng(3)
+    d = simulate(rng, 3000, 5, 50, 0.0, sd_armq=1.0)
+    runs = d.mean(axis=2)
+    t = runs.mean(1) / (runs.std(1, ddof=1) / math.sqrt(5))
+    run_level = float(np.mean(2 * stats.t.sf(np.abs(t), 4) < 0.05))
+    crossed = float(np.mean(p_values(d) < 0.05))
+    assert crossed <= 0.06 and run_level > crossed + 0.02, (run_level, crossed)
+
+
+def test_injected_effect_is_detected_at_the_power_the_report_predicts():
+    """The power note's arithmetic (crossed_design / crossed_power on the variance components) against 2 000
+    simulated studies with a known effect: the seeds it asks for give 80% ± 10% power, and so does any design."""
+    rng = np.random.default_rng(11)
+    q, gamma, sd_armseed, sd_armq = 100, 0.3, 0.25, 0.2
+    pilot = simulate(rng, 500, 12, q, sd_armseed, gamma, sd_armq)  # the true components, from the moments
+    ms = np.array([mean_squares(t) for t in pilot]).mean(axis=0)
+    var_seed, var_question, var_e = (ms[0] - ms[2]) / q, (ms[1] - ms[2]) / 12, ms[2]
+    delta = float(pilot.mean())
+    k = crossed_design(delta, var_seed, var_question, var_e, q)
+    assert k is not None and 5 <= k <= 100
+    empirical = float(np.mean(p_values(simulate(rng, 2000, k, q, sd_armseed, gamma, sd_armq)) < 0.05))
+    assert abs(empirical - 0.8) <= 0.10, (k, empirical)
+    for k2 in (4, k // 2):
+        predicted = crossed_power(delta, var_seed, var_question, var_e, k2, q)
+        empirical = float(np.mean(p_values(simulate(rng, 2000, k2, q, sd_armseed, gamma, sd_armq)) < 0.05))
+        assert abs(empirical - predicted) <= 0.10, (k2, predicted, empirical)
+
+
+# ---- a second, plain implementation ------------------------------------------------------------------------------
+def plain_crossed(table: list[list[float]]) -> dict[str, float]:
+    """Effect, SE, df, 95% CI and p of a (pairs × questions) table, with loops: the moments of a two-way layout,
+    the variance MS_rows/(KQ) plus max(0, MS_cols − MS_e)/(KQ), Satterthwaite df capped at K − 1."""
+    k, q = len(table), len(table[0])
+    grand = sum(sum(r) for r in table) / (k * q)
+    rows = [sum(r) / q for r in table]
+    cols = [sum(table[i][j] for i in range(k)) / k for j in range(q)]
+    ms_r = q * sum((r - grand) ** 2 for r in rows) / (k - 1)
+    ms_c = k * sum((c - grand) ** 2 for c in cols) / (q - 1)
+    ms_e = sum((table[i][j] - rows[i] - cols[j] + grand) ** 2 for i in range(k) for j in range(q)) / ((k - 1) * (q - 1))
+    extra = ms_c - ms_e if ms_c > ms_e else 0.0
+    var = (ms_r + extra) / (k * q)
+    denom = ms_r ** 2 / (k - 1) + ((ms_c ** 2 / (q - 1) + ms_e ** 2 / ((k - 1) * (q - 1))) if extra else 0.0)
+    df = min((ms_r + extra) ** 2 / denom, k - 1)
+    se = math.sqrt(var)
+    half = stats.t.ppf(0.975, df) * se
+    return {"effect": grand, "se": se, "df": df, "lo": grand - half, "hi": grand + half,
+            "p": 2 * stats.t.sf(abs(grand) / se, df)}
+
+
+def write_study(out: Path, rng, effect: float) -> None:
+    """An ablation directory with predictions: 2 arms × 4 seeds × 2 types × 30 questions."""
+    runs = []
+    qids = [(f"q{t}{i}", t) for t in ("where", "count") for i in range(30)]
+    for arm, shift in (("cls", 0.0), ("patch", effect)):
+        for seed in range(4):
+            rid = f"tokens-{arm}_seed-{seed}"
+            runs.append({"id": rid, "seed": seed, "axes": {"tokens": arm}, "overrides": [], "mapping": None,
+                         "skipped": None})
+            rd = out / "runs" / rid
+            rd.mkdir(parents=True)
+            rows = [{"id": qid, "question_type": t, "reference": "a", "prediction": "b",
+                     "correct": bool(rng.random() < (0.4 + (shift if t == "where" else 0.0)))} for qid, t in qids]
+            (rd / "predictions_instruct.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            by_type = {t: sum(r["correct"] for r in rows if r["question_type"] == t) / 30 for t in ("where", "count")}
+            (rd / "summary.json").write_text(json.dumps({
+                "status": "finished", "num_image_tokens": 1, "wall_time_s": 1.0,
+                "stages": {"instruct": {"accuracy": sum(r["correct"] for r in rows) / 60, "val_loss": 0.5,
+                                        "accuracy_by_type": by_type, "count_by_type": {"where": 30, "count": 30},
+                                        "trainable_params": 10, "tokens_per_s": 1.0}}}))
+    (out / "plan.json").write_text(json.dumps({
+        "recipe": "synthetic", "recipe_path": "s.yaml", "axes": ["tokens"], "seeds": [0, 1, 2, 3],
+        "base_overrides": [], "num_patches": 64, "command": "vlkit ablate s.yaml", "runs": runs,
+        "expect": ["patch > cls on acc/where", "cls ~ patch on acc/count (±0.15)"]}))
+
+
+def test_question_level_findings_agree_with_a_plain_recomputation_from_predictions(tmp_path):
+    from vlkit.ablate.report import write_report
+
+    write_study(tmp_path, np.random.default_rng(0), 0.3)
+    write_report(tmp_path)
+    found = {f["key"]: f for f in json.loads((tmp_path / "findings.json").read_text())["findings"]}
+    report = (tmp_path / "report.md").read_text()
+    assert "Analysis: **question level**" in report and "## Where the variance comes from" in report
+
+    def table(qtype: str) -> list[list[float]]:
+        answers = {}
+        for rd in (tmp_path / "runs").iterdir():
+            lines = (rd / "predictions_instruct.jsonl").read_text().splitlines()
+            answers[rd.name] = {r["id"]: float(r["correct"]) for r in map(json.loads, lines)
+                                if r["question_type"] == qtype}
+        ids = sorted(answers["tokens-cls_seed-0"])
+        return [[answers[f"tokens-patch_seed-{s}"][i] - answers[f"tokens-cls_seed-{s}"][i] for i in ids]
+                for s in range(4)]
+
+    where = plain_crossed(table("where"))
+    count = plain_crossed([[-x for x in row] for row in table("count")])  # cls − patch
+    se, df = count["se"], count["df"]
+    tost = max(stats.t.sf((count["effect"] + 0.15) / se, df), stats.t.sf((0.15 - count["effect"]) / se, df))
+    outside = stats.t.sf((abs(count["effect"]) - 0.15) / se, df)
+    claim = tost if abs(count["effect"]) < 0.15 else outside
+    lo90, hi90 = (count["effect"] + s * stats.t.ppf(0.95, df) * se for s in (-1, 1))
+    p_sorted = sorted([where["p"], claim])
+    holm = {p_sorted[0]: min(1, 2 * p_sorted[0])}
+    holm[p_sorted[1]] = max(holm[p_sorted[0]], min(1, p_sorted[1]))
+    f0, f1 = found["expect[0]"], found["expect[1]"]
+    assert f0["method"] == f1["method"] == "question" and f0["questions"] == 30 and f0["n_pairs"] == 4
+    got = [f0["effect"], f0["ci_low"], f0["ci_high"], f0["p"], f0["p_holm"],
+           f1["effect"], f1["ci_low"], f1["ci_high"], f1["p"], f1["p_holm"]]
+    want = [where["effect"], where["lo"], where["hi"], where["p"], holm[where["p"]],
+            count["effect"], lo90, hi90, claim, holm[claim]]
+    assert [round(x, 3) for x in got] == [round(x, 3) for x in want]
+    # the run-level numbers of the same study (answers set aside) have the same effect
+    from vlkit.ablate.findings import findings_for
+
+    rows = json.loads((tmp_path / "results.json").read_text())
+    run_level = findings_for(["patch > cls on acc/where"], {"tokens": ["cls", "patch"]}, rows)[0]
+    assert run_level.method == "run" and round(run_level.effect, 9) == round(where["effect"], 9)
+
+
+def test_a_study_without_answers_says_it_is_analysed_at_run_level(tmp_path):
+    from vlkit.ablate.report import write_report
+
+    write_study(tmp_path, np.random.default_rng(1), 0.3)
+    for f in (tmp_path / "runs").glob("*/predictions_instruct.jsonl"):
+        f.unlink()
+    write_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "Analysis: **run level** — none of the 8 finished runs has its answers" in report
+    assert all(f["method"] == "run" for f in json.loads((tmp_path / "findings.json").read_text())["findings"])
+
+
+def test_variance_split_binomial_against_seed():
+    # no seed spread at all: every share is evaluation sampling
+    v = variance_split([[0.5, 0.5, 0.5]], [[50, 50, 50]])
+    assert v["evaluation"] == pytest.approx(0.005) and v["seed"] == 0 and v["share_evaluation"] == 1.0
+    # seed spread SD 0.1 against a binomial SD 0.0707: a third of the variance is evaluation
+    v = variance_split([[0.4, 0.5, 0.6]], [[50, 50, 50]])
+    assert v["seed"] == pytest.approx(0.01)
+    binom = (0.4 * 0.6 + 0.25 + 0.6 * 0.4) / 3 / 50
+    assert v["evaluation"] == pytest.approx(binom) and v["share_evaluation"] == pytest.approx(binom / (binom + 0.01))
+    assert v["p_seed"] == pytest.approx(stats.chi2.sf(0.02 / binom, 2))
+
+
+def test_seeds_added_after_a_report_make_the_findings_exploratory(tmp_path):
+    from vlkit.ablate.plan import seed_extensions
+    from vlkit.ablate.report import write_report
+
+    write_study(tmp_path, np.random.default_rng(2), 0.2)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert seed_extensions(tmp_path, [0, 1, 2, 3, 4, 5]) == []  # no report yet: planned seeds, not a second look
+    write_report(tmp_path)
+    assert "Exploratory" not in (tmp_path / "report.md").read_text()
+    assert seed_extensions(tmp_path, [0, 1, 2, 3]) == []  # the same seeds again
+    extended = seed_extensions(tmp_path, [0, 1, 2, 3, 4, 5])
+    assert extended == [{"from": 4, "to": 6, "seeds_before": [0, 1, 2, 3]}]
+    (tmp_path / "plan.json").write_text(json.dumps({**plan, "seeds": [0, 1, 2, 3, 4, 5], "extended": extended}))
+    write_report(tmp_path)
+    assert "**Exploratory.** Seeds were added after a report of this study had been written (seeds 4 → 6)" in \
+        (tmp_path / "report.md").read_text()
+    assert "exploratory" in json.loads((tmp_path / "findings.json").read_text())
+    assert seed_extensions(tmp_path, [0, 1, 2, 3, 4, 5]) == extended  # kept by later plans
