@@ -28,6 +28,14 @@ def test_two_stages_write_run_directory(tiny_toy_world, tmp_path):
     inst = summary["stages"]["instruct"]
     assert {"accuracy", "accuracy_by_type", "val_loss", "tokens_per_s", "trainable_params"} <= set(inst)
     assert len(inst["accuracy_by_type"]) >= 6
+    # the references the evaluated questions carry, per type, in summary.json and in the printed table
+    refs = {"blind", "uniform", "position_blind", "toy_lm_from_text"}
+    assert set(inst["references"]) == refs and set(inst["references_by_type"]) == set(inst["accuracy_by_type"])
+    assert set(inst["spatial_types"]) <= set(inst["accuracy_by_type"]) and "relation" in inst["spatial_types"]
+    assert all(set(v) == refs for v in inst["references_by_type"].values())
+    assert inst["references_by_type"]["count"]["position_blind"] == 1.0
+    for column in ("blind", "uniform chance", "position-blind reader", "toy-lm from text", "◆ spatial"):
+        assert column in res.stdout, column
     assert summary["stages"]["align"]["trainable_params"] < inst["trainable_params"]  # + LoRA
     rows = losses(run)
     assert [s for s, _, _ in rows].count("align") == 3 and [s for s, _, _ in rows].count("instruct") == 6
