@@ -98,6 +98,10 @@ def test_ablate_runs_reruns_missing_and_reports(tiny_toy_world, tmp_path, monkey
     assert all(r["image_tokens"] == "64" and int(r["trainable_params"]) > 0 and r["accuracy"] != "" for r in ok)
     report = (out / "report.md").read_text()
     assert "mean ± 95% CI" in report and "Paired comparisons" in report
+    # the references of the same questions beside every arm: blind, position-blind reader, arm minus reader
+    assert "## References" in report and "| relation ◆ |" in report and "| position_of_object ◆ | " in report
+    assert all(float(r["ref/position_blind/position_of_object"]) == pytest.approx(1 / 9, abs=1e-4) for r in ok)
+    assert all("relation" in r["spatial_types"] for r in ok)
     # where each run's time went: the phases are measured parts of the process's own wall time
     for r in ok:
         phases = [float(r[k]) for k in ("t_build", "t_checks", "t_cache", "t_train", "t_eval")]

@@ -201,6 +201,38 @@ def results_table(rows: list[dict[str, Any]], agg: list[dict[str, Any]], axes: l
     return lines
 
 
+AT_READER = 0.10  # an arm within this of the position-blind reader on a spatial type reads no position there
+
+
+def references_markdown(rows: list[dict[str, Any]], agg: list[dict[str, Any]], axes: list[str]) -> list[str]:
+    """Per question type, the references the evaluated questions carry (blind, position-blind reader), and for
+    each configuration its mean accuracy minus the reader's, marked where a spatial type is at the reader's level
+    (the configuration reads no more of *where* than a pooled token could). Empty for runs without references."""
+    done = [r for r in rows if r.get("status") == "finished" and any(k.startswith("ref/") for k in r)]
+    if not done:
+        return []
+    spatial = set(str(done[0].get("spatial_types", "")).split())
+    types = sorted({k.split("/", 2)[2] for k in done[0] if k.startswith("ref/position_blind/")})
+    ref = {t: {n: done[0].get(f"ref/{n}/{t}") for n in ("blind", "position_blind")} for t in types}
+    head = ["question type", "blind", "position-blind reader"] + [" / ".join(str(a.get(x)) for x in axes) for a in agg]
+    lines = ["", "## References", "",
+             f"Per question type: the blind answer and the position-blind reader (knows every object, not its cell) on "
+             f"the same questions, then each configuration's mean accuracy minus the reader's. ◆ spatial type; "
+             f"**at reader**: within +{AT_READER:.2f} of the reader on a spatial type.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in types:
+        cells = [t + (" ◆" if t in spatial else ""), f"{ref[t]['blind']:.3f}", f"{ref[t]['position_blind']:.3f}"]
+        for a in agg:
+            mc = a.get(f"acc/{t}")
+            if mc is None:
+                cells.append("")
+                continue
+            diff = mc[0] - ref[t]["position_blind"]
+            cells.append(f"{diff:+.3f}" + (" **at reader**" if t in spatial and diff < AT_READER else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def comparisons_markdown(comps: list[dict[str, Any]]) -> list[str]:
     if not comps:
         return []
@@ -252,6 +284,7 @@ def write_report(out: Path, command: str | None = None, compare: list[Path] | No
     if findings:
         lines += findings_markdown(findings, analysis_line(rows, answers), exploratory_line(plan))
     lines += results_table(rows, agg, axes, plan["seeds"])
+    lines += references_markdown(rows, agg, axes)
     lines += variance_markdown(variance_sources(rows, axes))
     lines += comparisons_markdown(comps)
     spreads = axis_spreads(rows, axes)

@@ -82,6 +82,11 @@ def collect(out: Path) -> list[dict[str, Any]]:
                 row[f"acc/{qt}"] = acc
             for qt, n in (last.get("count_by_type") or {}).items():
                 row[f"n/{qt}"] = n  # questions of the type the run answered (the evaluation's binomial n)
+            for qt, refs in (last.get("references_by_type") or {}).items():
+                for name, value in refs.items():  # what e.g. a position-blind reader scores on the same questions
+                    row[f"ref/{name}/{qt}"] = value
+            if last.get("spatial_types"):
+                row["spatial_types"] = " ".join(last["spatial_types"])
             row.update(time_columns(summary, rd))
         rows.append(row)
     return rows
