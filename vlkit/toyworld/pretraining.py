@@ -48,13 +48,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                 arch=LM_ARCH),
         probes=dict(n_train=3000, epochs=300),
     ),
-    "v4": dict(
-        data=DATA_V4,
-        clip=dict(steps=2500, batch=128, lr=2e-3, arch=CLIP_ARCH),
-        lm=dict(steps=5000, batch=32, lr=3e-3, turns=(6, 10), caption_share=0.15, other_token_weight=0.3,
-                arch=LM_ARCH),
-        probes=dict(n_train=3000, epochs=300),
-    ),
     "tiny": dict(
         data=dict(DATA, n_train=400, n_val=160, n_test=40),
         clip=dict(steps=12, batch=32, lr=2e-3, arch=CLIP_ARCH),
@@ -63,6 +56,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         probes=dict(n_train=300, epochs=100),
     ),
 }
+# the next world: the shipped recipe on the v4 scenes and questions (its toy-lm recipe is not settled)
+PRESETS["v4"] = dict(PRESETS["default"], data=DATA_V4)
 SHIPPED_PRESET, SHIPPED_SEED = "default", 0
 
 
