@@ -64,18 +64,15 @@ def recipe_cfg(base: dict, change: dict) -> dict:
 
 
 def _make_batches(args) -> list:
-    """One chunk of the shared stream: ``lm_batch`` of steps [lo, hi)."""
-    lo, hi, batch, seed, lm_cfg, data_cfg, tok_dir = args  # plain data: a child may not find vlkit to unpickle
+    """``lm_batch`` of one chunk of the shared stream: ``convs`` cut into batches of ``batch``."""
+    convs, batch, tok_dir = args  # plain data: a child may not find vlkit to unpickle
     models, _, _ = _import_vlkit_parts()
-    scenes = models.world_scenes(data_cfg)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    # the stream of the whole run, cut per chunk (lm_conversations is cheap next to tokenising)
-    convs = models.lm_conversations(hi * batch, seed, lm_cfg, **scenes)[lo * batch:]
     out = []
-    for i in range(hi - lo):
-        b = models.lm_batch(tok, convs[i * batch:(i + 1) * batch], 0.0)  # weights: 1 on answers, else 0
+    for i in range(0, len(convs), batch):
+        b = models.lm_batch(tok, convs[i:i + batch], 0.0)  # weights: 1 on answers, else 0
         out.append({"input_ids": b["input_ids"].short(), "attention_mask": b["attention_mask"].bool(),
                     "answer": b["weights"] > 0})
     return out
@@ -164,10 +161,11 @@ def main() -> None:
     tok = build_tokenizer(work / "data", work / "tokenizer")
     convs, qtypes, _ = probes.val_lm_convs(work / "data")
     convs, qtypes = convs[:args.n_eval], qtypes[:args.n_eval]
+    # the chats once, in order (cheap), then tokenised in chunks of whole batches by worker processes
+    convs_all = models.lm_conversations(args.steps * args.batch, 0, config["lm"], **models.world_scenes(config["data"]))
     chunks = max(1, min(os.cpu_count() or 1, 16))
-    per = -(-args.steps // chunks)
-    jobs = [(lo, min(lo + per, args.steps), args.batch, 0, config["lm"], config["data"], str(work / "tokenizer"))
-            for lo in range(0, args.steps, per)]
+    per = -(-args.steps // chunks) * args.batch
+    jobs = [(convs_all[lo:lo + per], args.batch, str(work / "tokenizer")) for lo in range(0, len(convs_all), per)]
     # an executor, not a Pool: a worker that dies raises here instead of hanging
     with ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn")) as pool:
         stream = [b for part in pool.map(_make_batches, jobs) for b in part]
