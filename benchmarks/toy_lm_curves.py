@@ -79,7 +79,7 @@ def _make_batches(args) -> list:
 
 
 def _train_one(name: str, cfg: dict, stream_path: str, tok_dir: str, val_convs, val_types, steps: int,
-               eval_every: int, device: str, seed: int, out_path: str, threads: int) -> None:
+               eval_every: int, device: str, seed: int, out_path: str, threads: int, parent: int) -> None:
     import numpy as np
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
@@ -111,6 +111,8 @@ def _train_one(name: str, cfg: dict, stream_path: str, tok_dir: str, val_convs, 
 
     model.train()
     for step in range(steps):
+        if step % 50 == 0 and os.getppid() != parent:  # the parent was killed: stop rather than run on unseen
+            raise SystemExit(f"{name}: the parent process is gone")
         b = stream[step % len(stream)]
         ids, att, ans = b["input_ids"].long().to(device), b["attention_mask"].long().to(device), b["answer"].to(device)
         weights = torch.where(ans, 1.0, cfg["other_token_weight"]) * att
@@ -158,7 +160,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="toy-lm-curves-"))
     data_cfg = dict(config["data"], n_train=args.n_train_scenes, n_test=8)
     toy.generate_toy_data(work / "data", seed=0, **data_cfg)
-    tok = build_tokenizer(work / "data", work / "tokenizer")
+    build_tokenizer(work / "data", work / "tokenizer")
     convs, qtypes, _ = probes.val_lm_convs(work / "data")
     convs, qtypes = convs[:args.n_eval], qtypes[:args.n_eval]
     # the chats once, in order (cheap), then tokenised in chunks of whole batches by worker processes
@@ -184,7 +186,7 @@ def main() -> None:
         path = work / f"curve_{name}.json"
         p = ctx.Process(target=_train_one, args=(name, cfg, str(work / "stream.pt"), str(work / "tokenizer"), convs,
                                                  qtypes, args.steps, args.eval_every, args.device, 0, str(path),
-                                                 args.threads))
+                                                 args.threads, os.getpid()))
         p.start()
         procs[name] = (p, path)
     deadline = time.perf_counter() + args.max_seconds - t_data
