@@ -34,7 +34,7 @@ def test_two_stages_write_run_directory(tiny_toy_world, tmp_path):
     assert set(inst["spatial_types"]) <= set(inst["accuracy_by_type"]) and "relation" in inst["spatial_types"]
     assert all(set(v) == refs for v in inst["references_by_type"].values())
     assert inst["references_by_type"]["count"]["position_blind"] == 1.0
-    for column in ("blind", "uniform chance", "position-blind reader", "toy-lm from text", "◆ spatial"):
+    for column in ("uniform", "chance", "blind to", "toy-lm", "relation ◆", "◆ spatial"):
         assert column in res.stdout, column
     assert summary["stages"]["align"]["trainable_params"] < inst["trainable_params"]  # + LoRA
     rows = losses(run)

@@ -8,8 +8,8 @@ from typing import Any
 from rich.console import Console
 
 # the references a table shows, in this order, when the evaluated records carry them
-REFERENCES = {"blind": "blind", "uniform": "uniform chance", "position_blind": "position-blind reader",
-              "toy_lm_from_text": "toy-lm from text"}
+REFERENCES = {"blind": "blind", "uniform": "uniform\nchance", "position_blind": "reader\nblind to\nposition",
+              "toy_lm_from_text": "toy-lm\nfrom text"}
 SPATIAL_MARK = "◆"
 
 
@@ -22,7 +22,7 @@ def print_accuracy(console: Console, stage: str, m: dict[str, Any]) -> None:
         refs = [r for r in REFERENCES if r in (m.get("references") or {})]
         spatial = set(m.get("spatial_types") or [])
         table = Table(title=f"{stage}: generation accuracy (exact match) on {m['n']} samples")
-        table.add_column("question type")
+        table.add_column("question type", no_wrap=True)  # the names stay whole; reference headers wrap
         table.add_column("n", justify="right")
         table.add_column("accuracy", justify="right")
         for r in refs:
