@@ -228,26 +228,13 @@ def vlkit_stepper(model, recipe, stage_name: str, batch: dict[str, Any], amp: to
     n_sup = int((batch["labels"][:, 1:] != RS.IGNORE).sum())
     dev = batch["input_ids"].device
 
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            out = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                        pixel_values=batch["pixel_values"], image_index=batch["image_index"])
-        loss = out.loss_sum / n_sup
-        loss.backward()
-        if stage.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
-        opt.step()
-        return float(loss.detach())
+    def loss() -> torch.Tensor:
+        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                    pixel_values=batch["pixel_values"], image_index=batch["image_index"])
+        return out.loss_sum / n_sup
 
-    def set_gc(on: bool) -> None:
-        if not stage.gradient_checkpointing:
-            return
-        base = model.llm.base()
-        if on:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_disable()
+    step = _training_step(loss, opt, params, stage.max_grad_norm, dev.type, amp)
+    set_gc = _checkpointing_switch(model.llm.base(), stage.gradient_checkpointing)
 
     trainable = {part: sum(p.numel() for p in getattr(model, part).parameters() if p.requires_grad)
                  for part in ("encoder", "tokens", "projector", "fusion", "llm")}
@@ -310,26 +297,41 @@ def hf_stepper(hf, recipe, stage_name: str, batch: dict[str, Any], amp: torch.dt
     model.train()
     lm = llava.model.language_model
 
+    def loss() -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+
+    step = _training_step(loss, opt, params, stage.max_grad_norm, batch["input_ids"].device.type, amp)
+    set_gc = _checkpointing_switch(lm, stage.gradient_checkpointing)
+
+    return step, set_gc, opt, model, sum(p.numel() for p in params)
+
+
+def _training_step(loss_fn: Callable[[], "torch.Tensor"], opt, params, max_grad_norm, device_type: str, amp):
+    """One optimiser step of ``loss_fn`` under autocast, with the recipe's gradient clipping (vlkit's and HF Llava's
+    steps differ only in the loss they compute); returns a function doing it that gives the loss."""
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(batch["input_ids"].device.type, dtype=amp, enabled=amp is not None):
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+        with torch.autocast(device_type, dtype=amp, enabled=amp is not None):
+            loss = loss_fn()
         loss.backward()
-        if stage.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         return float(loss.detach())
+    return step
 
+
+def _checkpointing_switch(lm, enabled: bool) -> Callable[[bool], None]:
+    """Turns gradient checkpointing of ``lm`` on or off (a no-op when the stage does not use it)."""
     def set_gc(on: bool) -> None:
-        if not stage.gradient_checkpointing:
+        if not enabled:
             return
         if on:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             lm.gradient_checkpointing_disable()
-
-    return step, set_gc, opt, model, sum(p.numel() for p in params)
+    return set_gc
 
 
 def _flash_attn_imports() -> bool:
