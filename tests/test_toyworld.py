@@ -371,3 +371,71 @@ def test_resolve_toy(tiny_toy_world, monkeypatch):
     assert tw.resolve_toy("toy:lm") == str(tw.PACKAGE_WEIGHTS / "toy-lm")
     assert tw.toy_path_if_available("toy:data") is None
     assert not (tiny_toy_world.root.parent / "never-built").exists()
+
+
+# ---- the toy-lm curriculum (phases) and schedules ---------------------------------------------------------------
+def test_lm_phases_restrict_types_and_are_validated():
+    from vlkit.toyworld import models, pretraining
+
+    lm = tw.pretrain_config("v4")["lm"]
+    phases = models.lm_phases(lm)
+    assert [p["steps"] for p in phases] == [1000, 11000] and phases[0]["types"] == pretraining.LOOKUP_TYPES
+    assert phases[1]["types"] is None and phases[1]["turns"] == list(lm["turns"])  # the config's own settings
+    world = models.world_scenes(tw.pretrain_config("v4")["data"])
+    chats = models.lm_chats(np.random.default_rng(0), 20, phases[0], **world)
+    questions = [m["content"] for c in chats for m in c if m["role"] == "user"]
+    assert len(questions) >= 20 * 10  # 10-14 questions per chat, no captions
+    assert all(("colour is" in q or "shape is" in q) for q in questions)  # the three look-up types only
+    assert models.lm_phases({**lm, "phases": None}) == [{"types": None, "turns": list(lm["turns"]),
+                                                         "caption_share": lm["caption_share"], "steps": 12000}]
+    with pytest.raises(ValueError, match="add up to 1000, not the config's steps 12000"):
+        models.lm_phases({**lm, "phases": [{"steps": 1000}]})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['type'\]"):
+        models.lm_phases({**lm, "phases": [{"steps": 12000, "type": ["count"]}]})
+
+
+def test_lm_schedules():
+    """cosine (shipped) decays from the warm-up on; held keeps the peak until the last tenth of the steps."""
+    from vlkit.toyworld import models
+
+    held = {"steps": 1000, "lr": 1e-3, "schedule": "held"}
+    assert models.lm_lr(0, held) == pytest.approx(1e-3 / 50)  # warm-up: 5 % of the steps, at most 100
+    assert models.lm_lr(49, held) == models.lm_lr(899, held) == pytest.approx(1e-3)
+    assert models.lm_lr(999, held) < 0.1e-3 and models.lm_lr(950, held) < 1e-3
+    cosine = {"steps": 1000, "lr": 1e-3}
+    assert models.lm_lr(49, cosine) == pytest.approx(1e-3) and models.lm_lr(500, cosine) < 0.6e-3
+    with pytest.raises(ValueError, match="valid are cosine, held"):
+        models.lm_lr(0, {**held, "schedule": "linear"})
+
+
+def test_a_phased_lm_pretraining_resumes_to_the_same_weights(tiny_toy_world, tmp_path):
+    """Phased chats are drawn step by step; their RNG state is checkpointed, so a resumed run equals a straight
+    one, across the phase boundary."""
+    from transformers import AutoTokenizer
+
+    from vlkit.toyworld import models
+
+    tok = AutoTokenizer.from_pretrained(tiny_toy_world.tokenizer_dir)
+    cfg = tw.pretrain_config("tiny")
+    lm = dict(cfg["lm"], steps=4, batch=4, schedule="held", arch=dict(cfg["lm"]["arch"], num_hidden_layers=1),
+              phases=[{"steps": 2, "types": ["colour_at_position"], "turns": [2, 3], "caption_share": 0.0},
+                      {"steps": 2}])
+    none = lambda *a: None  # noqa: E731
+    models.train_lm(tok, tmp_path / "straight", lm, 0, cfg["data"], none)
+
+    class Stop(Exception):
+        pass
+
+    def die_at_3(done, text=""):
+        if done == 3:
+            raise Stop
+
+    ckpt = models.StepCheckpoint(tmp_path / "ckpt", 2, "k")
+    with pytest.raises(Stop):
+        models.train_lm(tok, tmp_path / "resumed", lm, 0, cfg["data"], die_at_3, ckpt)
+    stats = models.train_lm(tok, tmp_path / "resumed", lm, 0, cfg["data"], none, ckpt)
+    assert stats["resumed_at_step"] == 2
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

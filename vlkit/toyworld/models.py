@@ -188,7 +188,16 @@ def lm_conversations(n: int, seed: int, cfg: dict[str, Any], grid: int, max_obje
       LM learns the caption language the align stage asks of it);
     - the rest ask ``turns`` = (min, max) questions of random types about a scene given as text, no question
       twice in a chat (an answer is never copied from an earlier turn)."""
-    rng = np.random.default_rng([seed, 202])
+    return lm_chats(np.random.default_rng([seed, 202]), n, cfg, grid, max_objects, min_objects=min_objects,
+                    max_repeat=max_repeat, rules=rules)
+
+
+def lm_chats(rng: np.random.Generator, n: int, cfg: dict[str, Any], grid: int, max_objects: int, *,
+             min_objects: int = 1, max_repeat: int | None = None, rules: toy.QuestionRules = toy.QuestionRules()
+             ) -> list[list[dict]]:
+    """``n`` chats drawn from ``rng`` (``lm_conversations``); ``cfg["types"]``, when given, restricts the
+    question types (a curriculum phase)."""
+    types = tuple(cfg.get("types") or toy.QUESTION_TYPES)
     lo, hi = cfg["turns"]
     convs: list[list[dict]] = []
     while len(convs) < n:
@@ -205,7 +214,7 @@ def lm_conversations(n: int, seed: int, cfg: dict[str, Any], grid: int, max_obje
         want = int(rng.integers(lo, hi + 1))
         qas: list[tuple[str, str, str]] = []
         for _ in range(4 * hi):
-            qtype = toy.QUESTION_TYPES[int(rng.integers(len(toy.QUESTION_TYPES)))]
+            qtype = types[int(rng.integers(len(types)))]
             qa = toy.ask(qtype, objs, grid, rng, rules=rules)
             if qa is not None and qa[0] not in {q for _, q, _ in qas}:  # an answer is never copied from a turn
                 qas.append((qtype, *qa))
@@ -213,6 +222,37 @@ def lm_conversations(n: int, seed: int, cfg: dict[str, Any], grid: int, max_obje
                 break
         convs.append(scene_messages(objs, grid, qas, rules.cell_names))
     return convs
+
+
+def lm_phases(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The curriculum of an lm config: its ``phases`` (each a dict of ``steps`` and the chat settings it
+    changes: ``types``, ``turns``, ``caption_share``), or one phase of all ``steps`` and all types."""
+    base = {"types": None, "turns": list(cfg["turns"]), "caption_share": cfg["caption_share"]}
+    phases = cfg.get("phases") or [{"steps": cfg["steps"]}]
+    unknown = {k for ph in phases for k in ph} - {"steps", *base}
+    if unknown:
+        raise ValueError(f"toy-lm phases: unknown key(s) {sorted(unknown)}; valid: steps, {', '.join(base)}")
+    if sum(ph["steps"] for ph in phases) != cfg["steps"]:
+        raise ValueError(f"toy-lm phases: their steps add up to {sum(ph['steps'] for ph in phases)}, "
+                         f"not the config's steps {cfg['steps']}")
+    return [dict(base, **ph) for ph in phases]
+
+
+def lm_lr(step: int, cfg: dict[str, Any]) -> float:
+    """The learning rate of a toy-lm step: cosine to 5 % after a 5 % warm-up (``schedule: cosine``, shipped), or
+    held at the peak after a warm-up of at most 100 steps and cosine to 5 % over the last 10 % of the steps
+    (``schedule: held``: a look-up forms after a plateau, and a rate decayed early can leave the run on it)."""
+    steps = cfg["steps"]
+    schedule = cfg.get("schedule", "cosine")
+    if schedule == "cosine":
+        return cosine_lr(step, steps, cfg["lr"], max(1, steps // 20))
+    if schedule != "held":
+        raise ValueError(f"toy-lm schedule {schedule!r}: valid are cosine, held")
+    warmup, tail = max(1, min(100, steps // 20)), max(1, steps // 10)
+    if step < steps - tail:
+        return cfg["lr"] * min(1.0, (step + 1) / warmup)
+    p = (step - (steps - tail)) / tail
+    return cfg["lr"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def world_scenes(data_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -265,18 +305,30 @@ def train_lm(tok, out_dir: Path, cfg: dict[str, Any], seed: int, data_cfg: dict[
                          pad_token_id=tok.pad_token_id, **cfg["arch"])
     model = Qwen2ForCausalLM(config)
     steps, batch = cfg["steps"], cfg["batch"]
-    convs = lm_conversations(steps * batch, seed, cfg, **world_scenes(data_cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.95))
     ckpt = ckpt or StepCheckpoint(None, 1, "")
-    start, losses, _ = ckpt.restore(model, opt)
+    start, losses, rng_state = ckpt.restore(model, opt)
+    # A config with phases draws each step's chats as it goes (its rng state is checkpointed); one without draws
+    # them all first, as the shipped weights were made.
+    phased = "phases" in cfg
+    rng = np.random.default_rng([seed, 202])
+    if rng_state is not None:
+        rng.bit_generator.state = json.loads(rng_state)
+    convs = None if phased else lm_conversations(steps * batch, seed, cfg, **world_scenes(data_cfg))
+    ends = np.cumsum([ph["steps"] for ph in lm_phases(cfg)])
     model.train()
     for step in range(start, steps):
-        b = lm_batch(tok, convs[step * batch:(step + 1) * batch], cfg["other_token_weight"])
+        if phased:
+            phase = lm_phases(cfg)[int(np.searchsorted(ends, step, side="right"))]
+            chats = lm_chats(rng, batch, phase, **world_scenes(data_cfg))
+        else:
+            chats = convs[step * batch:(step + 1) * batch]
+        b = lm_batch(tok, chats, cfg["other_token_weight"])
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, cfg["lr"], max(1, steps // 20))
+            g["lr"] = lm_lr(step, cfg)
         losses.append(_step(lm_loss(model, b), model, opt))
         update(step + 1, f"loss {np.mean(losses[-10:]):.3f}")
-        ckpt.save(step + 1, steps, model, opt, losses)
+        ckpt.save(step + 1, steps, model, opt, losses, json.dumps(rng.bit_generator.state) if phased else None)
     model.eval()
     model.generation_config = GenerationConfig(eos_token_id=im_end, pad_token_id=tok.pad_token_id,
                                                do_sample=False, max_new_tokens=64)

@@ -56,8 +56,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         probes=dict(n_train=300, epochs=100),
     ),
 }
-# the next world: the shipped recipe on the v4 scenes and questions (its toy-lm recipe is not settled)
-PRESETS["v4"] = dict(PRESETS["default"], data=DATA_V4)
+# The next world: v4 scenes and questions with one-token cell names, and a toy-lm recipe that reads cells. Chosen by
+# pilots scored per type (benchmarks/toy_lm_curves.py; issue 26): the shipped recipe (lr 3e-3, cosine, all types
+# from step 0) sits on the position-blind plateau for 1 500+ steps; a first phase of single look-ups only (10-14
+# per chat), 4 heads of 32 dims and lr 1e-3 read colour_at_position at 1.00 after 750 steps. The second phase
+# asks every type.
+LOOKUP_TYPES = ["colour_at_position", "shape_at_position", "shape_of_colour"]
+LM_V4 = dict(steps=12000, batch=32, lr=1e-3, schedule="held", turns=(8, 12), caption_share=0.1,
+             other_token_weight=0.3, arch=dict(LM_ARCH, num_attention_heads=4, num_key_value_heads=4),
+             phases=[{"steps": 1000, "types": LOOKUP_TYPES, "turns": [10, 14], "caption_share": 0.0},
+                     {"steps": 11000}])
+PRESETS["v4"] = dict(PRESETS["default"], data=dict(DATA_V4, cell_names="compass"), lm=LM_V4)
 SHIPPED_PRESET, SHIPPED_SEED = "default", 0
 
 
