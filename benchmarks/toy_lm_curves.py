@@ -1,15 +1,18 @@
 """Learning curves of toy-lm pretraining recipes, per question type, read from the scene given as text.
 
-Pilots for choosing the toy-lm recipe of a world (issue 26): every recipe trains on the *same* stream of chats
-(``vlkit.toyworld.models.lm_conversations`` of the world, fresh scenes, ``lm_batch``), one process each, side by
-side, and is scored every ``--eval-every`` steps on the world's val questions exactly as the shipped manifest
-scores toy-lm (teacher-forced: every answer token is the argmax; ``probes.lm_answers``). Output: one JSON with the
-curve of each recipe (overall and per type) and the time per step.
+Pilots for choosing the toy-lm recipe of a world (issue 26): each recipe draws its chats step by step exactly as
+``vlkit toy pretrain`` does for a phased recipe (``models.lm_chats`` of its phase from the RNG ``[0, 202]``, fresh
+scenes; recipes with the same phases see the same chats), with ``models.lm_lr``'s schedule, one process each, side
+by side, and is scored every ``--eval-every`` steps on the world's val questions exactly as the manifest scores
+toy-lm (teacher-forced: every answer token is the argmax; ``probes.lm_answers``). Output: one JSON with the curve
+of each recipe (overall and per type) and the time per step.
 
     python benchmarks/toy_lm_curves.py --preset v4 --steps 4000 --device cuda --out /tmp/curves.json
 
 Curves, not end points: a look-up skill appears abruptly after a plateau, so a recipe is judged by where it is
-going as well as where it is. On a CPU, run few recipes (``--recipes base,answer_only``) with small ``--steps``.
+going as well as where it is. On a CPU, run few recipes (``--recipes lookups_only,lookups_first``) with small
+``--steps``. Recipes are changes to the shipped toy-lm recipe (``PRESETS["default"]["lm"]``); ``preset`` is the
+``--preset``'s own.
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ import sys
 import tempfile
 import time
 import types
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
@@ -39,52 +41,58 @@ def _import_vlkit_parts():
     return models, pretraining, probes
 
 
-# recipe name -> changes to the preset's lm config ("arch" entries change the architecture)
+# recipe name -> changes to the shipped toy-lm recipe ("arch" entries change the architecture); a recipe's last
+# phase runs the steps its other phases leave
+HEADS4 = {"num_attention_heads": 4, "num_key_value_heads": 4}
+LOOKUPS = ["colour_at_position", "shape_at_position", "shape_of_colour"]
 RECIPES: dict[str, dict] = {
     "base": {},
     "answer_only": {"other_token_weight": 0.0},
-    "heads4": {"arch": {"num_attention_heads": 4, "num_key_value_heads": 4}},
-    "heads4_held_lr": {"arch": {"num_attention_heads": 4, "num_key_value_heads": 4}, "schedule": "held"},
-    "heads4_answer_only": {"arch": {"num_attention_heads": 4, "num_key_value_heads": 4}, "other_token_weight": 0.0},
+    "heads4": {"arch": HEADS4},
+    "heads4_held_lr": {"arch": HEADS4, "schedule": "held"},
+    "heads4_answer_only": {"arch": HEADS4, "other_token_weight": 0.0},
     "heads2": {"arch": {"num_attention_heads": 2, "num_key_value_heads": 2}},
-    "layers6_heads4": {"arch": {"num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 4}},
+    "layers6_heads4": {"arch": {"num_hidden_layers": 6, **HEADS4}},
     "wide256_heads8": {"arch": {"hidden_size": 256, "intermediate_size": 704, "num_attention_heads": 8,
                                 "num_key_value_heads": 8}},
+    # single look-ups only, 10-14 per chat, lr 1e-3 held (the first phase of the v4 recipe, run on)
+    "lookups_only": {"arch": HEADS4, "lr": 1e-3, "schedule": "held",
+                     "phases": [{"steps": 0, "types": LOOKUPS, "turns": [10, 14], "caption_share": 0.0}]},
+    # the same at the shipped 3e-3
+    "lookups_only_lr3": {"arch": HEADS4, "schedule": "held",
+                         "phases": [{"steps": 0, "types": LOOKUPS, "turns": [10, 14], "caption_share": 0.0}]},
+    # every type from step 0 with half the chats copying the scene (induction heads from copying), lr 1e-3 held
+    "copy_half": {"arch": HEADS4, "lr": 1e-3, "schedule": "held", "caption_share": 0.5},
+    "preset": None,  # the --preset's own recipe, at --steps (its phases but the last kept)
 }
 
 
-def recipe_cfg(base: dict, change: dict) -> dict:
+def recipe_cfg(base: dict, change: dict, steps: int) -> dict:
+    """``base`` with ``change`` applied, run for ``steps`` (the last phase takes what the others leave)."""
     cfg = copy.deepcopy(base)
-    for k, v in change.items():
+    for k, v in copy.deepcopy(change).items():
         if k == "arch":
             cfg["arch"].update(v)
         else:
             cfg[k] = v
+    cfg["steps"] = steps
+    if cfg.get("phases"):
+        rest = steps - sum(ph["steps"] for ph in cfg["phases"][:-1])
+        if rest <= 0:
+            raise SystemExit(f"--steps {steps} leaves no step for the recipe's last phase")
+        cfg["phases"][-1]["steps"] = rest
     return cfg
 
 
-def _make_batches(args) -> list:
-    """``lm_batch`` of one chunk of the shared stream: ``convs`` cut into batches of ``batch``."""
-    convs, batch, tok_dir = args  # plain data: a child may not find vlkit to unpickle
-    models, _, _ = _import_vlkit_parts()
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    out = []
-    for i in range(0, len(convs), batch):
-        b = models.lm_batch(tok, convs[i:i + batch], 0.0)  # weights: 1 on answers, else 0
-        out.append({"input_ids": b["input_ids"].short(), "attention_mask": b["attention_mask"].bool(),
-                    "answer": b["weights"] > 0})
-    return out
-
-
-def _train_one(name: str, cfg: dict, stream_path: str, tok_dir: str, val_convs, val_types, steps: int,
-               eval_every: int, device: str, seed: int, out_path: str, threads: int, parent: int) -> None:
+def _train_one(name: str, cfg: dict, world: dict, tok_dir: str, val_convs, val_types, eval_every: int, device: str,
+               seed: int, out_path: str, threads: int, parent: int) -> None:
     import numpy as np
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     models, _, probes = _import_vlkit_parts()
+    from vlkit.data import toy
+
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -92,8 +100,11 @@ def _train_one(name: str, cfg: dict, stream_path: str, tok_dir: str, val_convs, 
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), bos_token_id=None, eos_token_id=im_end,
                                          pad_token_id=tok.pad_token_id, **cfg["arch"])).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.95))
-    stream = torch.load(stream_path, weights_only=True)
-    warmup = max(1, steps // 20)
+    phases = models.lm_phases(cfg)
+    ends = np.cumsum([ph["steps"] for ph in phases])
+    rng = np.random.default_rng([seed, 202])
+    rules = toy.QuestionRules(*world.pop("rules"))
+    steps = cfg["steps"]
     curve, losses, t0 = [], [], time.perf_counter()
 
     def score(step: int) -> None:
@@ -113,17 +124,13 @@ def _train_one(name: str, cfg: dict, stream_path: str, tok_dir: str, val_convs, 
     for step in range(steps):
         if step % 50 == 0 and os.getppid() != parent:  # the parent was killed: stop rather than run on unseen
             raise SystemExit(f"{name}: the parent process is gone")
-        b = stream[step % len(stream)]
-        ids, att, ans = b["input_ids"].long().to(device), b["attention_mask"].long().to(device), b["answer"].to(device)
-        weights = torch.where(ans, 1.0, cfg["other_token_weight"]) * att
-        if cfg.get("schedule") == "held":
-            lr = cfg["lr"] * min(1.0, (step + 1) / warmup)
-        else:
-            lr = models.cosine_lr(step, steps, cfg["lr"], warmup)
+        phase = phases[int(np.searchsorted(ends, step, side="right"))]
+        b = models.lm_batch(tok, models.lm_chats(rng, cfg["batch"], phase, rules=rules, **world),
+                            cfg["other_token_weight"])
+        b = {k: v.to(device) for k, v in b.items()}
         for g in opt.param_groups:
-            g["lr"] = lr
-        loss = models.lm_loss(model, {"input_ids": ids, "attention_mask": att, "weights": weights})
-        losses.append(models._step(loss, model, opt))
+            g["lr"] = models.lm_lr(step, cfg)
+        losses.append(models._step(models.lm_loss(model, b), model, opt))
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             score(step + 1)
 
@@ -147,7 +154,6 @@ def main() -> None:
     models, pretraining, probes = _import_vlkit_parts()
     from vlkit.data import toy
     from vlkit.toyworld.tokenizer import build_tokenizer
-    import torch
 
     t_start = time.perf_counter()
     config = pretraining.pretrain_config(args.preset, 0)
@@ -163,30 +169,25 @@ def main() -> None:
     build_tokenizer(work / "data", work / "tokenizer")
     convs, qtypes, _ = probes.val_lm_convs(work / "data")
     convs, qtypes = convs[:args.n_eval], qtypes[:args.n_eval]
-    # the chats once, in order (cheap), then tokenised in chunks of whole batches by worker processes
-    convs_all = models.lm_conversations(args.steps * args.batch, 0, config["lm"], **models.world_scenes(config["data"]))
-    chunks = max(1, min(os.cpu_count() or 1, 16))
-    per = -(-args.steps // chunks) * args.batch
-    jobs = [(convs_all[lo:lo + per], args.batch, str(work / "tokenizer")) for lo in range(0, len(convs_all), per)]
-    # an executor, not a Pool: a worker that dies raises here instead of hanging
-    with ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn")) as pool:
-        stream = [b for part in pool.map(_make_batches, jobs) for b in part]
-    torch.save(stream, work / "stream.pt")
+    world = models.world_scenes(config["data"])
+    r = world["rules"]
+    world["rules"] = (r.cells, r.relations, r.cell_names)  # plain data for the spawned processes
     t_data = time.perf_counter() - t_start
-    print(f"stream of {len(stream)} batches x {args.batch} chats ready in {t_data:.0f} s", flush=True)
-
     names = [n for n in args.recipes.split(",") if n]
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         raise SystemExit(f"unknown recipe(s) {unknown}; valid: {', '.join(RECIPES)}")
     ctx = mp.get_context("spawn")
     procs = {}
+    shipped_lm = pretraining.pretrain_config("default", 0)["lm"]
     for name in names:
-        cfg = recipe_cfg(config["lm"], RECIPES[name])
+        cfg = recipe_cfg(config["lm"], {}, args.steps) if RECIPES[name] is None else recipe_cfg(
+            dict(shipped_lm, batch=args.batch), RECIPES[name], args.steps)
+        cfg["batch"] = args.batch
         path = work / f"curve_{name}.json"
-        p = ctx.Process(target=_train_one, args=(name, cfg, str(work / "stream.pt"), str(work / "tokenizer"), convs,
-                                                 qtypes, args.steps, args.eval_every, args.device, 0, str(path),
-                                                 args.threads, os.getpid()))
+        p = ctx.Process(target=_train_one, args=(name, cfg, dict(world), str(work / "tokenizer"), convs, qtypes,
+                                                 args.eval_every, args.device, 0, str(path), args.threads,
+                                                 os.getpid()))
         p.start()
         procs[name] = (p, path)
     deadline = time.perf_counter() + args.max_seconds - t_data
@@ -210,7 +211,7 @@ def _write(out: str, procs: dict, t_data: float, args, config: dict) -> None:
         except (OSError, ValueError):
             recipes[name] = {"recipe": name, "curve": [], "exitcode": p.exitcode}
     Path(out).write_text(json.dumps({"preset": args.preset, "world_data": config["data"], "steps": args.steps,
-                                     "batch": args.batch, "device": args.device, "stream_seconds": round(t_data, 1),
+                                     "batch": args.batch, "device": args.device, "setup_seconds": round(t_data, 1),
                                      "recipes": recipes}, indent=1))
 
 
