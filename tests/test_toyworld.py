@@ -145,7 +145,8 @@ def test_two_tiny_pretrains_give_identical_hashes(tiny_toy_world, tmp_path):
 def test_an_interrupted_pretraining_resumes_to_the_same_weights(tiny_toy_world, tmp_path, monkeypatch):
     """A pretraining that dies mid-way leaves its checkpoints and no output; the same call resumes from them and
     writes the files a straight pretraining writes (same sha256), then removes its work directory. Checkpoints
-    every 4 steps: toy-clip dies at step 6 (resumes at 4, its sampler's RNG restored), toy-lm at step 7."""
+    every 4 steps: toy-clip dies at step 6 (resumes at 4, its sampler's RNG restored), toy-lm at step 7 (toy-clip,
+    finished by then, is kept)."""
     from vlkit.toyworld import models, pretraining
 
     monkeypatch.setenv("VLKIT_TOY_PARALLEL", "0")  # the jobs run in this process, where the failure is injected
@@ -175,12 +176,15 @@ def test_an_interrupted_pretraining_resumes_to_the_same_weights(tiny_toy_world, 
             tw.pretrain(tmp_path / "weights", "tiny", 0, data_dir=tiny_toy_world.data_dir)
         assert not (tmp_path / "weights").exists()
         assert torch.load(work / "checkpoints" / job / "state.pt", weights_only=True)["step"] == done
+    # the second call finished toy-clip before toy-lm died: its weights and result are kept, not trained again
+    kept = work / "checkpoints" / "toy-clip.finished"
+    assert (kept / "result.json").is_file() and (kept / "toy-clip" / "model.safetensors").is_file()
     monkeypatch.setattr(models, "_step", real_step)
     again = tw.pretrain(tmp_path / "weights", "tiny", 0, data_dir=tiny_toy_world.data_dir)
     first = json.loads((tiny_toy_world.weights_dir / "manifest.json").read_text())
     assert again["files"] == first["files"]
     assert again["report"]["toy_lm"]["resumed_at_step"] == 4
-    assert again["report"]["toy_clip"]["resumed_at_step"] == 8  # never checkpointed after its last step (12)
+    assert again["report"]["toy_clip"]["resumed_at_step"] == 4  # the run that finished it, resumed at step 4
     assert not work.exists()
 
 

@@ -8,6 +8,7 @@ seeds and one torch thread per job (float reduction order depends on the thread 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import time
@@ -148,6 +149,28 @@ def job_threads(config: dict[str, Any], job: str) -> int:
     return int(config[_SECTION[job]].get("threads", config["threads"]))
 
 
+def _run_job(name: str, weights: Path, data_dir: Path, config: dict[str, Any], update, ckpt_root: Path
+             ) -> dict[str, Any]:
+    """``JOBS[name]`` with its checkpoints in ``ckpt_root/<name>``. A job that finished keeps its outputs (the
+    model directory ``weights/<name>`` and its result) in ``ckpt_root/<name>.finished``, so that resuming an
+    interrupted pretraining does not run it again: an hour of toy-lm need not wait for toy-clip twice, and the
+    checkpoints carried across machines are the unfinished job's state plus the finished job's weights."""
+    kept = ckpt_root / f"{name}.finished"
+    if (kept / "result.json").is_file():
+        shutil.rmtree(weights / name, ignore_errors=True)
+        shutil.copytree(kept / name, weights / name)
+        update(config[_SECTION[name]]["steps"], "kept from an interrupted run")
+        return json.loads((kept / "result.json").read_text())  # its times are those of the run that made it
+    result = JOBS[name](weights, data_dir, config, update, ckpt_root / name)
+    tmp = ckpt_root / f".{name}.finished.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(weights / name, tmp / name)
+    (tmp / "result.json").write_text(json.dumps(result))
+    shutil.rmtree(kept, ignore_errors=True)
+    tmp.replace(kept)  # whole or absent: a kill mid-copy leaves only the temporary directory
+    return result
+
+
 def _job_main(name: str, weights: str, data_dir: str, config: dict[str, Any], ckpt_dir: str, parent: int, step,
               info, queue) -> None:
     """Entry point of a job process: runs ``JOBS[name]`` and puts ("ok", result) or ("error", traceback)."""
@@ -162,7 +185,7 @@ def _job_main(name: str, weights: str, data_dir: str, config: dict[str, Any], ck
                 info.value = text.encode()[:63]
                 step.value = done
 
-            result = JOBS[name](Path(weights), Path(data_dir), config, update, Path(ckpt_dir) / name)
+            result = _run_job(name, Path(weights), Path(data_dir), config, update, Path(ckpt_dir))
             result["peak_rss_mb"] = {name: round(peak_rss_mb(), 1)}
             queue.put(("ok", result))
     except BaseException:  # noqa: BLE001 - sent to the parent, which raises it with the job's name
@@ -175,9 +198,9 @@ def _run_jobs(weights: Path, data_dir: Path, config: dict[str, Any], updates: di
     its checkpoints in ``ckpt_dir/<job>``."""
     if not _runtime.parallel_jobs():
         results = []
-        for name, job in JOBS.items():
+        for name in JOBS:
             with _runtime.quiet_runtime(job_threads(config, name)):
-                results.append(job(weights, data_dir, config, updates[name], ckpt_dir / name))
+                results.append(_run_job(name, weights, data_dir, config, updates[name], ckpt_dir))
         return results
     import multiprocessing as mp
     import queue as queue_mod
