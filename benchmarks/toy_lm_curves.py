@@ -58,9 +58,12 @@ RECIPES: dict[str, dict] = {
     # single look-ups only, 10-14 per chat, lr 1e-3 held (the first phase of the v4 recipe, run on)
     "lookups_only": {"arch": HEADS4, "lr": 1e-3, "schedule": "held",
                      "phases": [{"steps": 0, "types": LOOKUPS, "turns": [10, 14], "caption_share": 0.0}]},
-    # the same at the shipped 3e-3
+    # at the shipped 3e-3 and 6-10 questions per chat; and the same with loss on answers only
     "lookups_only_lr3": {"arch": HEADS4, "schedule": "held",
-                         "phases": [{"steps": 0, "types": LOOKUPS, "turns": [10, 14], "caption_share": 0.0}]},
+                         "phases": [{"steps": 0, "types": LOOKUPS, "turns": [6, 10], "caption_share": 0.0}]},
+    "lookups_only_lr3_answer_only": {"arch": HEADS4, "schedule": "held", "other_token_weight": 0.0,
+                                     "phases": [{"steps": 0, "types": LOOKUPS, "turns": [6, 10],
+                                                 "caption_share": 0.0}]},
     # every type from step 0 with half the chats copying the scene (induction heads from copying), lr 1e-3 held
     "copy_half": {"arch": HEADS4, "lr": 1e-3, "schedule": "held", "caption_share": 0.5},
     "preset": None,  # the --preset's own recipe, at --steps (its phases but the last kept)
