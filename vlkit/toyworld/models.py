@@ -315,11 +315,12 @@ def train_lm(tok, out_dir: Path, cfg: dict[str, Any], seed: int, data_cfg: dict[
     if rng_state is not None:
         rng.bit_generator.state = json.loads(rng_state)
     convs = None if phased else lm_conversations(steps * batch, seed, cfg, **world_scenes(data_cfg))
-    ends = np.cumsum([ph["steps"] for ph in lm_phases(cfg)])
+    phases = lm_phases(cfg)
+    ends = np.cumsum([ph["steps"] for ph in phases])
     model.train()
     for step in range(start, steps):
         if phased:
-            phase = lm_phases(cfg)[int(np.searchsorted(ends, step, side="right"))]
+            phase = phases[int(np.searchsorted(ends, step, side="right"))]
             chats = lm_chats(rng, batch, phase, **world_scenes(data_cfg))
         else:
             chats = convs[step * batch:(step + 1) * batch]
