@@ -104,7 +104,6 @@ def _train_one(name: str, cfg: dict, world: dict, tok_dir: str, val_convs, val_t
                                          pad_token_id=tok.pad_token_id, **cfg["arch"])).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.95))
     phases = models.lm_phases(cfg)
-    ends = np.cumsum([ph["steps"] for ph in phases])
     rng = np.random.default_rng([seed, 202])
     rules = toy.QuestionRules(*world.pop("rules"))
     steps = cfg["steps"]
@@ -127,9 +126,8 @@ def _train_one(name: str, cfg: dict, world: dict, tok_dir: str, val_convs, val_t
     for step in range(steps):
         if step % 50 == 0 and os.getppid() != parent:  # the parent was killed: stop rather than run on unseen
             raise SystemExit(f"{name}: the parent process is gone")
-        phase = phases[int(np.searchsorted(ends, step, side="right"))]
-        b = models.lm_batch(tok, models.lm_chats(rng, cfg["batch"], phase, rules=rules, **world),
-                            cfg["other_token_weight"])
+        chats = models.lm_chats(rng, cfg["batch"], models.phase_at(phases, step), rules=rules, **world)
+        b = models.lm_batch(tok, chats, cfg["other_token_weight"])
         b = {k: v.to(device) for k, v in b.items()}
         for g in opt.param_groups:
             g["lr"] = models.lm_lr(step, cfg)

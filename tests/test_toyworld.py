@@ -385,6 +385,7 @@ def test_lm_phases_restrict_types_and_are_validated():
     phases = models.lm_phases(lm)
     assert [p["steps"] for p in phases] == [1000, 11000] and phases[0]["types"] == pretraining.LOOKUP_TYPES
     assert phases[1]["types"] is None and phases[1]["turns"] == list(lm["turns"])  # the config's own settings
+    assert [models.phase_at(phases, s) is phases[i] for s, i in ((0, 0), (999, 0), (1000, 1), (11999, 1))] == [True] * 4
     world = models.world_scenes(tw.pretrain_config("v4")["data"])
     chats = models.lm_chats(np.random.default_rng(0), 20, phases[0], **world)
     questions = [m["content"] for c in chats for m in c if m["role"] == "user"]

@@ -238,6 +238,11 @@ def lm_phases(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(base, **ph) for ph in phases]
 
 
+def phase_at(phases: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    """The phase (of ``lm_phases``) that step ``step`` (0-based) belongs to."""
+    return phases[int(np.searchsorted(np.cumsum([ph["steps"] for ph in phases]), step, side="right"))]
+
+
 def lm_lr(step: int, cfg: dict[str, Any]) -> float:
     """The learning rate of a toy-lm step: cosine to 5 % after a 5 % warm-up (``schedule: cosine``, shipped), or
     held at the peak after a warm-up of at most 100 steps and cosine to 5 % over the last 10 % of the steps
@@ -316,12 +321,10 @@ def train_lm(tok, out_dir: Path, cfg: dict[str, Any], seed: int, data_cfg: dict[
         rng.bit_generator.state = json.loads(rng_state)
     convs = None if phased else lm_conversations(steps * batch, seed, cfg, **world_scenes(data_cfg))
     phases = lm_phases(cfg)
-    ends = np.cumsum([ph["steps"] for ph in phases])
     model.train()
     for step in range(start, steps):
         if phased:
-            phase = phases[int(np.searchsorted(ends, step, side="right"))]
-            chats = lm_chats(rng, batch, phase, **world_scenes(data_cfg))
+            chats = lm_chats(rng, batch, phase_at(phases, step), **world_scenes(data_cfg))
         else:
             chats = convs[step * batch:(step + 1) * batch]
         b = lm_batch(tok, chats, cfg["other_token_weight"])

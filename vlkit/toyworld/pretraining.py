@@ -185,8 +185,10 @@ def _job_main(name: str, weights: str, data_dir: str, config: dict[str, Any], ck
                 info.value = text.encode()[:63]
                 step.value = done
 
+            kept = (Path(ckpt_dir) / f"{name}.finished" / "result.json").is_file()
             result = _run_job(name, Path(weights), Path(data_dir), config, update, Path(ckpt_dir))
-            result["peak_rss_mb"] = {name: round(peak_rss_mb(), 1)}
+            if not kept:  # a kept job's process trained nothing: its memory says nothing of the job
+                result["peak_rss_mb"] = {name: round(peak_rss_mb(), 1)}
             queue.put(("ok", result))
     except BaseException:  # noqa: BLE001 - sent to the parent, which raises it with the job's name
         queue.put(("error", traceback.format_exc()))
