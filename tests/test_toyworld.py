@@ -2,6 +2,7 @@
 chat template, determinism, probes."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -186,6 +187,42 @@ def test_an_interrupted_pretraining_resumes_to_the_same_weights(tiny_toy_world, 
     assert again["report"]["toy_lm"]["resumed_at_step"] == 4
     assert again["report"]["toy_clip"]["resumed_at_step"] == 4  # the run that finished it, resumed at step 4
     assert not work.exists()
+
+
+def test_job_keys_follow_what_each_job_depends_on():
+    from vlkit.toyworld import pretraining
+
+    config = tw.pretrain_config("tiny")
+    lm, clip = pretraining.job_key(config, "toy-lm"), pretraining.job_key(config, "toy-clip")
+    assert lm.startswith("job toy-lm ") and clip.startswith("job toy-clip ") and lm.split()[2] != clip.split()[2]
+    other_clip = copy.deepcopy(config)
+    other_clip["clip"]["lr"] *= 2
+    assert pretraining.job_key(other_clip, "toy-lm") == lm  # toy-lm's checkpoints outlive a toy-clip change
+    assert pretraining.job_key(other_clip, "toy-clip") != clip
+    for section, key, value in (("lm", "lr", 1.0), ("data", "n_train", 7), ("seed", None, 1)):
+        changed = copy.deepcopy(config)
+        if key is None:
+            changed[section] = value
+        else:
+            changed[section][key] = value
+        assert pretraining.job_key(changed, "toy-lm") != lm, section
+
+
+def test_a_finished_job_of_another_config_is_not_reused(tmp_path):
+    from vlkit.toyworld import pretraining
+
+    config = tw.pretrain_config("tiny")
+    kept = tmp_path / "checkpoints" / "toy-clip.finished"
+    (kept / "toy-clip").mkdir(parents=True)
+    (kept / "result.json").write_text("{}")
+    (kept / "key.txt").write_text("job toy-clip 0000000000000000 vlkit 0 torch 0 transformers 0\n")
+    with pytest.raises(RuntimeError, match=r"finished toy-clip in .*toy-clip.finished belongs to another config"):
+        pretraining._run_job("toy-clip", tmp_path / "weights", tmp_path / "data", config, lambda *a: None,
+                             tmp_path / "checkpoints")
+    (kept / "key.txt").write_text(pretraining.job_key(config, "toy-clip") + "\n")
+    assert pretraining._run_job("toy-clip", tmp_path / "weights", tmp_path / "data", config, lambda *a: None,
+                                tmp_path / "checkpoints") == {}
+    assert (tmp_path / "weights" / "toy-clip").is_dir()
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path):
@@ -444,3 +481,44 @@ def test_a_phased_lm_pretraining_resumes_to_the_same_weights(tiny_toy_world, tmp
 
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("straight", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hard_negatives_change_shapes_only():
+    from collections import Counter
+
+    from vlkit.data import toy
+    from vlkit.toyworld import models
+
+    rng = np.random.default_rng(0)
+    objs = [toy.Obj("circle", "red", 0, 0, 0.6, 0, 0), toy.Obj("square", "blue", 0, 1, 0.6, 0, 0),
+            toy.Obj("cross", "green", 2, 2, 0.6, 0, 0)]
+    swaps = 0
+    for _ in range(50):
+        neg = models.hard_negative(objs, rng)
+        assert [(o.colour, o.row, o.col) for o in neg] == [(o.colour, o.row, o.col) for o in objs]
+        changed = [(a.shape, b.shape) for a, b in zip(objs, neg) if a.shape != b.shape]
+        assert len(changed) in (1, 2)
+        if len(changed) == 2:  # a swap: the bag of shapes is kept, only the colour-shape binding changes
+            swaps += 1
+            assert Counter(o.shape for o in neg) == Counter(o.shape for o in objs)
+    assert 10 < swaps < 40
+    assert [o.shape for o in objs] == ["circle", "square", "cross"]  # the scene itself is untouched
+
+
+def test_contrastive_loss_without_negatives_is_clips(tiny_toy_world):
+    from transformers import AutoTokenizer, CLIPModel
+
+    from vlkit.data import toy
+    from vlkit.toyworld import models
+
+    model = CLIPModel.from_pretrained(tiny_toy_world.clip_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_toy_world.clip_dir)
+    scenes = toy.load_scenes(tiny_toy_world.data_dir, "train")[:4]
+    images = models.normalize(models.load_images(tiny_toy_world.data_dir, scenes))
+    caps = [s["caption"] for s in scenes]
+    with torch.no_grad():
+        out = model(pixel_values=images, **models.clip_text(tok, caps), return_loss=True)
+        ours = models.contrastive_loss(out.logits_per_image)
+        negs = model(pixel_values=images, **models.clip_text(tok, caps + caps[::-1]))
+    assert torch.allclose(ours, out.loss, atol=1e-6)
+    assert negs.logits_per_image.shape == (4, 8) and models.contrastive_loss(negs.logits_per_image) > ours

@@ -12,7 +12,9 @@ from vlkit.cli.common import console, friendly, toy_app
 @toy_app.command("build")
 @friendly
 def toy_build_cmd(cache_dir: Optional[Path] = typer.Option(None, help="default: $VLKIT_TOY_DIR or ~/.cache/vlkit"),
-                  preset: str = typer.Option("default", help="default (shipped weights) or tiny (pretrained here)"),
+                  preset: str = typer.Option("default", help="default (the shipped weights, preset v4), tiny "
+                                                    "(tests) or v3 (the previous world); presets other than "
+                                                    "the shipped one are pretrained here"),
                   force: bool = typer.Option(False, help="remake the data even if present")) -> None:
     """Check the shipped toy-clip / toy-lm weights and generate the shapes data (what a first run does)."""
     import time
@@ -31,13 +33,14 @@ def toy_build_cmd(cache_dir: Optional[Path] = typer.Option(None, help="default: 
 @friendly
 def toy_pretrain_cmd(out: Optional[Path] = typer.Option(None, help="weights directory (default: the package's "
                                                                    "vlkit/toyworld/weights, replaced when done)"),
-                     preset: str = typer.Option("default", help="default or tiny"),
+                     preset: str = typer.Option("default", help="default (= v4, the shipped one), v3 or tiny"),
                      seed: int = typer.Option(0),
                      restart: bool = typer.Option(False, "--restart", help="discard the checkpoints of an "
                                                   "interrupted pretraining and start over")) -> None:
     """Maintainers: pretrain the toy tokenizer, toy-clip and toy-lm from a fixed seed and write the weights with
-    their manifest (sha256 per file, config, quality report). The default preset takes about an hour on 2 cores;
-    an interrupted pretraining resumes from its checkpoints when the same command is run again."""
+    their manifest (sha256 per file, config, quality report). The shipped preset takes about 4 CPU-hours (toy-lm's
+    12 000 steps on one thread); an interrupted pretraining resumes from its checkpoints when the same command is
+    run again."""
     from vlkit.toyworld import PACKAGE_WEIGHTS, pretrain
 
     target = out or PACKAGE_WEIGHTS

@@ -119,6 +119,39 @@ class StepCheckpoint:
 
 
 # ---- toy-clip -------------------------------------------------------------------------------------------------
+def hard_negative(objs: list, rng: np.random.Generator) -> list:
+    """``objs`` with one fact changed that the scene's colours alone cannot reveal: half the time (when two objects
+    differ in both colour and shape) the shapes of two objects are swapped, which keeps the bag of colours and the
+    bag of shapes and changes only which colour goes with which shape; otherwise one object takes another shape.
+    A caption of it is a hard negative for the image (NegCLIP, Yuksekgonul et al. 2023): contrastive training on
+    scenes of 6-8 objects otherwise tells images apart by their colours and leaves shape unlearnt."""
+    import dataclasses
+
+    objs = list(objs)
+    pairs = [(a, b) for a in range(len(objs)) for b in range(a + 1, len(objs))
+             if objs[a].shape != objs[b].shape and objs[a].colour != objs[b].colour]
+    if pairs and rng.random() < 0.5:
+        a, b = pairs[int(rng.integers(len(pairs)))]
+        objs[a], objs[b] = (dataclasses.replace(objs[a], shape=objs[b].shape),
+                            dataclasses.replace(objs[b], shape=objs[a].shape))
+        return objs
+    k = int(rng.integers(len(objs)))
+    others = [s for s in toy.SHAPES if s != objs[k].shape]
+    objs[k] = dataclasses.replace(objs[k], shape=others[int(rng.integers(len(others)))])
+    return objs
+
+
+def contrastive_loss(logits_per_image: "torch.Tensor") -> "torch.Tensor":
+    """CLIP's symmetric loss, ``[B, T] -> []``, where the texts are the B captions of the images followed by any
+    hard negatives (T >= B): each image picks its caption among all T texts, each caption its image among the B."""
+    import torch
+    import torch.nn.functional as F
+
+    b = logits_per_image.shape[0]
+    target = torch.arange(b)
+    return 0.5 * (F.cross_entropy(logits_per_image, target) + F.cross_entropy(logits_per_image[:, :b].t(), target))
+
+
 def train_clip(data_dir: Path, tok, out_dir: Path, cfg: dict[str, Any], seed: int, update: Update,
                ckpt: StepCheckpoint | None = None) -> dict:
     """Contrastive pretraining of a tiny CLIPModel on position-free captions (objects in random order), so that
@@ -139,7 +172,7 @@ def train_clip(data_dir: Path, tok, out_dir: Path, cfg: dict[str, Any], seed: in
     objs = [[toy.Obj(o["shape"], o["colour"], o["row"], o["col"], o["size"], 0, 0) for o in s["objects"]]
             for s in scenes]
     rng = np.random.default_rng([seed, 101])
-    steps, batch = cfg["steps"], cfg["batch"]
+    steps, batch, hard = cfg["steps"], cfg["batch"], bool(cfg.get("hard_negatives", False))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.05, betas=(0.9, 0.98))
     ckpt = ckpt or StepCheckpoint(None, 1, "")
     start, losses, rng_state = ckpt.restore(model, opt)
@@ -149,10 +182,12 @@ def train_clip(data_dir: Path, tok, out_dir: Path, cfg: dict[str, Any], seed: in
     for step in range(start, steps):
         idx = rng.choice(len(scenes), size=batch, replace=False)
         caps = [toy.clip_caption(objs[i], rng) for i in idx]
+        if hard:
+            caps += [toy.clip_caption(hard_negative(objs[i], rng), rng) for i in idx]
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, cfg["lr"], max(1, steps // 20))
-        out = model(pixel_values=normalize(images[torch.from_numpy(idx)]), **clip_text(tok, caps), return_loss=True)
-        losses.append(_step(out.loss, model, opt))
+        out = model(pixel_values=normalize(images[torch.from_numpy(idx)]), **clip_text(tok, caps))
+        losses.append(_step(contrastive_loss(out.logits_per_image), model, opt))
         update(step + 1, f"loss {np.mean(losses[-10:]):.3f}")
         ckpt.save(step + 1, steps, model, opt, losses, json.dumps(rng.bit_generator.state))
     model.eval()

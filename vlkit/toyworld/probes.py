@@ -300,7 +300,7 @@ def add_lm_reference(data_dir: Path, report: dict[str, Any]) -> bool:
     return True
 
 
-def answer_baselines(data_dir: Path, n_eval: int = 400) -> dict[str, dict[str, Any]]:
+def answer_baselines(data_dir: Path, n_eval: int = 1000) -> dict[str, dict[str, Any]]:
     """The references of the first ``n_eval`` val questions (the default recipe's evaluation set), per question
     type and over all: the means of the ``references`` each question carries (``blind``, ``uniform``,
     ``position_blind``, see ``vlkit.data.toy.generate_toy_data``; ``toy_lm_from_text``, see ``add_lm_reference``),

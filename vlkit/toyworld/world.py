@@ -21,7 +21,8 @@ from vlkit._locks import locked
 from vlkit.data.toy import RECORDS_VERSION
 from vlkit.toyworld import _runtime, shipped
 from vlkit.toyworld.probes import add_lm_reference, answer_baselines
-from vlkit.toyworld.pretraining import SHIPPED_PRESET, SHIPPED_SEED, generate_data, pretrain, pretrain_config
+from vlkit.toyworld.pretraining import (SHIPPED_PRESET, SHIPPED_SEED, canonical_preset, generate_data, pretrain,
+                                        pretrain_config)
 
 ENV_DIR = "VLKIT_TOY_DIR"
 ENV_PRESET = "VLKIT_TOY_PRESET"
@@ -51,11 +52,19 @@ class ToyWorld:
 
 
 def env_preset() -> str:
-    return os.environ.get(ENV_PRESET) or SHIPPED_PRESET
+    """``$VLKIT_TOY_PRESET`` (``default``, or unset: the shipped preset)."""
+    try:
+        return canonical_preset(os.environ.get(ENV_PRESET))
+    except ValueError as e:
+        raise ValueError(f"${ENV_PRESET}: {e}") from None
+
+
+def _preset(preset: str | None) -> str:
+    return canonical_preset(preset) if preset else env_preset()
 
 
 def _shipped(preset: str, seed: int) -> bool:
-    return preset == SHIPPED_PRESET and seed == SHIPPED_SEED
+    return canonical_preset(preset) == SHIPPED_PRESET and seed == SHIPPED_SEED
 
 
 _VERIFIED: dict[str, dict[str, Any]] = {}
@@ -72,7 +81,8 @@ def shipped_manifest() -> dict[str, Any]:
 
 
 def world_id(preset: str = SHIPPED_PRESET, seed: int = SHIPPED_SEED) -> str:
-    """Names a world: the hash of its pretraining config (which holds the data config)."""
+    """Names a world: the hash of its pretraining config (which holds the data config; ``default`` names the
+    shipped preset, so both give one id)."""
     return shipped.config_hash(pretrain_config(preset, seed))
 
 
@@ -82,19 +92,20 @@ def toy_cache_dir(preset: str | None = None, seed: int = SHIPPED_SEED) -> Path:
     env = os.environ.get(ENV_DIR)
     if env:
         return Path(env).expanduser()
-    preset = preset or env_preset()
+    preset = _preset(preset)
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlkit"
     name = "toyworld-" + ("" if preset == SHIPPED_PRESET else f"{preset}-") + world_id(preset, seed)
     return base / name
 
 
 def _marker(preset: str, seed: int) -> dict[str, Any]:
-    return {"world": world_id(preset, seed), "preset": preset, "seed": seed, "records": RECORDS_VERSION}
+    return {"world": world_id(preset, seed), "preset": canonical_preset(preset), "seed": seed,
+            "records": RECORDS_VERSION}
 
 
 def is_built(root: str | os.PathLike, preset: str | None = None, seed: int = SHIPPED_SEED) -> bool:
     """Whether ``root`` holds this world's data (and, for non-shipped presets, weights), complete."""
-    preset = preset or env_preset()
+    preset = _preset(preset)
     try:
         found = json.loads((Path(root) / MARKER).read_text())
     except (OSError, ValueError):
@@ -120,8 +131,7 @@ def build_toy_world(cache_dir: str | os.PathLike | None = None, *, preset: str |
     preset checks its weights and generates the data; other presets also pretrain their weights. Everything is
     made in a temporary sibling directory and renamed into place, so an interrupted first use leaves nothing
     half-written behind."""
-    preset = preset or env_preset()
-    pretrain_config(preset, seed)  # validates the preset
+    preset = _preset(preset)
     root = Path(cache_dir) if cache_dir is not None else toy_cache_dir(preset, seed)
     if _shipped(preset, seed):
         shipped_manifest()  # a damaged install fails here, before any work
@@ -160,7 +170,7 @@ def build_toy_world(cache_dir: str | os.PathLike | None = None, *, preset: str |
 def ensure_toy_world(cache_dir: str | os.PathLike | None = None, *, preset: str | None = None,
                      console: Any = None) -> ToyWorld:
     """The toy world of ``preset`` (default ``$VLKIT_TOY_PRESET`` or the shipped one), made on first use."""
-    preset = preset or env_preset()
+    preset = _preset(preset)
     root = Path(cache_dir) if cache_dir is not None else toy_cache_dir(preset)
     if is_built(root, preset):
         return _world_at(root, preset, SHIPPED_SEED)
