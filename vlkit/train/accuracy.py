@@ -9,7 +9,7 @@ from rich.console import Console
 
 # the references a table shows, in this order, when the evaluated records carry them
 REFERENCES = {"blind": "blind", "uniform": "uniform\nchance", "position_blind": "reader\nblind to\nposition",
-              "toy_lm_from_text": "toy-lm\nfrom text"}
+              "toy_lm_from_text": "toy-lm\nfrom\ntext"}
 SPATIAL_MARK = "◆"
 
 
@@ -24,7 +24,7 @@ def print_accuracy(console: Console, stage: str, m: dict[str, Any]) -> None:
         table = Table(title=f"{stage}: generation accuracy (exact match) on {m['n']} samples")
         table.add_column("question type", no_wrap=True)  # the names stay whole; reference headers wrap
         table.add_column("n", justify="right")
-        table.add_column("accuracy", justify="right")
+        table.add_column("accuracy", justify="right", no_wrap=True, min_width=8)  # whole in an 80-column terminal
         for r in refs:
             table.add_column(REFERENCES[r], justify="right", style="dim")
         for k, v in m["accuracy_by_type"].items():
