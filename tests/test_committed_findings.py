@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples" / "v3"  # the previous world's studies (no answers kept)
 STUDIES = ["cls_vs_patch", "cls_vs_patch/seeds5", "num_tokens", "projectors", "stages"]
 ALPHA = 0.05
 
@@ -122,7 +122,7 @@ def test_the_vlkit_path_gives_the_committed_findings():
 
 
 def test_the_cls_vs_patch_readme_states_the_recomputed_non_positional_differences():
-    """The corrected sentence of docs/examples/cls_vs_patch/README.md (5 seeds, patch − CLS, paired t): every
+    """The corrected sentence of docs/examples/v3/cls_vs_patch/README.md (5 seeds, patch − CLS, paired t): every
     number in it is the recomputation's."""
     readme = " ".join((EXAMPLES / "cls_vs_patch" / "README.md").read_text().split())
     rows = json.loads((EXAMPLES / "cls_vs_patch/seeds5/results.json").read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from scipy import stats
 from vlkit.ablate.stats import (crossed_design, crossed_power, crossed_stat, crossed_stats_many, mean_squares,
                                 variance_split)
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples" / "v3"  # the previous world's studies (no answers kept)
 
 
 def simulate(rng, studies: int, k: int, q: int, sd_armseed: float, gamma: float = 0.0, sd_armq: float = 0.0,
@@ -240,3 +241,94 @@ def test_seeds_added_after_a_report_make_the_findings_exploratory(tmp_path):
         (tmp_path / "report.md").read_text()
     assert "exploratory" in json.loads((tmp_path / "findings.json").read_text())
     assert seed_extensions(tmp_path, [0, 1, 2, 3, 4, 5]) == extended  # kept by later plans
+
+
+# ---- the committed studies of the shipped world, recomputed from their answers ----------------------------------
+STUDIES_V4 = Path(__file__).resolve().parents[1] / "docs" / "examples"
+
+
+def committed_v4_studies() -> list[Path]:
+    return sorted(p.parent for p in STUDIES_V4.glob("*/plan.json") if (p.parent / "runs").is_dir())
+
+
+def plain_study_findings(study: Path) -> list[dict[str, float]]:
+    """Each expectation's effect, p and Holm p from the runs' predictions files alone: question-level tables built
+    here, ``plain_crossed`` for the moments, TOST written out, Holm with a loop; trends as their planned contrasts
+    (knee − first, then each later value − knee within ±m; the trend's p is its largest claim p)."""
+    plan = json.loads((study / "plan.json").read_text())
+    runs = {}
+    for r in plan["runs"]:
+        rd = study / "runs" / r["id"]
+        if r.get("skipped") or not (rd / "predictions_instruct.jsonl").exists():
+            continue
+        rows = [json.loads(x) for x in (rd / "predictions_instruct.jsonl").read_text().splitlines()]
+        runs[r["id"]] = ({k: str(v) for k, v in r["axes"].items()}, r["seed"],
+                         {x["id"]: (x["question_type"], float(x["correct"])) for x in rows})
+
+    def arm(axis: str, value: str) -> dict[tuple, dict]:
+        return {(tuple(sorted((k, v) for k, v in ax.items() if k != axis)), seed): ans
+                for ax, seed, ans in runs.values() if ax.get(axis) == value}
+
+    def table(axis: str, a: str, b: str, metric: str) -> list[list[float]]:
+        qtype = None if metric == "accuracy" else metric.removeprefix("acc/")
+        ra, rb = arm(axis, a), arm(axis, b)
+        keys = sorted(set(ra) & set(rb))
+        qs = sorted(set.intersection(*[{q for q, (t, _) in side[k].items() if qtype in (None, t)}
+                                       for k in keys for side in (ra, rb)]))
+        return [[ra[k][q][1] - rb[k][q][1] for q in qs] for k in keys]
+
+    def moments(axis: str, a: str, b: str, metric: str, margin: float | None) -> dict[str, float]:
+        c = plain_crossed(table(axis, a, b, metric))
+        if margin is not None:
+            se, df, m = c["se"], c["df"], c["effect"]
+            c["tost"] = max(stats.t.sf((m + margin) / se, df), stats.t.sf((margin - m) / se, df))
+            c["claim"] = c["tost"] if abs(m) < margin else stats.t.sf((abs(m) - margin) / se, df)
+        else:
+            c["claim"] = c["p"]
+        return c
+
+    axes = plan["axes"]
+    out = []
+    for text in plan["expect"]:
+        trend = re.match(r"^(\S+) (increases|decreases) with (\S+) up to (\S+) then flat \(±([0-9.]+)\)$", text)
+        if trend:
+            metric, _, axis, knee, margin = trend.groups()
+            values = [str(v) for v in plan["axis_values"][axis]] if "axis_values" in plan else \
+                list(dict.fromkeys(r["axes"][axis] for r in plan["runs"]))
+            values = [str(v) for v in values]
+            made = [moments(axis, knee, values[0], metric, None)]
+            made += [moments(axis, v, knee, metric, float(margin)) for v in values[values.index(knee) + 1:]]
+            p = max(m["p"] if i == 0 else m["tost"] for i, m in enumerate(made))
+            out.append({"p": p, "steps": [m["effect"] for m in made]})
+            continue
+        m = re.match(r"^(\S+) ([<>~]) (\S+) on (\S+)(?: \(±([0-9.]+)\))?$", text)
+        assert m, text
+        a, op, b, metric, margin = m.groups()
+        axis = next(x for x in axes if {a, b} <= {str(r["axes"].get(x)) for r in plan["runs"]})
+        c = moments(axis, a, b, metric, float(margin) if margin else None)
+        out.append({"effect": c["effect"], "p": c["claim"]})
+    order = sorted(range(len(out)), key=lambda i: out[i]["p"])
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(out) - rank) * out[i]["p"]))
+        out[i]["p_holm"] = running
+    return out
+
+
+def test_committed_studies_of_the_shipped_world_recomputed_from_their_answers():
+    """Every study committed under docs/examples with its runs' answers: effects, p and Holm p of its Findings
+    from a second, plain implementation agree with findings.json to 3 decimals."""
+    studies = committed_v4_studies()
+    assert studies, "no committed study with predictions under docs/examples"
+    for study in studies:
+        committed = json.loads((study / "findings.json").read_text())["findings"]
+        plain = plain_study_findings(study)
+        assert len(plain) == len(committed), study
+        for f, g in zip(committed, plain):
+            assert f["method"] == "question", (study.name, f["text"])
+            if "steps" in g:
+                assert [round(s["effect"], 3) for s in f["steps"]] == [round(x, 3) for x in g["steps"]], f["text"]
+            else:
+                assert round(f["effect"], 3) == round(g["effect"], 3), (study.name, f["text"])
+            assert round(f["p"], 3) == round(g["p"], 3), (study.name, f["text"], f["p"], g["p"])
+            assert round(f["p_holm"], 3) == round(g["p_holm"], 3), (study.name, f["text"])
