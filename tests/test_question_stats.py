@@ -293,9 +293,7 @@ def plain_study_findings(study: Path) -> list[dict[str, float]]:
         trend = re.match(r"^(\S+) (increases|decreases) with (\S+) up to (\S+) then flat \(±([0-9.]+)\)$", text)
         if trend:
             metric, _, axis, knee, margin = trend.groups()
-            values = [str(v) for v in plan["axis_values"][axis]] if "axis_values" in plan else \
-                list(dict.fromkeys(r["axes"][axis] for r in plan["runs"]))
-            values = [str(v) for v in values]
+            values = list(dict.fromkeys(str(r["axes"][axis]) for r in plan["runs"]))  # the grid's order
             made = [moments(axis, knee, values[0], metric, None)]
             made += [moments(axis, v, knee, metric, float(margin)) for v in values[values.index(knee) + 1:]]
             p = max(m["p"] if i == 0 else m["tost"] for i, m in enumerate(made))
