@@ -5,13 +5,13 @@ import math
 import re
 import string
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from vlkit.data.collate import Collator
 from vlkit.data.references import reference_report
-from vlkit.data.llava import IGNORE, Example, LlavaDataset, to_messages, tokenize_record
+from vlkit.data.llava import IGNORE, Example, LlavaDataset, image_span, to_messages, tokenize_record
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -53,15 +53,17 @@ def eval_loss(model, dataset: LlavaDataset, batch_size: int, device: torch.devic
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def prompt_example(rec: dict[str, Any], tokenizer, image_token_id: int, num_image_tokens: int) -> tuple[Example, str]:
-    """The record's first question as a generation prompt, and its reference answer."""
+def prompt_example(rec: dict[str, Any], tokenizer, image_token_id: int,
+                   num_image_tokens: int | Sequence[int]) -> tuple[Example, str]:
+    """The record's first question as a generation prompt, and its reference answer (``num_image_tokens``: a count
+    or the model's ``image_span``)."""
     conv = rec["conversations"]
     k = next(i for i, t in enumerate(conv) if t["from"] in ("gpt", "assistant"))
     prompt_text = tokenizer.apply_chat_template(to_messages(conv[:k]), tokenize=False, add_generation_prompt=True)
     ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     if rec.get("image"):
         at = ids.index(image_token_id)
-        ids[at:at + 1] = [image_token_id] * num_image_tokens
+        ids[at:at + 1] = image_span(image_token_id, num_image_tokens)
     return Example(ids, [IGNORE] * len(ids), rec.get("image"), 0, {}), conv[k]["value"]
 
 
@@ -71,7 +73,7 @@ def generate_answers(model, records: list[dict[str, Any]], image_root, transform
     was = model.training
     model.eval()
     tok = model.tokenizer
-    examples = [prompt_example(r, tok, model.image_token_id, model.sequence_image_tokens)[0] for r in records]
+    examples = [prompt_example(r, tok, model.image_token_id, model.image_span)[0] for r in records]
     ds = LlavaDataset(examples, image_root, transform, load_images=features_fn is None)
     collator = Collator(tok.pad_token_id, left_pad=True)
     answers: list[str] = []
@@ -163,7 +165,7 @@ def accuracy_report(records: list[dict[str, Any]], predictions: list[str]) -> di
 def evaluate(model, records: list[dict[str, Any]], image_root, transform, device: torch.device, max_length: int,
              batch_size: int = 32, max_new_tokens: int = 16, features_fn=None) -> dict[str, Any]:
     """Validation loss and generation metrics on LLaVA-format records."""
-    examples = [tokenize_record(r, model.tokenizer, model.image_token_id, model.sequence_image_tokens, max_length, i)
+    examples = [tokenize_record(r, model.tokenizer, model.image_token_id, model.image_span, max_length, i)
                 for i, r in enumerate(records)]
     metrics: dict[str, Any] = {}
     metrics.update({f"val_{k}": v for k, v in eval_loss(model, LlavaDataset(examples, image_root, transform),

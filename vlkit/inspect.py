@@ -66,7 +66,7 @@ def sample_view(recipe: Recipe, model: VLM, stage: str | None = None) -> Text:
     stage = stage or recipe.train.stages[0]
     cfg = recipe.stages[stage]
     records = load_records(resolve_ref(cfg.data))
-    ex = tokenize_record(records[0], model.tokenizer, model.image_token_id, model.sequence_image_tokens,
+    ex = tokenize_record(records[0], model.tokenizer, model.image_token_id, model.image_span,
                          recipe.data.max_length)
     head = Text(f"\nsample {records[0].get('id', '#0')} of stage '{stage}' ({ex.length} tokens, "
                 f"{ex.num_supervised} supervised: green = loss, dim = masked)\n", style="bold")

@@ -184,7 +184,7 @@ class VlkitLMM(lmms):
 
     def prompt_ids(self, context: str, n_images: int) -> list[int]:
         """The context as vlkit's generation prompt: one user turn through the chat template, each image
-        placeholder expanded to the model's image tokens (``sequence_image_tokens``; 0 with cross-attention)."""
+        placeholder expanded to the model's image tokens (``image_span``: none with cross-attention)."""
         model, tok = self._model, self.tokenizer
         placeholders = context.count(self.image_token)
         if placeholders == 0 and n_images:
@@ -203,9 +203,10 @@ class VlkitLMM(lmms):
         image_id = model.image_token_id
         if ids.count(image_id) != n_images:
             raise ValueError(f"the tokenizer produced {ids.count(image_id)} image tokens for {n_images} image(s)")
+        span = model.image_span
         out: list[int] = []
         for i in ids:
-            out.extend([image_id] * model.sequence_image_tokens if i == image_id else [i])
+            out.extend(span if i == image_id else [i])
         return out
 
     def _pixels(self, images: list) -> torch.Tensor:

@@ -37,11 +37,24 @@ class VLM(nn.Module):
         self.encoder, self.tokens, self.projector, self.llm = encoder, tokens, projector, llm
         self.fusion = fusion if fusion is not None else FUSIONS.create("prefix")
         self.num_image_tokens = self._count_image_tokens()  # M: image embeddings per image
+        order = getattr(self.fusion, "order", None)
+        self._order = order(self.num_image_tokens) if self.fusion.in_sequence and order else None
 
     @property
     def sequence_image_tokens(self) -> int:
         """Positions an image takes in the text sequence: M for prefix fusion, 0 for cross-attention fusion."""
         return self.num_image_tokens if self.fusion.in_sequence else 0
+
+    @property
+    def image_span(self) -> list[int]:
+        """The ids one ``<image>`` placeholder expands to in the text: M image-token ids for prefix fusion (with the
+        cell names between them when the fusion has ``cells``), none for cross-attention fusion."""
+        if not self.fusion.in_sequence:
+            return []
+        span = getattr(self.fusion, "span", None)
+        if span is None:
+            return [self.image_token_id] * self.num_image_tokens
+        return span(self.tokenizer, self.image_token_id, self.num_image_tokens)
 
     @property
     def image_token_id(self) -> int:
@@ -99,6 +112,8 @@ class VLM(nn.Module):
              image_index: torch.Tensor | None) -> torch.Tensor:
         # input_ids [B, T], image_embeds [I, M, D], image_index [I] (sample of each image) -> inputs_embeds [B, T, D]
         if self.fusion.in_sequence:
+            if image_embeds is not None and self._order is not None:
+                image_embeds = image_embeds[:, self._order]  # [I, M, D] in the span's order (cell by cell)
             return self.embed_inputs(input_ids, image_embeds)
         b = input_ids.shape[0]
         if image_embeds is None:

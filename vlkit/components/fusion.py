@@ -1,6 +1,9 @@
 """Fusion: how image embeddings enter the LLM.
 
-- ``prefix`` (LLaVA): the M image embeddings replace the ``<image>`` placeholder in the input sequence.
+- ``prefix`` (LLaVA): the M image embeddings replace the ``<image>`` placeholder in the input sequence. With
+  ``cells`` (names of a g x g grid of image regions, row-major) each region's image tokens follow its name, as
+  Idefics3 writes ``<row_r_col_c>`` before each tile: ``northwest:<img><img>, north:<img>, ...``. The LLM can
+  then find a region by its name, the look-up an LM learns from text, instead of counting image tokens.
 - ``xattn`` (Flamingo): gated cross-attention blocks run before every ``every``-th decoder layer; text hidden
   states attend to the image embeddings; the tanh gates start at 0 so the frozen LLM starts unchanged. The image
   takes no positions in the sequence.
@@ -10,6 +13,9 @@ module with ``in_sequence = False`` also has ``set_context(image_embeds [B, M, D
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -17,7 +23,63 @@ from vlkit.registry import register_fusion
 
 
 class PrefixFusion(nn.Module):
+    """LLaVA's splice; optionally a name before each grid cell's image tokens (``cells``)."""
+
     in_sequence = True
+
+    def __init__(self, cells: Sequence[str] | None = None, cell_format: str = "{name}:",
+                 separator: str = ", ") -> None:
+        super().__init__()
+        self.cells = list(cells) if cells else None
+        self.cell_format, self.separator = cell_format, separator
+        if self.cells is None:
+            return
+        grid = math.isqrt(len(self.cells))
+        if grid * grid != len(self.cells) or not all(isinstance(c, str) and c.strip() for c in self.cells):
+            raise ValueError(f"fusion 'prefix': cells must be g*g non-empty names of a g x g grid, row-major "
+                             f"(e.g. 9 for 3 x 3); got {len(self.cells)}: {self.cells}")
+        if len(set(self.cells)) != len(self.cells):
+            raise ValueError(f"fusion 'prefix': cells must be distinct names; got {self.cells}")
+        if "{name}" not in cell_format:
+            raise ValueError(f"fusion 'prefix': cell_format must contain '{{name}}'; got {cell_format!r}")
+        self.grid = grid
+
+    def cell_groups(self, num_tokens: int) -> list[list[int]] | None:
+        """Which image tokens each cell gets: an s x s row-major token grid (s >= g) is split by token centre,
+        each cell's tokens row-major (s = 8, g = 3 gives 3, 2, 3 rows and columns). None when there are no cells
+        or fewer tokens than cells (a CLS or 1-4 pooled tokens: no token lies in one cell, so none is named)."""
+        if self.cells is None:
+            return None
+        side = math.isqrt(num_tokens)
+        if side * side != num_tokens:
+            raise ValueError(f"fusion 'prefix' with cells needs a square grid of image tokens (the token strategy's "
+                             f"s x s patches or pooled tokens); got {num_tokens} tokens")
+        if side < self.grid:
+            return None
+        groups: list[list[int]] = [[] for _ in self.cells]
+        for r in range(side):
+            for c in range(side):
+                cell = ((2 * r + 1) * self.grid // (2 * side)) * self.grid + (2 * c + 1) * self.grid // (2 * side)
+                groups[cell].append(r * side + c)
+        return groups
+
+    def order(self, num_tokens: int) -> list[int] | None:
+        """The image tokens in the order they enter the sequence (cell by cell), or None to keep theirs."""
+        groups = self.cell_groups(num_tokens)
+        return None if groups is None else [i for g in groups for i in g]
+
+    def span(self, tokenizer, image_token_id: int, num_tokens: int) -> list[int]:
+        """The ids one ``<image>`` placeholder becomes: M image-token ids, with each cell's name before its own."""
+        groups = self.cell_groups(num_tokens)
+        if groups is None:
+            return [image_token_id] * num_tokens
+        out: list[int] = []
+        for i, (name, group) in enumerate(zip(self.cells, groups)):
+            text = (self.separator if i else "") + self.cell_format.format(name=name)
+            out += tokenizer(text, add_special_tokens=False)["input_ids"] + [image_token_id] * len(group)
+        if out.count(image_token_id) != num_tokens:
+            raise ValueError(f"fusion 'prefix': a cell name in {self.cells} tokenizes to the image token")
+        return out
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -76,9 +138,10 @@ class CrossAttentionFusion(nn.Module):
 
 
 @register_fusion("prefix")
-def prefix() -> nn.Module:
-    """LLaVA: image embeddings take the placeholder's place in the sequence."""
-    return PrefixFusion()
+def prefix(cells: list[str] | None = None, cell_format: str = "{name}:", separator: str = ", ") -> nn.Module:
+    """LLaVA: image embeddings take the placeholder's place in the sequence; with ``cells`` (g*g names, row-major)
+    each grid cell's tokens follow ``cell_format`` of its name, cells joined by ``separator``."""
+    return PrefixFusion(cells, cell_format, separator)
 
 
 @register_fusion("xattn")

@@ -16,6 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -234,9 +235,16 @@ class Example:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def tokenize_record(rec: dict[str, Any], tokenizer, image_token_id: int, num_image_tokens: int, max_length: int,
-                    index: int = 0) -> Example:
-    """Template, tokenize, mask and expand one record. Raises DataError (naming the record) when unusable."""
+def image_span(image_token_id: int, image: int | Sequence[int]) -> list[int]:
+    """The ids one ``<image>`` placeholder becomes: ``image`` image-token ids when it is a count, else the model's
+    own span (``VLM.image_span``: the image tokens with a fusion's cell names between them)."""
+    return [image_token_id] * image if isinstance(image, int) else list(image)
+
+
+def tokenize_record(rec: dict[str, Any], tokenizer, image_token_id: int, num_image_tokens: int | Sequence[int],
+                    max_length: int, index: int = 0) -> Example:
+    """Template, tokenize, mask and expand one record (``num_image_tokens``: a count or the model's
+    ``image_span``). Raises DataError (naming the record) when unusable."""
     rid = record_id(rec, index)
     messages = to_messages(rec["conversations"])
     ids: list[int] = []
@@ -254,9 +262,10 @@ def tokenize_record(rec: dict[str, Any], tokenizer, image_token_id: int, num_ima
         raise DataError(f"record {rid}: <image> placeholder inside an assistant turn")
     if n_img:
         at = ids.index(image_token_id)
-        ids[at:at + 1] = [image_token_id] * num_image_tokens
-        labels[at:at + 1] = [IGNORE] * num_image_tokens
-        image_end = at + num_image_tokens
+        span = image_span(image_token_id, num_image_tokens)
+        ids[at:at + 1] = span
+        labels[at:at + 1] = [IGNORE] * len(span)
+        image_end = at + len(span)
     else:
         image_end = 0
     if len(ids) > max_length:
@@ -283,7 +292,7 @@ class Problem:
 
 
 def check_records(records: list[Any], image_root: str | Path | None, tokenizer=None, image_token_id: int | None = None,
-                  num_image_tokens: int = 1, max_length: int = 10**9, open_images: bool = True,
+                  num_image_tokens: int | Sequence[int] = 1, max_length: int = 10**9, open_images: bool = True,
                   decode_images: bool = False, workers: int = 1,
                   on_images: Callable[[int], None] | None = None,
                   advance: Callable[[int], None] | None = None,
@@ -350,7 +359,8 @@ def _locate_images(records: list[Any], image_root: str | Path | None,
     return paths, usable
 
 
-def _tokenized(rec: dict[str, Any], i: int, tokenizer, image_token_id: int | None, num_image_tokens: int,
+def _tokenized(rec: dict[str, Any], i: int, tokenizer, image_token_id: int | None,
+               num_image_tokens: int | Sequence[int],
                max_length: int, memo: dict[int, dict[str, Any]] | None) -> dict[str, Any]:
     """A record templated: ``{"ids", "labels"}``, or ``{"kind", "message"}`` of why it cannot train (from ``memo``
     when an earlier run templated it; new results go into ``memo``)."""

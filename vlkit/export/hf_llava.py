@@ -71,6 +71,9 @@ def hf_llava_problems(recipe) -> list[str]:
     if fusion != "prefix":
         problems.append(f"fusion '{fusion}': HF Llava only splices the image embeddings into the text sequence "
                         "(prefix fusion); it has no cross-attention or other fusion layers")
+    elif recipe.fusion.params().get("cells"):
+        problems.append("fusion.cells: HF Llava's processor expands <image> into image tokens only; it cannot write "
+                        "the cell names between them; export with --format vlkit, or train without fusion.cells")
     llm = recipe.llm.name
     if llm != "hf" or plugin(LLMS, llm):
         problems.append(f"llm '{llm}': HF Llava's language model must be a transformers causal LM (llm 'hf')")

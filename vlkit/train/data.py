@@ -80,8 +80,8 @@ def load_stage_data(recipe: Recipe, stage_name: str, model: VLM, transform: Imag
     path = resolve_ref(stage.data)
     records = load_records(path)
     tokenized = TokenizedCache(tokenized_dir(), path, model.tokenizer, model.image_token_id,
-                               model.sequence_image_tokens, recipe.data.max_length)
-    examples, problems = check_records(records, root, model.tokenizer, model.image_token_id, model.sequence_image_tokens,
+                               model.image_span, recipe.data.max_length)
+    examples, problems = check_records(records, root, model.tokenizer, model.image_token_id, model.image_span,
                                        recipe.data.max_length, memo=tokenized.memo)
     unsaved = tokenized.save()  # the next run (or stage) over this file templates nothing again
     if unsaved:
