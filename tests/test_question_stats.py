@@ -248,7 +248,9 @@ STUDIES_V4 = Path(__file__).resolve().parents[1] / "docs" / "examples"
 
 
 def committed_v4_studies() -> list[Path]:
-    return sorted(p.parent for p in STUDIES_V4.glob("*/plan.json") if (p.parent / "runs").is_dir())
+    # the shipped default's studies, and those of the v4 world's default before it named the cells (v4_no_cells/)
+    plans = [*STUDIES_V4.glob("*/plan.json"), *STUDIES_V4.glob("v4_no_cells/*/plan.json")]
+    return sorted(p.parent for p in plans if (p.parent / "runs").is_dir())
 
 
 def plain_study_findings(study: Path) -> list[dict[str, float]]:
