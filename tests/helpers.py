@@ -11,7 +11,7 @@ from pathlib import Path
 FAST = [
     "stages.align.max_steps=3", "stages.align.batch_size=4", "stages.align.eval_max_samples=8",
     "stages.instruct.max_steps=6", "stages.instruct.batch_size=4", "stages.instruct.eval_max_samples=8",
-    "stages.align.eval_batch_size=8", "stages.instruct.eval_batch_size=8", "data.max_length=112",
+    "stages.align.eval_batch_size=8", "stages.instruct.eval_batch_size=8", "data.max_length=224",
 ]
 
 

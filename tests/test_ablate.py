@@ -13,7 +13,7 @@ from vlkit.ablate.grid import Skip, combo_overrides, expand
 from vlkit.config import load_recipe
 
 QUICK = ["train.stages=[instruct]", "stages.instruct.max_steps=2", "stages.instruct.batch_size=4",
-         "stages.instruct.eval_max_samples=4", "stages.instruct.eval_batch_size=4", "data.max_length=112"]
+         "stages.instruct.eval_max_samples=4", "stages.instruct.eval_batch_size=4", "data.max_length=224"]
 
 
 @pytest.mark.parametrize("tokens,proj,n,expected,note", [

@@ -48,7 +48,7 @@ def make_data(tmp_path: Path, truncated: bool = True) -> tuple[Path, Path]:
 def instruct_only(data: Path, root: Path, *extra: str) -> list[str]:
     return [f"data.image_root={root}", "train.stages=[instruct]", f"stages.instruct.data={data}",
             "stages.instruct.max_steps=6", "stages.instruct.batch_size=2", "stages.instruct.eval_data=null",
-            "data.max_length=112", *extra]
+            "data.max_length=224", *extra]
 
 
 def test_headers_pass_but_full_decode_names_the_truncated_file(tmp_path):

@@ -40,9 +40,9 @@ def test_bad_cells_are_refused(cells, fmt, match):
         PrefixFusion(cells, fmt)
 
 
-def test_non_square_token_count_is_refused():
-    with pytest.raises(ValueError, match="square grid of image tokens"):
-        PrefixFusion(CELLS).cell_groups(10)
+def test_tokens_that_form_no_grid_go_in_unnamed():
+    # cls_patch: 1 + 64 tokens, the CLS token lies in no cell
+    assert PrefixFusion(CELLS).cell_groups(65) is None and PrefixFusion(CELLS).order(65) is None
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ RECIPE = "recipes/mlp_patch.yaml"
 # so a per-rank mean (instead of the global token weighting) would show in the numbers.
 SHORT = ["train.stages=[instruct]", "stages.instruct.max_steps=4", "stages.instruct.batch_size=6",
          "stages.instruct.grad_accum=2", "stages.instruct.lora.dropout=0", "stages.instruct.save_every=2",
-         "stages.instruct.eval_max_samples=8", "stages.instruct.eval_batch_size=8", "data.max_length=112"]
+         "stages.instruct.eval_max_samples=8", "stages.instruct.eval_batch_size=8", "data.max_length=224"]
 LOSS_RTOL = 1e-5  # DDP, ZeRO and FSDP alike: only the order of float sums differs from one process
 STOP_SCRIPT = """
 import sys

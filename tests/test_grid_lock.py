@@ -17,7 +17,7 @@ from vlkit._locks import INHERITED_ENV, RUN_LOCK, RunBusyError, hold_run_dir, re
 from vlkit.ablate.run import execute_run, run_status
 
 QUICK = ["train.stages=[instruct]", "stages.instruct.max_steps=2", "stages.instruct.batch_size=4",
-         "stages.instruct.eval_max_samples=4", "stages.instruct.eval_batch_size=4", "data.max_length=112"]
+         "stages.instruct.eval_max_samples=4", "stages.instruct.eval_batch_size=4", "data.max_length=224"]
 HOLDER = """
 import sys, time
 from vlkit._locks import try_lock_run
@@ -107,7 +107,7 @@ def test_a_point_finished_by_another_grid_after_this_one_planned_it_is_left_alon
 # Six steps, a checkpoint every two: a point is killed after its third step (a checkpoint behind it) and resumes.
 CONCURRENT = ["train.stages=[instruct]", "stages.instruct.max_steps=6", "stages.instruct.save_every=2",
               "stages.instruct.batch_size=4", "stages.instruct.eval_max_samples=4",
-              "stages.instruct.eval_batch_size=4", "data.max_length=112"]
+              "stages.instruct.eval_batch_size=4", "data.max_length=224"]
 STARTED = re.compile(r"^stage instruct: \d+ samples", re.M)  # `vlkit train` printing it: one training of the point
 
 

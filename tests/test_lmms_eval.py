@@ -94,7 +94,7 @@ def ll_requests(pairs: list[tuple[int, str, object]]) -> list[Instance]:
 def direct_loss_sum(model, rec: dict, image_root: Path, continuation: str) -> tuple[float, bool]:
     """vlkit's own loss over ``continuation`` after ``rec``'s generation prompt and image: (loss_sum, greedy)."""
     tok = model.tokenizer
-    ex, _ = prompt_example(rec, tok, model.image_token_id, model.sequence_image_tokens)
+    ex, _ = prompt_example(rec, tok, model.image_token_id, model.image_span)
     cont = tok(continuation, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([ex.input_ids + cont])
     labels = torch.tensor([[IGNORE] * len(ex.input_ids) + cont])
@@ -109,7 +109,7 @@ def direct_loss_sum(model, rec: dict, image_root: Path, continuation: str) -> tu
 def greedy_ids(model, rec: dict, image_root: Path, max_new_tokens: int) -> list[int]:
     """The token ids vlkit's greedy decoding produces after ``rec``'s prompt, end-of-turn tokens dropped."""
     tok = model.tokenizer
-    ex, _ = prompt_example(rec, tok, model.image_token_id, model.sequence_image_tokens)
+    ex, _ = prompt_example(rec, tok, model.image_token_id, model.image_span)
     enc = model.encoder
     pixels = ImageTransform(enc.image_size, enc.mean, enc.std)(load_image(image_root / rec["image"]))[None]
     ids = torch.tensor([ex.input_ids])
@@ -164,7 +164,7 @@ def test_import_vlkit_needs_no_lmms_eval_and_adapter_says_what_is_missing():
 def test_generate_until_matches_vlkit_generate_answers(lm, records, answers, tiny_toy_world):
     model = lm.model
     for rec in records:  # the adapter's prompt is vlkit's own generation prompt, with or without a placeholder
-        want = prompt_example(rec, model.tokenizer, model.image_token_id, model.sequence_image_tokens)[0].input_ids
+        want = prompt_example(rec, model.tokenizer, model.image_token_id, model.image_span)[0].input_ids
         assert lm.prompt_ids(question(rec), 1) == want
         assert lm.prompt_ids("<image>\n" + question(rec), 1) == want
     contexts = [question(r) for r in records]

@@ -36,7 +36,8 @@ def test_two_stages_write_run_directory(tiny_toy_world, tmp_path):
     assert inst["references_by_type"]["count"]["position_blind"] == 1.0
     for column in ("uniform", "chance", "blind to", "toy-lm", "relation ◆", "◆ spatial"):
         assert column in res.stdout, column
-    assert summary["stages"]["align"]["trainable_params"] < inst["trainable_params"]  # + LoRA
+    # the default trains LoRA in both stages (projector + LoRA); instruct never trains less than align
+    assert 0 < summary["stages"]["align"]["trainable_params"] <= inst["trainable_params"]
     rows = losses(run)
     assert [s for s, _, _ in rows].count("align") == 3 and [s for s, _, _ in rows].count("instruct") == 6
     for stage in ("align", "instruct"):
@@ -225,7 +226,7 @@ def test_dry_run_and_config_errors(tiny_toy_world, tmp_path):
 
 def test_inspect_shows_components_and_mask(tiny_toy_world):
     res = vlkit("inspect", "recipes/mlp_patch.yaml")
-    for text in ("hf_clip", "built-in", "image tokens per image: 64", "<image>×64", "supervised"):
+    for text in ("hf_clip", "built-in", "image tokens per image: 64", "<image>×", "supervised"):
         assert text in res.stdout, text
 
 

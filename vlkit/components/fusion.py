@@ -47,14 +47,12 @@ class PrefixFusion(nn.Module):
     def cell_groups(self, num_tokens: int) -> list[list[int]] | None:
         """Which image tokens each cell gets: an s x s row-major token grid (s >= g) is split by token centre,
         each cell's tokens row-major (s = 8, g = 3 gives 3, 2, 3 rows and columns). None when there are no cells
-        or fewer tokens than cells (a CLS or 1-4 pooled tokens: no token lies in one cell, so none is named)."""
+        or when the tokens form no s x s grid with s >= g: a CLS or 1-4 pooled tokens (no token lies in one cell),
+        or cls_patch's 1 + s*s (the CLS token lies in none); those go in unnamed, in their own order."""
         if self.cells is None:
             return None
         side = math.isqrt(num_tokens)
-        if side * side != num_tokens:
-            raise ValueError(f"fusion 'prefix' with cells needs a square grid of image tokens (the token strategy's "
-                             f"s x s patches or pooled tokens); got {num_tokens} tokens")
-        if side < self.grid:
+        if side * side != num_tokens or side < self.grid:
             return None
         groups: list[list[int]] = [[] for _ in self.cells]
         for r in range(side):
