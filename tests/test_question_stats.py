@@ -121,6 +121,9 @@ def plain_crossed(table: list[list[float]]) -> dict[str, float]:
     ms_e = sum((table[i][j] - rows[i] - cols[j] + grand) ** 2 for i in range(k) for j in range(q)) / ((k - 1) * (q - 1))
     extra = ms_c - ms_e if ms_c > ms_e else 0.0
     var = (ms_r + extra) / (k * q)
+    if var == 0:  # every pair answered every question alike: the difference is known exactly
+        return {"effect": grand, "se": 0.0, "df": k - 1, "lo": grand, "hi": grand,
+                "p": 0.0 if grand != 0 else math.nan}
     denom = ms_r ** 2 / (k - 1) + ((ms_c ** 2 / (q - 1) + ms_e ** 2 / ((k - 1) * (q - 1))) if extra else 0.0)
     df = min((ms_r + extra) ** 2 / denom, k - 1)
     se = math.sqrt(var)
@@ -281,7 +284,10 @@ def plain_study_findings(study: Path) -> list[dict[str, float]]:
 
     def moments(axis: str, a: str, b: str, metric: str, margin: float | None) -> dict[str, float]:
         c = plain_crossed(table(axis, a, b, metric))
-        if margin is not None:
+        if margin is not None and c["se"] == 0:  # no variance: inside the margin for certain, or outside
+            inside = abs(c["effect"]) < margin
+            c["tost"], c["claim"] = (0.0, 0.0) if inside else (1.0, 0.0 if abs(c["effect"]) > margin else 1.0)
+        elif margin is not None:
             se, df, m = c["se"], c["df"], c["effect"]
             c["tost"] = max(stats.t.sf((m + margin) / se, df), stats.t.sf((margin - m) / se, df))
             c["claim"] = c["tost"] if abs(m) < margin else stats.t.sf((abs(m) - margin) / se, df)
