@@ -74,7 +74,8 @@ def test_sigkill_then_resume_reproduces_loss_curve(tiny_toy_world, tmp_path):
     # LoRA dropout on (the default recipe has none): its masks come from the global RNG, so matching the curve
     # after the kill also checks that the RNG state is restored mid-stage (see the bound below)
     args = ["train", "recipes/mlp_patch.yaml", *FAST, "stages.instruct.max_steps=10", "stages.instruct.save_every=2",
-            "stages.align.save_every=2", "stages.instruct.lora.dropout=0.05"]
+            "stages.align.save_every=2", "stages.align.lora.dropout=0.05",
+            "stages.instruct.lora.dropout=0.05"]
     vlkit(*args, "--run-dir", str(tmp_path / "straight"))
     killed = tmp_path / "killed"
     env = {**os.environ, "COLUMNS": "200"}
@@ -226,7 +227,8 @@ def test_dry_run_and_config_errors(tiny_toy_world, tmp_path):
 
 def test_inspect_shows_components_and_mask(tiny_toy_world):
     res = vlkit("inspect", "recipes/mlp_patch.yaml")
-    for text in ("hf_clip", "built-in", "image tokens per image: 64", "<image>×", "supervised"):
+    for text in ("hf_clip", "built-in", "image tokens per image: 64", "northwest:<image>×9, north:<image>×6",
+                 "supervised"):
         assert text in res.stdout, text
 
 

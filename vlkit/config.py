@@ -323,8 +323,16 @@ def check_components(recipe: Recipe, source: str) -> list[str]:
                 params = {**params, "llm": None}
         if section == "tokens":
             params = {**params, "num_tokens": params.get("num_tokens")}
-        for msg in reg.check_params(comp.name, params):
+        problems = reg.check_params(comp.name, params)
+        for msg in problems:
             errors.append(f"{source}: {section}: {msg}")
+        if section == "fusion" and not problems and "llm" not in params:
+            # a fusion that needs no LLM is cheap to build: its own checks (fusion.cells) run at load time
+            try:
+                reg.create(comp.name, **params)
+            except (ValueError, TypeError) as exc:
+                msg = str(exc)
+                errors.append(f"{source}: {msg}" if msg.startswith("fusion.") else f"{source}: fusion: {msg}")
     return errors
 
 
@@ -346,10 +354,28 @@ def validate_recipe(data: dict[str, Any], source: str, overridden: set[str] = fr
     except ValidationError as exc:
         raise ConfigError(source, _format_pydantic(source, exc, set(overridden))) from None
     if check:
-        errors = check_components(recipe, source) + check_expect(recipe, source)
+        errors = check_components(recipe, source) + check_lora_once(recipe, source) + check_expect(recipe, source)
         if errors:
             raise ConfigError(source, errors)
     return recipe
+
+
+def check_lora_once(recipe: Recipe, source: str) -> list[str]:
+    """LoRA adapters are attached once per run, by the first stage that trains them, and later stages train the
+    same adapters: a later stage's different ``lora:`` would be silently ignored, so it is an error."""
+    lora_stages = [s for s in recipe.train.stages if s in recipe.stages and recipe.stages[s].llm == "lora"]
+    if len(lora_stages) < 2:
+        return []
+    first = lora_stages[0]
+    ref = recipe.stages[first].lora.model_dump()
+    errors = []
+    for name in lora_stages[1:]:
+        for key, value in recipe.stages[name].lora.model_dump().items():
+            if value != ref[key]:
+                errors.append(f"{source}: stages.{name}.lora.{key}: {value!r}, but the LoRA adapters are attached once, "
+                              f"by stage '{first}' (stages.{first}.lora.{key}: {ref[key]!r}), and stage '{name}' "
+                              f"trains those; set the same value in both stages")
+    return errors
 
 
 def grid_axes(grid: dict[str, Any] | None) -> dict[str, list[Any]]:

@@ -70,4 +70,6 @@ def sample_view(recipe: Recipe, model: VLM, stage: str | None = None) -> Text:
                          recipe.data.max_length)
     head = Text(f"\nsample {records[0].get('id', '#0')} of stage '{stage}' ({ex.length} tokens, "
                 f"{ex.num_supervised} supervised: green = loss, dim = masked)\n", style="bold")
+    if model.cells_note:
+        head = Text(model.cells_note + "\n", style="yellow") + head
     return head + render_example(model.tokenizer, ex.input_ids, ex.labels, model.image_token_id)

@@ -7,6 +7,7 @@ fusion (Flamingo) the placeholder is dropped from the text and gated cross-atten
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +37,10 @@ class VLM(nn.Module):
         super().__init__()
         self.encoder, self.tokens, self.projector, self.llm = encoder, tokens, projector, llm
         self.fusion = fusion if fusion is not None else FUSIONS.create("prefix")
-        self.num_image_tokens = self._count_image_tokens()  # M: image embeddings per image
+        self.num_image_tokens, self.image_grid = self._probe_image_tokens()  # M per image; their (h, w) or None
         order = getattr(self.fusion, "order", None)
-        self._order = order(self.num_image_tokens) if self.fusion.in_sequence and order else None
+        self._order = order(self.image_grid) if self.fusion.in_sequence and order else None
+        self._span: list[int] | None = None
 
     @property
     def sequence_image_tokens(self) -> int:
@@ -48,13 +50,16 @@ class VLM(nn.Module):
     @property
     def image_span(self) -> list[int]:
         """The ids one ``<image>`` placeholder expands to in the text: M image-token ids for prefix fusion (with the
-        cell names between them when the fusion has ``cells``), none for cross-attention fusion."""
-        if not self.fusion.in_sequence:
-            return []
-        span = getattr(self.fusion, "span", None)
-        if span is None:
-            return [self.image_token_id] * self.num_image_tokens
-        return span(self.tokenizer, self.image_token_id, self.num_image_tokens)
+        cell names between them when the fusion has ``cells`` and the tokens a grid), none for cross-attention."""
+        if self._span is None:
+            self._span = fusion_span(self.fusion, self.tokenizer, self.image_token_id, self.num_image_tokens,
+                                     self.image_grid)
+        return list(self._span)
+
+    @property
+    def cells_note(self) -> str | None:
+        """Why ``fusion.cells`` names no cells for these image tokens, when it is set and does not."""
+        return cells_note(self.fusion, self.num_image_tokens, self.image_grid)
 
     @property
     def image_token_id(self) -> int:
@@ -64,12 +69,14 @@ class VLM(nn.Module):
     def tokenizer(self):
         return self.llm.tokenizer
 
-    def _count_image_tokens(self) -> int:
+    def _probe_image_tokens(self) -> tuple[int, tuple[int, int] | None]:
+        """M, and the (h, w) row-major layout of the image tokens when the token strategy and projector keep one."""
         size = int(self.encoder.image_size)
         device = next(self.projector.parameters(), torch.empty(0)).device
         with torch.no_grad():
-            out = self.encode_images(torch.zeros(1, 3, size, size, device=device))
-        return int(out.shape[1])
+            features = self.encoder_features(torch.zeros(1, 3, size, size, device=device))
+            m = int(self.project(features).shape[1])
+        return m, token_grid(self.tokens, self.projector, features.grid, m)
 
     # ---- images ---------------------------------------------------------------------------------------------
     def encoder_features(self, pixel_values: torch.Tensor) -> EncoderOutput:
@@ -226,6 +233,56 @@ def load_tokenizer(recipe: Recipe):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok, tok.convert_tokens_to_ids(image_token)
+
+
+def token_grid(tokens: nn.Module, projector: nn.Module, encoder_grid: tuple[int, int] | None,
+               num_tokens: int) -> tuple[int, int] | None:
+    """The image tokens' (h, w) row-major layout through the token strategy and the projector (each says it with
+    the optional ``token_grid(grid)``; a component without it keeps no layout), or None."""
+    grid = encoder_grid
+    for part in (tokens, projector):
+        keep = getattr(part, "token_grid", None)
+        grid = keep(grid) if keep is not None and grid is not None else None
+    if grid is None or grid[0] * grid[1] != num_tokens:
+        return None
+    return int(grid[0]), int(grid[1])
+
+
+def fusion_span(fusion: nn.Module, tokenizer, image_token_id: int, num_tokens: int,
+                grid: tuple[int, int] | None) -> list[int]:
+    """The ids an ``<image>`` placeholder becomes under ``fusion``: none when the image is not in the sequence."""
+    if not fusion.in_sequence:
+        return []
+    span = getattr(fusion, "span", None)
+    if span is None:
+        return [image_token_id] * num_tokens
+    return span(tokenizer, image_token_id, num_tokens, grid)
+
+
+def cells_note(fusion: nn.Module, num_tokens: int, grid: tuple[int, int] | None) -> str | None:
+    cells = getattr(fusion, "cells", None)
+    if not cells or not fusion.in_sequence or fusion.cell_groups(grid) is not None:
+        return None
+    g = math.isqrt(len(cells))
+    why = ("have no 2-D layout (the token strategy or projector keeps none)" if grid is None
+           else f"form a {grid[0]} x {grid[1]} grid, coarser than the {g} x {g} cells")
+    return f"fusion.cells: the {num_tokens} image token(s) {why}; they go in without cell names"
+
+
+def image_span_for(recipe: Recipe, tokenizer, image_token_id: int) -> list[int]:
+    """What ``VLM.image_span`` would be for ``recipe``, without loading the LLM's weights unless the fusion needs
+    the LLM to be built (cross-attention): then the whole model is built and asked."""
+    import inspect
+
+    if "llm" in inspect.signature(FUSIONS.get(recipe.fusion.name)).parameters:
+        return build_model(recipe).image_span
+    encoder, tokens, projector = build_vision(recipe, out_dim=8)
+    size = int(encoder.image_size)
+    with torch.no_grad():
+        features = encoder(torch.zeros(1, 3, size, size))
+        m = int(projector(tokens(features)).shape[1])
+    fusion = FUSIONS.create(recipe.fusion.name, **_resolved_params(recipe.fusion.params()))
+    return fusion_span(fusion, tokenizer, image_token_id, m, token_grid(tokens, projector, features.grid, m))
 
 
 def count_image_tokens(recipe: Recipe) -> int:

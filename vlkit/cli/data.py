@@ -20,7 +20,7 @@ from vlkit.cli.common import console, data_app, err_console, friendly
 def data_check_cmd(file: Path = typer.Argument(..., help="LLaVA-format JSON / JSONL file"),
                    image_root: Optional[Path] = typer.Option(None, "--image-root", help="folder image paths are relative to"),
                    recipe: Optional[str] = typer.Option(None, help="also template/length-check with this recipe's "
-                                                                   "tokenizer and image-token count"),
+                                                                   "tokenizer and image span (image tokens and cell names)"),
                    overrides: Optional[list[str]] = typer.Argument(None, help="recipe overrides key.path=value"),
                    workers: int = typer.Option(os.cpu_count() or 1, min=1,
                                                help="processes decoding images (default: one per CPU core)"),
@@ -34,11 +34,11 @@ def data_check_cmd(file: Path = typer.Argument(..., help="LLaVA-format JSON / JS
     tok, image_token_id, n_img, max_len = None, None, 1, 10**9
     if recipe:
         from vlkit.config import load_recipe
-        from vlkit.model import count_image_tokens, load_tokenizer
+        from vlkit.model import image_span_for, load_tokenizer
 
         r = load_recipe(recipe, overrides or [])
         tok, image_token_id = load_tokenizer(r)
-        n_img, max_len = count_image_tokens(r), r.data.max_length
+        n_img, max_len = image_span_for(r, tok, image_token_id), r.data.max_length  # with the cells' names
     with DecodeProgress() as progress:
         good, problems = check_records(records, image_root, tok, image_token_id, n_img, max_len, decode_images=True,
                                        workers=workers, on_images=progress.start, advance=progress.advance)

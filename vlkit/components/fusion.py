@@ -30,54 +30,70 @@ class PrefixFusion(nn.Module):
     def __init__(self, cells: Sequence[str] | None = None, cell_format: str = "{name}:",
                  separator: str = ", ") -> None:
         super().__init__()
-        self.cells = list(cells) if cells else None
         self.cell_format, self.separator = cell_format, separator
-        if self.cells is None:
-            return
-        grid = math.isqrt(len(self.cells))
-        if grid * grid != len(self.cells) or not all(isinstance(c, str) and c.strip() for c in self.cells):
-            raise ValueError(f"fusion 'prefix': cells must be g*g non-empty names of a g x g grid, row-major "
-                             f"(e.g. 9 for 3 x 3); got {len(self.cells)}: {self.cells}")
-        if len(set(self.cells)) != len(self.cells):
-            raise ValueError(f"fusion 'prefix': cells must be distinct names; got {self.cells}")
-        if "{name}" not in cell_format:
-            raise ValueError(f"fusion 'prefix': cell_format must contain '{{name}}'; got {cell_format!r}")
-        self.grid = grid
+        self.cells = None if cells is None else _check_cells(cells, cell_format, separator)
+        self.grid = math.isqrt(len(self.cells)) if self.cells else 0
 
-    def cell_groups(self, num_tokens: int) -> list[list[int]] | None:
-        """Which image tokens each cell gets: an s x s row-major token grid (s >= g) is split by token centre,
-        each cell's tokens row-major (s = 8, g = 3 gives 3, 2, 3 rows and columns). None when there are no cells
-        or when the tokens form no s x s grid with s >= g: a CLS or 1-4 pooled tokens (no token lies in one cell),
-        or cls_patch's 1 + s*s (the CLS token lies in none); those go in unnamed, in their own order."""
-        if self.cells is None:
+    def cell_groups(self, grid: tuple[int, int] | None) -> list[list[int]] | None:
+        """Which image tokens each cell gets, given the tokens' row-major (h, w) layout (``VLM.image_grid``): each
+        token goes to the cell holding its centre, each cell's tokens row-major (8 x 8 tokens over 3 x 3 cells give
+        3, 2, 3 rows and columns). None when there are no cells, or when the tokens have no layout (CLS, learned
+        queries, a CLS expanded to k tokens) or one coarser than the cells (1 or 4 pooled tokens): no token then
+        lies in one cell, and the tokens go in unnamed, in their own order."""
+        if self.cells is None or grid is None:
             return None
-        side = math.isqrt(num_tokens)
-        if side * side != num_tokens or side < self.grid:
+        h, w = grid
+        if h < self.grid or w < self.grid:
             return None
         groups: list[list[int]] = [[] for _ in self.cells]
-        for r in range(side):
-            for c in range(side):
-                cell = ((2 * r + 1) * self.grid // (2 * side)) * self.grid + (2 * c + 1) * self.grid // (2 * side)
-                groups[cell].append(r * side + c)
+        for r in range(h):
+            for c in range(w):
+                cell = ((2 * r + 1) * self.grid // (2 * h)) * self.grid + (2 * c + 1) * self.grid // (2 * w)
+                groups[cell].append(r * w + c)
         return groups
 
-    def order(self, num_tokens: int) -> list[int] | None:
+    def order(self, grid: tuple[int, int] | None) -> list[int] | None:
         """The image tokens in the order they enter the sequence (cell by cell), or None to keep theirs."""
-        groups = self.cell_groups(num_tokens)
+        groups = self.cell_groups(grid)
         return None if groups is None else [i for g in groups for i in g]
 
-    def span(self, tokenizer, image_token_id: int, num_tokens: int) -> list[int]:
+    def span(self, tokenizer, image_token_id: int, num_tokens: int,
+             grid: tuple[int, int] | None = None) -> list[int]:
         """The ids one ``<image>`` placeholder becomes: M image-token ids, with each cell's name before its own."""
-        groups = self.cell_groups(num_tokens)
+        groups = self.cell_groups(grid)
         if groups is None:
             return [image_token_id] * num_tokens
+        if sum(len(g) for g in groups) != num_tokens:
+            raise ValueError(f"fusion 'prefix': a {grid[0]} x {grid[1]} token grid does not hold {num_tokens} tokens")
         out: list[int] = []
         for i, (name, group) in enumerate(zip(self.cells, groups)):
             text = (self.separator if i else "") + self.cell_format.format(name=name)
             out += tokenizer(text, add_special_tokens=False)["input_ids"] + [image_token_id] * len(group)
         if out.count(image_token_id) != num_tokens:
-            raise ValueError(f"fusion 'prefix': a cell name in {self.cells} tokenizes to the image token")
+            raise ValueError(f"fusion.cells: a cell name in {self.cells} tokenizes to the image token")
         return out
+
+
+def _check_cells(cells: object, cell_format: object, separator: object) -> list[str]:
+    """``fusion.cells`` as a list of g*g distinct names; ValueError naming the key otherwise."""
+    if isinstance(cells, str) or not isinstance(cells, Sequence):
+        raise ValueError(f"fusion.cells: must be a list of g*g cell names, row-major (a YAML list, e.g. 9 names "
+                         f"for 3 x 3); got {cells!r}")
+    cells = list(cells)
+    if not cells:
+        raise ValueError("fusion.cells: an empty list; leave the key out (or set it to null) for no cell names")
+    grid = math.isqrt(len(cells))
+    if grid * grid != len(cells) or not all(isinstance(c, str) and c.strip() for c in cells):
+        raise ValueError(f"fusion.cells: must be g*g non-empty names of a g x g grid, row-major (e.g. 9 for 3 x 3); "
+                         f"got {len(cells)}: {cells}")
+    if len(set(cells)) != len(cells):
+        dup = sorted({c for c in cells if cells.count(c) > 1})
+        raise ValueError(f"fusion.cells: names must be distinct; {dup} repeat")
+    if not isinstance(cell_format, str) or "{name}" not in cell_format:
+        raise ValueError(f"fusion.cell_format: must be a string containing '{{name}}'; got {cell_format!r}")
+    if not isinstance(separator, str):
+        raise ValueError(f"fusion.separator: must be a string; got {separator!r}")
+    return cells
 
 
 class GatedCrossAttentionBlock(nn.Module):

@@ -1,7 +1,9 @@
 """Projectors: image tokens from the encoder's space into the LLM's embedding space.
 
 Factory contract: ``factory(in_dim=, out_dim=, num_tokens=, **extra) -> nn.Module`` mapping
-``[B, N, in_dim] -> [B, M, out_dim]``.
+``[B, N, in_dim] -> [B, M, out_dim]``. A projector that keeps its input tokens' 2-D layout says so in
+``token_grid(grid)`` (the per-token ones here); without it the output tokens have none (fusion.cells leaves them
+unnamed).
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ class LinearProjector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [B, N, in_dim] -> [B, N, out_dim]
         return self.proj(x)
+
+    def token_grid(self, grid: tuple[int, int] | None) -> tuple[int, int] | None:
+        return grid  # one output token per input token, in the same order
 
 
 class MLPProjector(nn.Module):
@@ -40,6 +45,9 @@ class MLPProjector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [B, N, in_dim] -> [B, N, out_dim]
         return self.net(x)
+
+    def token_grid(self, grid: tuple[int, int] | None) -> tuple[int, int] | None:
+        return grid  # one output token per input token, in the same order
 
 
 class CrossAttentionProjector(nn.Module):

@@ -1,7 +1,8 @@
 """Token strategies: which encoder tokens become image tokens.
 
 Every strategy is called as ``strategy(features)`` with an :class:`~vlkit.types.EncoderOutput` and returns
-``[B, N', D]``. A strategy that changes the feature dim defines ``out_dim(in_dim)``.
+``[B, N', D]``. A strategy that changes the feature dim defines ``out_dim(in_dim)``; one whose tokens keep a 2-D
+layout says which in ``token_grid(grid)`` (fusion.cells names grid cells only for such tokens).
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ class TokenStrategy(nn.Module):
     def out_dim(self, in_dim: int) -> int:
         return in_dim
 
+    def token_grid(self, grid: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The (h, w) row-major layout of this strategy's tokens given the encoder's patch grid; None: no layout."""
+        return None
+
     def _need_cls(self, features: EncoderOutput) -> torch.Tensor:
         if features.cls is None:
             raise ValueError(
@@ -42,6 +47,9 @@ class ClsTokens(TokenStrategy):
 
 class PatchTokens(TokenStrategy):
     name = "patch"
+
+    def token_grid(self, grid: tuple[int, int] | None) -> tuple[int, int] | None:
+        return grid
 
     def forward(self, features: EncoderOutput) -> torch.Tensor:
         # patches [B, N, D] -> [B, N, D]
@@ -72,6 +80,9 @@ class PooledTokens(TokenStrategy):
         super().__init__()
         self.num_tokens = num_tokens
         self.shape = _pool_shape(num_tokens)
+
+    def token_grid(self, grid: tuple[int, int] | None) -> tuple[int, int] | None:
+        return None if grid is None else self.shape
 
     def forward(self, features: EncoderOutput) -> torch.Tensor:
         # patches [B, h*w, D] -> [B, num_tokens, D]

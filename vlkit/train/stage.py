@@ -171,6 +171,8 @@ def announce(model: VLM, recipe: Recipe, stage_name: str, data: StageData, micro
                   f"(micro {micro} x accum {stage.grad_accum}), trainable {trainable:,} params, "
                   f"padding {pad_frac:.1%}, llm={stage.llm}"
                   + (f", {ctx.mode} over {ctx.world_size} processes" if ctx.active else ""))
+    if model.cells_note:
+        console.print(f"[yellow]{model.cells_note}[/]")
     return trainable, pad_frac
 
 

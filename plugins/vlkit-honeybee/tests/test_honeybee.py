@@ -166,6 +166,25 @@ def test_components_chain() -> None:
     _all_params_have_grad(enc)
 
 
+def test_token_grids_reach_vlkit_cell_names() -> None:
+    """The optional ``token_grid`` of both components gives vlkit the output tokens' layout, so ``fusion.cells``
+    can name grid cells: tiny_cnn's 8x8 -> pixel_shuffle 4x4 -> c_abstractor 3x3 (one token per cell)."""
+    from vlkit.components.fusion import PrefixFusion
+    from vlkit.model import token_grid
+
+    enc = tiny_cnn(width=8, image_size=64)
+    feats = enc(torch.randn(1, 3, 64, 64))
+    strat = pixel_shuffle(scale_factor=2)
+    proj = c_abstractor(in_dim=strat.out_dim(enc.embed_dim), out_dim=24, num_tokens=9)
+    assert feats.grid == (8, 8) and strat.token_grid(feats.grid) == (4, 4) and proj.token_grid((4, 4)) == (3, 3)
+    m = proj(strat(feats)).shape[1]
+    grid = token_grid(strat, proj, feats.grid, m)
+    assert grid == (3, 3)
+    assert PrefixFusion([f"c{i}" for i in range(9)]).cell_groups(grid) == [[i] for i in range(9)]
+    assert strat.token_grid(None) is None and proj.token_grid(None) is None
+    assert c_abstractor(in_dim=8, out_dim=8).token_grid((4, 4)) == (4, 4)  # num_tokens=None keeps the grid
+
+
 # ---- discovery through vlkit (needs the plugin installed) -----------------------------------------------------
 def _installed() -> bool:
     try:

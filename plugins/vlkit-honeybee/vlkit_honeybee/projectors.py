@@ -106,6 +106,14 @@ class CAbstractor(nn.Module):
             layers += [nn.SiLU(), nn.Linear(out_dim, out_dim)]
         self.readout = nn.Sequential(*layers)
 
+    def token_grid(self, grid: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The m x m layout of the pooled output tokens (optional part of vlkit's contract: fusion.cells names them);
+        None when the input tokens have no layout or a non-square one (``forward`` refuses those)."""
+        if grid is None or grid[0] != grid[1]:
+            return None
+        side = grid[0] if self.num_tokens is None else math.isqrt(self.num_tokens)
+        return side, side
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, N, D_in] -> [B, M, D_out]
         if x.dim() != 3 or x.shape[-1] != self.in_dim:
             raise ValueError(f"projector '{NAME}': expected [B, N, {self.in_dim}], got {tuple(x.shape)}")

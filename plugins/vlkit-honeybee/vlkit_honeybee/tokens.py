@@ -39,6 +39,13 @@ class PixelShuffle(nn.Module):
             )
         return in_dim * self.scale_factor**2
 
+    def token_grid(self, grid: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The (h/s, w/s) layout of the shuffled tokens (optional part of vlkit's contract: fusion.cells names them)."""
+        if grid is None:
+            return None
+        s = self._scale_for(*grid)
+        return grid[0] // s, grid[1] // s
+
     def _scale_for(self, h: int, w: int) -> int:
         if self.scale_factor is not None:
             s = self.scale_factor
