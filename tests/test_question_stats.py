@@ -261,13 +261,17 @@ def plain_study_findings(study: Path) -> list[dict[str, float]]:
     here, ``plain_crossed`` for the moments, TOST written out, Holm with a loop; trends as their planned contrasts
     (knee − first, then each later value − knee within ±m; the trend's p is its largest claim p)."""
     plan = json.loads((study / "plan.json").read_text())
+
+    def label(v):  # an axis value as expectations name it: a list (stages: [align, instruct]) joined by "+"
+        return "+".join(map(str, v)) if isinstance(v, list) else str(v)
+
     runs = {}
     for r in plan["runs"]:
         rd = study / "runs" / r["id"]
         if r.get("skipped") or not (rd / "predictions_instruct.jsonl").exists():
             continue
         rows = [json.loads(x) for x in (rd / "predictions_instruct.jsonl").read_text().splitlines()]
-        runs[r["id"]] = ({k: str(v) for k, v in r["axes"].items()}, r["seed"],
+        runs[r["id"]] = ({k: label(v) for k, v in r["axes"].items()}, r["seed"],
                          {x["id"]: (x["question_type"], float(x["correct"])) for x in rows})
 
     def arm(axis: str, value: str) -> dict[tuple, dict]:
@@ -301,7 +305,7 @@ def plain_study_findings(study: Path) -> list[dict[str, float]]:
         trend = re.match(r"^(\S+) (increases|decreases) with (\S+) up to (\S+) then flat \(±([0-9.]+)\)$", text)
         if trend:
             metric, _, axis, knee, margin = trend.groups()
-            values = list(dict.fromkeys(str(r["axes"][axis]) for r in plan["runs"]))  # the grid's order
+            values = list(dict.fromkeys(label(r["axes"][axis]) for r in plan["runs"]))  # the grid's order
             made = [moments(axis, knee, values[0], metric, None)]
             made += [moments(axis, v, knee, metric, float(margin)) for v in values[values.index(knee) + 1:]]
             p = max(m["p"] if i == 0 else m["tost"] for i, m in enumerate(made))
@@ -310,7 +314,7 @@ def plain_study_findings(study: Path) -> list[dict[str, float]]:
         m = re.match(r"^(\S+) ([<>~]) (\S+) on (\S+)(?: \(±([0-9.]+)\))?$", text)
         assert m, text
         a, op, b, metric, margin = m.groups()
-        axis = next(x for x in axes if {a, b} <= {str(r["axes"].get(x)) for r in plan["runs"]})
+        axis = next(x for x in axes if {a, b} <= {label(r["axes"].get(x)) for r in plan["runs"]})
         c = moments(axis, a, b, metric, float(margin) if margin else None)
         out.append({"effect": c["effect"], "p": c["claim"]})
     order = sorted(range(len(out)), key=lambda i: out[i]["p"])
