@@ -70,13 +70,8 @@ class VLM(nn.Module):
         return self.llm.tokenizer
 
     def _probe_image_tokens(self) -> tuple[int, tuple[int, int] | None]:
-        """M, and the (h, w) row-major layout of the image tokens when the token strategy and projector keep one."""
-        size = int(self.encoder.image_size)
         device = next(self.projector.parameters(), torch.empty(0)).device
-        with torch.no_grad():
-            features = self.encoder_features(torch.zeros(1, 3, size, size, device=device))
-            m = int(self.project(features).shape[1])
-        return m, token_grid(self.tokens, self.projector, features.grid, m)
+        return probe_image_tokens(self.encoder, self.tokens, self.projector, device)
 
     # ---- images ---------------------------------------------------------------------------------------------
     def encoder_features(self, pixel_values: torch.Tensor) -> EncoderOutput:
@@ -235,6 +230,17 @@ def load_tokenizer(recipe: Recipe):
     return tok, tok.convert_tokens_to_ids(image_token)
 
 
+def probe_image_tokens(encoder: nn.Module, tokens: nn.Module, projector: nn.Module,
+                       device: torch.device | None = None) -> tuple[int, tuple[int, int] | None]:
+    """M image tokens per image, and their (h, w) row-major layout when the token strategy and projector keep one:
+    one blank image through encoder, token strategy and projector."""
+    size = int(encoder.image_size)
+    with torch.no_grad():
+        features = encoder(torch.zeros(1, 3, size, size, device=device))
+        m = int(projector(tokens(features)).shape[1])
+    return m, token_grid(tokens, projector, features.grid, m)
+
+
 def token_grid(tokens: nn.Module, projector: nn.Module, encoder_grid: tuple[int, int] | None,
                num_tokens: int) -> tuple[int, int] | None:
     """The image tokens' (h, w) row-major layout through the token strategy and the projector (each says it with
@@ -261,7 +267,8 @@ def fusion_span(fusion: nn.Module, tokenizer, image_token_id: int, num_tokens: i
 
 def cells_note(fusion: nn.Module, num_tokens: int, grid: tuple[int, int] | None) -> str | None:
     cells = getattr(fusion, "cells", None)
-    if not cells or not fusion.in_sequence or fusion.cell_groups(grid) is not None:
+    groups = getattr(fusion, "cell_groups", None)
+    if not cells or not fusion.in_sequence or groups is None or groups(grid) is not None:
         return None
     g = math.isqrt(len(cells))
     why = ("have no 2-D layout (the token strategy or projector keeps none)" if grid is None
@@ -276,21 +283,14 @@ def image_span_for(recipe: Recipe, tokenizer, image_token_id: int) -> list[int]:
 
     if "llm" in inspect.signature(FUSIONS.get(recipe.fusion.name)).parameters:
         return build_model(recipe).image_span
-    encoder, tokens, projector = build_vision(recipe, out_dim=8)
-    size = int(encoder.image_size)
-    with torch.no_grad():
-        features = encoder(torch.zeros(1, 3, size, size))
-        m = int(projector(tokens(features)).shape[1])
+    m, grid = probe_image_tokens(*build_vision(recipe, out_dim=8))
     fusion = FUSIONS.create(recipe.fusion.name, **_resolved_params(recipe.fusion.params()))
-    return fusion_span(fusion, tokenizer, image_token_id, m, token_grid(tokens, projector, features.grid, m))
+    return fusion_span(fusion, tokenizer, image_token_id, m, grid)
 
 
 def count_image_tokens(recipe: Recipe) -> int:
     """Image tokens per image for a recipe, from its encoder, token strategy and projector (no LLM)."""
-    encoder, tokens, projector = build_vision(recipe, out_dim=8)
-    size = int(encoder.image_size)
-    with torch.no_grad():
-        return int(projector(tokens(encoder(torch.zeros(1, 3, size, size)))).shape[1])
+    return probe_image_tokens(*build_vision(recipe, out_dim=8))[0]
 
 
 def parameter_counts(model: VLM) -> dict[str, dict[str, int]]:
