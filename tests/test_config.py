@@ -114,3 +114,29 @@ def test_identity_changes_with_config():
     a = load_recipe("mlp_patch")
     b = load_recipe("mlp_patch", ["stages.align.lr=0.5"])
     assert a.identity() != b.identity() and a.identity() == load_recipe("mlp_patch").identity()
+
+
+def test_schedule_default_keeps_identity_and_other_schedules_change_it():
+    """A stage on the default cosine schedule dumps (and hashes) without the schedule keys, as before they existed,
+    so finished runs keep their identity; wsd or another decay_ratio is a different run."""
+    import json
+    import hashlib
+
+    recipe = load_recipe("mlp_patch", ["stages.align.schedule=cosine"])
+    assert "schedule" not in recipe.to_dict()["stages"]["instruct"]
+    data = recipe.model_dump(mode="json")
+    for stage in data["stages"].values():
+        del stage["schedule"], stage["decay_ratio"]
+    for key in ("distributed", "deepspeed"):
+        data["train"].pop(key)
+    data.pop("expect", None)
+    assert recipe.identity() == hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    wsd = load_recipe("mlp_patch", ["stages.align.schedule=wsd"])
+    assert wsd.to_dict()["stages"]["align"]["schedule"] == "wsd"
+    assert len({recipe.identity(), wsd.identity(),
+                load_recipe("mlp_patch", ["stages.align.schedule=wsd", "stages.align.decay_ratio=0.5"]).identity()}) == 3
+
+
+def test_schedule_typo_names_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\.align\.schedule"):
+        load_recipe("mlp_patch", ["stages.align.schedule=cosin"])

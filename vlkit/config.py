@@ -71,6 +71,11 @@ class StageConfig(_Strict):
     lr_encoder: float | None = Field(None, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.03, ge=0, le=1)
+    # the learning rate after warm-up. cosine: decays to 0 over the stage (LLaVA). wsd: held, then decays (cosine) over
+    # the last decay_ratio of the steps (warmup-stable-decay, MiniCPM): a loss plateau that ends late in the stage
+    # still ends at a useful rate. constant: held to the end.
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_ratio: float = Field(0.2, gt=0, le=1)
     max_grad_norm: float | None = 1.0
     llm: Literal["frozen", "lora", "full"] = "frozen"
     lora: LoraConfig = LoraConfig()
@@ -145,6 +150,10 @@ class Recipe(_Strict):
         data = self.model_dump(mode="json")
         if data.get("expect") is None:  # recipes without expectations dump (and hash) as they always did
             data.pop("expect", None)
+        for stage in data.get("stages", {}).values():  # so do stages on the default schedule
+            if stage.get("schedule") == "cosine" and stage.get("decay_ratio") == 0.2:
+                stage.pop("schedule")
+                stage.pop("decay_ratio")
         return data
 
     def identity(self) -> str:

@@ -102,3 +102,18 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
     from transformers import get_cosine_schedule_with_warmup
 
     return get_cosine_schedule_with_warmup(optimizer, warmup, max(total, 1))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, stage: StageConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The stage's learning-rate schedule over ``total`` optimizer steps: linear warm-up over ``warmup_ratio`` of them,
+    then ``stage.schedule`` (cosine to 0; wsd: held, cosine to 0 over the last ``decay_ratio``; constant)."""
+    from transformers import get_constant_schedule_with_warmup, get_wsd_schedule
+
+    total = max(total, 1)
+    warmup = int(stage.warmup_ratio * total)
+    if stage.schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    if stage.schedule == "wsd":
+        decay = max(1, min(round(stage.decay_ratio * total), total - warmup))
+        return get_wsd_schedule(optimizer, warmup, decay, num_training_steps=total)
+    return cosine_with_warmup(optimizer, warmup, total)

@@ -29,7 +29,7 @@ from vlkit.train.data import (BadImages, MicroBatchStream, Position, StageData, 
                                   micro_batch_size, preflight, prepare_features, stage_steps)
 from vlkit.train.evaluation import eval_row, run_eval
 from vlkit.train.metrics_log import MetricsLog
-from vlkit.train.setup import autocast_dtype, build_optimizer, cosine_with_warmup, pin_threads, set_trainable
+from vlkit.train.setup import autocast_dtype, build_optimizer, lr_schedule, pin_threads, set_trainable
 
 
 @dataclass
@@ -178,11 +178,11 @@ def announce(model: VLM, recipe: Recipe, stage_name: str, data: StageData, micro
 
 def build_optimizer_under_strategy(run: StageRun, micro: int) -> tuple[StageEngine, Any]:
     """The stage's model + optimizer under the job's strategy (none, ddp, deepspeed, fsdp: vlkit/distributed/), and
-    its cosine schedule with warm-up."""
+    its learning-rate schedule (:func:`lr_schedule`)."""
     check_same_modules(run.ctx, run.data.has_image, run.recipe.data.group_by_length)
     engine = make_engine(run.ctx, run.model, functools.partial(build_optimizer, run.model, run.stage), run.stage,
                          micro, run.ckpt_dir, find_unused=not all(run.data.has_image))
-    scheduler = cosine_with_warmup(engine.optimizer, int(run.stage.warmup_ratio * run.total_steps), run.total_steps)
+    scheduler = lr_schedule(engine.optimizer, run.stage, run.total_steps)
     return engine, scheduler
 
 
