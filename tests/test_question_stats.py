@@ -119,7 +119,7 @@ def plain_crossed(table: list[list[float]]) -> dict[str, float]:
     ms_r = q * sum((r - grand) ** 2 for r in rows) / (k - 1)
     ms_c = k * sum((c - grand) ** 2 for c in cols) / (q - 1)
     ms_e = sum((table[i][j] - rows[i] - cols[j] + grand) ** 2 for i in range(k) for j in range(q)) / ((k - 1) * (q - 1))
-    extra = ms_c - ms_e if ms_c > ms_e else 0.0
+    extra = ms_c - ms_e if ms_c - ms_e > 1e-9 * max(abs(ms_c), abs(ms_e)) else 0.0  # equal up to rounding: none
     var = (ms_r + extra) / (k * q)
     if var == 0:  # every pair answered every question alike: the difference is known exactly
         return {"effect": grand, "se": 0.0, "df": k - 1, "lo": grand, "hi": grand,
@@ -342,3 +342,22 @@ def test_committed_studies_of_the_shipped_world_recomputed_from_their_answers():
                 assert round(f["effect"], 3) == round(g["effect"], 3), (study.name, f["text"])
             assert round(f["p"], 3) == round(g["p"], 3), (study.name, f["text"], f["p"], g["p"])
             assert round(f["p_holm"], 3) == round(g["p_holm"], 3), (study.name, f["text"])
+
+
+def test_one_differing_answer_has_no_question_component_wherever_it_is():
+    """A table with a single non-zero cell has MS_cols = MS_e exactly; float rounding must not decide whether a
+    question component (and its Satterthwaite degrees of freedom) enters: every position gives the seed-paired test."""
+    from vlkit.ablate.stats import crossed_stat
+
+    for k, q, offset in [(2, 50, 0.0), (3, 125, 0.0), (3, 125, -1.0), (4, 50, 1.0)]:
+        results = set()
+        for i in range(k):
+            for j in (0, 7, q // 2, q - 1):
+                d = np.full((k, q), offset)  # offset: every answer differs the same way but one
+                d[i, j] += 1.0
+                c = crossed_stat(d)
+                rows = d.mean(axis=1)
+                assert c.df == k - 1, (k, q, offset, i, j)
+                assert c.se == pytest.approx(math.sqrt(np.var(rows, ddof=1) / k), rel=1e-9)
+                results.add((round(c.se, 12), round(c.p(), 12)))
+        assert len(results) == 1, (k, q, offset)

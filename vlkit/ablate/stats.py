@@ -232,11 +232,18 @@ def crossed_stat(d: "np.ndarray") -> CrossedStat:
                        max(0.0, (ms_row - ms_e) / q), max(0.0, (ms_col - ms_e) / k), ms_e)
 
 
+TIE = 1e-9  # relative: mean squares closer than this are equal (their float difference is rounding, not variance)
+
+
 def _crossed_var(ms_row, ms_col, ms_e, k: int, q: int):
     """Vectorised variance of the mean and its Satterthwaite df from the three mean squares (arrays)."""
     import numpy as np
 
-    extra = np.maximum(ms_col - ms_e, 0.0)  # (Q−1)-df and (K−1)(Q−1)-df terms; only where positive
+    # (Q−1)-df and (K−1)(Q−1)-df terms; only where positive beyond float rounding: a table whose one non-zero cell
+    # is a single answer (cls ~ patch on count: 1 of 375) has MS_cols = MS_e = 1/(KQ) exactly, and the sign of their
+    # rounded difference would otherwise pick the degrees of freedom
+    diff = ms_col - ms_e
+    extra = np.where(diff > TIE * np.maximum(np.abs(ms_col), np.abs(ms_e)), diff, 0.0)
     var = (ms_row + extra) / (k * q)
     denom = ms_row ** 2 / (k - 1) + np.where(extra > 0, ms_col ** 2 / (q - 1) + ms_e ** 2 / ((k - 1) * (q - 1)), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
