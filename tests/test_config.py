@@ -131,12 +131,16 @@ def test_schedule_default_keeps_identity_and_other_schedules_change_it():
         data["train"].pop(key)
     data.pop("expect", None)
     assert recipe.identity() == hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    # decay_ratio shapes only wsd: on the other schedules it leaves the identity alone
+    assert (load_recipe("mlp_patch", ["stages.instruct.decay_ratio=0.5"]).identity()
+            == load_recipe("mlp_patch").identity())
+    assert "decay_ratio" not in load_recipe("mlp_patch", ["stages.instruct.schedule=constant"]).to_dict()["stages"]["instruct"]
     wsd = load_recipe("mlp_patch", ["stages.align.schedule=wsd"])
     assert wsd.to_dict()["stages"]["align"]["schedule"] == "wsd"
     assert len({recipe.identity(), wsd.identity(),
                 load_recipe("mlp_patch", ["stages.align.schedule=wsd", "stages.align.decay_ratio=0.5"]).identity()}) == 3
 
 
-def test_schedule_typo_names_key(tmp_path):
+def test_schedule_typo_names_key():
     with pytest.raises(ConfigError, match=r"stages\.align\.schedule"):
         load_recipe("mlp_patch", ["stages.align.schedule=cosin"])

@@ -111,7 +111,8 @@ def test_injected_effect_is_detected_at_the_power_the_report_predicts():
 # ---- a second, plain implementation ------------------------------------------------------------------------------
 def plain_crossed(table: list[list[float]]) -> dict[str, float]:
     """Effect, SE, df, 95% CI and p of a (pairs × questions) table, with loops: the moments of a two-way layout,
-    the variance MS_rows/(KQ) plus max(0, MS_cols − MS_e)/(KQ), Satterthwaite df capped at K − 1."""
+    the variance MS_rows/(KQ) plus (MS_cols − MS_e)/(KQ) where positive beyond float rounding (relative 1e-9, the
+    rule vlkit's stats state), Satterthwaite df capped at K − 1."""
     k, q = len(table), len(table[0])
     grand = sum(sum(r) for r in table) / (k * q)
     rows = [sum(r) / q for r in table]
@@ -357,7 +358,7 @@ def test_one_differing_answer_has_no_question_component_wherever_it_is():
                 d[i, j] += 1.0
                 c = crossed_stat(d)
                 rows = d.mean(axis=1)
-                assert c.df == k - 1, (k, q, offset, i, j)
+                assert c.df == k - 1 and c.var_question == 0.0, (k, q, offset, i, j)
                 assert c.se == pytest.approx(math.sqrt(np.var(rows, ddof=1) / k), rel=1e-9)
                 results.add((round(c.se, 12), round(c.p(), 12)))
         assert len(results) == 1, (k, q, offset)

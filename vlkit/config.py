@@ -75,7 +75,7 @@ class StageConfig(_Strict):
     # the last decay_ratio of the steps (warmup-stable-decay, MiniCPM): a loss plateau that ends late in the stage
     # still ends at a useful rate. constant: held to the end.
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    decay_ratio: float = Field(0.2, gt=0, le=1)
+    decay_ratio: float = Field(0.2, gt=0, le=1)  # wsd only; the other schedules ignore it
     max_grad_norm: float | None = 1.0
     llm: Literal["frozen", "lora", "full"] = "frozen"
     lora: LoraConfig = LoraConfig()
@@ -150,10 +150,11 @@ class Recipe(_Strict):
         data = self.model_dump(mode="json")
         if data.get("expect") is None:  # recipes without expectations dump (and hash) as they always did
             data.pop("expect", None)
-        for stage in data.get("stages", {}).values():  # so do stages on the default schedule
-            if stage.get("schedule") == "cosine" and stage.get("decay_ratio") == 0.2:
-                stage.pop("schedule")
-                stage.pop("decay_ratio")
+        for stage in data.get("stages", {}).values():  # so do stages on the default schedule (schedule keys
+            if stage.get("schedule") != "wsd":     # came later); decay_ratio shapes only wsd, so it is left out
+                stage.pop("decay_ratio", None)   # of the others' identity too
+            if stage.get("schedule") == StageConfig.model_fields["schedule"].default:
+                stage.pop("schedule", None)
         return data
 
     def identity(self) -> str:

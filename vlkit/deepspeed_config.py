@@ -11,7 +11,7 @@ def deepspeed_config_problems(cfg: dict[str, Any]) -> list[str]:
     for key in ("optimizer", "scheduler"):
         if key in cfg:
             out.append(f"remove the '{key}' section: vlkit builds AdamW with the stage's per-module learning rates "
-                       "and steps its cosine schedule itself")
+                       "and steps the stage's learning-rate schedule itself")
     stage = cfg.get("zero_stage", cfg.get("zero_optimization", {}).get("stage") if isinstance(
         cfg.get("zero_optimization"), dict) else None)
     if stage is not None and stage not in (0, 1, 2, 3):

@@ -227,16 +227,17 @@ def crossed_stat(d: "np.ndarray") -> CrossedStat:
     if k < 2 or q < 2:
         raise ValueError(f"a crossed analysis needs at least 2 pairs and 2 questions, got {k} × {q}")
     ms_row, ms_col, ms_e = mean_squares(d)
-    var, df = _crossed_var(np.array([ms_row]), np.array([ms_col]), np.array([ms_e]), k, q)
+    var, df, extra = _crossed_var(np.array([ms_row]), np.array([ms_col]), np.array([ms_e]), k, q)
     return CrossedStat(k, q, float(d.mean()), math.sqrt(float(var[0])), float(df[0]),
-                       max(0.0, (ms_row - ms_e) / q), max(0.0, (ms_col - ms_e) / k), ms_e)
+                       max(0.0, (ms_row - ms_e) / q), float(extra[0]) / k, ms_e)
 
 
 TIE = 1e-9  # relative: mean squares closer than this are equal (their float difference is rounding, not variance)
 
 
 def _crossed_var(ms_row, ms_col, ms_e, k: int, q: int):
-    """Vectorised variance of the mean and its Satterthwaite df from the three mean squares (arrays)."""
+    """Vectorised variance of the mean, its Satterthwaite df and the question term MS_cols − MS_e (0 where it is not
+    positive beyond rounding) from the three mean squares (arrays)."""
     import numpy as np
 
     # (Q−1)-df and (K−1)(Q−1)-df terms; only where positive beyond float rounding: a table whose one non-zero cell
@@ -248,7 +249,7 @@ def _crossed_var(ms_row, ms_col, ms_e, k: int, q: int):
     denom = ms_row ** 2 / (k - 1) + np.where(extra > 0, ms_col ** 2 / (q - 1) + ms_e ** 2 / ((k - 1) * (q - 1)), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         df = np.where(denom > 0, (ms_row + extra) ** 2 / denom, float(k - 1))
-    return var, np.minimum(df, k - 1)  # never more than the seed pairs give: Satterthwaite alone ran over α
+    return var, np.minimum(df, k - 1), extra  # df never more than the seed pairs give: Satterthwaite alone ran over α
 
 
 def crossed_stats_many(d: "np.ndarray") -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
@@ -264,7 +265,7 @@ def crossed_stats_many(d: "np.ndarray") -> tuple["np.ndarray", "np.ndarray", "np
     ms_col = k * np.sum((c - g[:, None]) ** 2, axis=1) / (q - 1)
     resid = d - r[:, :, None] - c[:, None, :] + g[:, None, None]
     ms_e = np.sum(resid ** 2, axis=(1, 2)) / ((k - 1) * (q - 1))
-    var, df = _crossed_var(ms_row, ms_col, ms_e, k, q)
+    var, df, _ = _crossed_var(ms_row, ms_col, ms_e, k, q)
     return g, np.sqrt(var), df
 
 
@@ -277,7 +278,7 @@ def crossed_power(delta: float, var_seed: float, var_question: float, var_residu
 
     ms_row, ms_e = q * var_seed + var_residual, var_residual
     ms_col = k * var_question + var_residual
-    var, df = _crossed_var(np.array([ms_row]), np.array([ms_col]), np.array([ms_e]), k, q)
+    var, df, _ = _crossed_var(np.array([ms_row]), np.array([ms_col]), np.array([ms_e]), k, q)
     if not var[0] > 0:
         return math.nan
     nc = abs(delta) / math.sqrt(float(var[0]))

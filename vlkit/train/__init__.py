@@ -15,15 +15,15 @@ from vlkit.train.data import (BadImages, MicroBatchStream, Position, StageData, 
 from vlkit.train.evaluation import eval_row, final_eval, run_eval
 from vlkit.train.metrics_log import MetricsLog, NullLog
 from vlkit.train.run import rebuild_model, train
-from vlkit.train.setup import (autocast_dtype, build_optimizer, cosine_with_warmup, lr_schedule, param_groups, pin_threads,
-                               seed_everything, set_trainable)
+from vlkit.train.setup import (autocast_dtype, build_optimizer, cosine_with_warmup, lr_schedule, param_groups,
+                               pin_threads, seed_everything, set_trainable)
 from vlkit.train.stage import StageResult, run_stage
 from vlkit.train.summary import clear_run_dir, default_run_dir, load_summary, prepare_run_dir, recorded_stages, stage_metrics_path
 
 __all__ = [
     "BadImages", "MetricsLog", "MicroBatchStream", "NullLog", "Position", "StageData", "StageResult", "TrainingError",
-    "autocast_dtype", "build_optimizer", "clear_run_dir", "cosine_with_warmup", "default_run_dir", "lr_schedule", "estimate_steps", "eval_row",
-    "final_eval", "images_read", "load_stage_data", "load_summary", "micro_batch_size", "param_groups", "pin_threads",
+    "autocast_dtype", "build_optimizer", "clear_run_dir", "cosine_with_warmup", "default_run_dir", "estimate_steps", "eval_row",
+    "final_eval", "images_read", "load_stage_data", "load_summary", "lr_schedule", "micro_batch_size", "param_groups", "pin_threads",
     "preflight", "prepare_run_dir", "print_accuracy", "rebuild_model", "recorded_stages", "run_eval", "run_stage",
     "seed_everything", "set_trainable", "stage_metrics_path", "stage_steps", "train",
 ]
