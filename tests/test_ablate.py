@@ -45,6 +45,24 @@ def test_impossible_combinations_are_skipped_with_reason(tokens, proj, n, reason
         combo_overrides(tokens, proj, n, num_patches=64)
 
 
+def test_pooled_without_a_count_takes_the_base_recipes_and_other_strategies_drop_it():
+    """The default pools to 16: `tokens: [cls, pooled]` compares CLS with the default's 16 tokens, and switching to
+    a strategy that takes no count (cls, patch) does not carry the base's num_tokens into it."""
+    from vlkit.config import load_recipe
+
+    assert combo_overrides("pooled", None, None, num_patches=64, base_pooled=16)[0] == [
+        "tokens.name=pooled", "tokens.num_tokens=16"]
+    with pytest.raises(Skip, match="pooled needs num_image_tokens"):
+        combo_overrides("pooled", None, None, num_patches=64)
+    specs = {s.id: s for s in expand({"tokens": ["cls", "pooled"]}, [0], num_patches=64, base_pooled=16)}
+    assert specs["tokens-cls_seed-0"].overrides == ["tokens.name=cls", "train.seed=0"]
+    base = load_recipe("mlp_patch")
+    assert (base.tokens.name, base.tokens.params()) == ("pooled", {"num_tokens": 16})
+    for name in ("cls", "patch"):
+        r = load_recipe("mlp_patch", [f"tokens.name={name}"])
+        assert (r.tokens.name, r.tokens.params()) == (name, {})
+
+
 def test_expand_ids_seeds_and_generic_axes():
     specs = expand({"projector": ["linear", "mlp"], "stages.instruct.lr": [1e-3, 3e-4]}, [0, 1], num_patches=64)
     assert len(specs) == 8 and len({s.id for s in specs}) == 8
@@ -95,7 +113,7 @@ def test_ablate_runs_reruns_missing_and_reports(tiny_toy_world, tmp_path, monkey
     failed = [r for r in rows if r["status"] == "failed"][0]
     assert "missing.json" in failed["error"]
     ok = [r for r in rows if r["status"] == "finished"]
-    assert all(r["image_tokens"] == "64" and int(r["trainable_params"]) > 0 and r["accuracy"] != "" for r in ok)
+    assert all(r["image_tokens"] == "16" and int(r["trainable_params"]) > 0 and r["accuracy"] != "" for r in ok)
     report = (out / "report.md").read_text()
     assert "mean ± 95% CI" in report and "Paired comparisons" in report
     # the references of the same questions beside every arm: blind, position-blind reader, arm minus reader

@@ -18,7 +18,8 @@ from vlkit.export import ExportError, check_hf_llava, export_run, hf_llava_probl
 
 TOL = 1e-4
 # without the default's cell names: HF Llava cannot write them (test_cell_markers checks that export refuses them)
-ONE_STEP = ["fusion.cells=null", "stages.align.max_steps=1", "stages.align.batch_size=2", "stages.instruct.max_steps=1",
+ONE_STEP = ["fusion.cells=null", "tokens.name=patch", "stages.align.max_steps=1", "stages.align.batch_size=2",
+            "stages.instruct.max_steps=1",
             "stages.instruct.batch_size=2", "stages.align.eval_data=null", "stages.instruct.eval_data=null"]
 
 
@@ -39,7 +40,7 @@ def fake_run(run: Path, overrides: list[str]) -> Path:
     from vlkit.config import dump_recipe, load_recipe
     from vlkit.model import build_model
 
-    recipe = load_recipe("mlp_patch", ["fusion.cells=null", *overrides, "train.stages=[align]"])
+    recipe = load_recipe("mlp_patch", ["fusion.cells=null", "tokens.name=patch", *overrides, "train.stages=[align]"])
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(dump_recipe(recipe))
     torch.manual_seed(1)
@@ -192,8 +193,9 @@ def test_inexpressible_combinations_are_refused(tiny_toy_world, tmp_path):
     for overrides, part in cases.items():
         problems = hf_llava_problems(load_recipe("mlp_patch", list(overrides)))
         assert any(part in p for p in problems), (overrides, problems)
-    assert hf_llava_problems(load_recipe("mlp_patch", ["fusion.cells=null"])) == []
-    wide = load_recipe("mlp_patch", ["fusion.cells=null", "projector.hidden_dim=64"])  # linear_1 must map to the LLM's width
+    assert hf_llava_problems(load_recipe("mlp_patch", ["fusion.cells=null", "tokens.name=patch"])) == []
+    # linear_1 must map to the LLM's width
+    wide = load_recipe("mlp_patch", ["fusion.cells=null", "tokens.name=patch", "projector.hidden_dim=64"])
     with pytest.raises(ExportError, match="hidden_dim 64"):
         check_hf_llava(wide, build_model(wide))
     with pytest.raises(ExportError, match="unknown export format"):

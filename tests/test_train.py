@@ -227,7 +227,7 @@ def test_dry_run_and_config_errors(tiny_toy_world, tmp_path):
 
 def test_inspect_shows_components_and_mask(tiny_toy_world):
     res = vlkit("inspect", "recipes/mlp_patch.yaml")
-    for text in ("hf_clip", "built-in", "image tokens per image: 64", "northwest:<image>×9, north:<image>×6",
+    for text in ("hf_clip", "built-in", "image tokens per image: 16", "northwest:<image>×1, north:<image>×2",
                  "supervised"):
         assert text in res.stdout, text
 

@@ -254,10 +254,9 @@ def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
         node = node[part]
     if len(path) > 1 and path[-1] == "name" and isinstance(node.get("name"), str) and node.get("name") != value:
         # choosing another component (``projector.name=...``; not the recipe's own top-level ``name``) drops the
-        # previous one's parameters (they belong to it), except num_tokens
-        kept = {k: v for k, v in node.items() if k == "num_tokens"}
+        # previous one's parameters (they belong to it), num_tokens too: the default's ``pooled`` 16 must not follow
+        # ``tokens.name=cls`` (one token), and a count for the new component is given beside its name
         node.clear()
-        node.update(kept)
     node[path[-1]] = value
 
 

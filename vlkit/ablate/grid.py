@@ -6,7 +6,7 @@ the reason recorded (never silently):
 
 - ``cls`` with N > 1 and a per-token projector (linear/mlp) means ``cls_reshape`` to N tokens;
 - ``patch`` with N below the encoder's patch count means ``pooled`` to N (linear/mlp), or N learned queries
-  (cross_attention);
+  (cross_attention); ``pooled`` without N means the base recipe's pooling when it has one (the default's 16);
 - combinations that no model expresses (``cls_reshape`` on many tokens, N above the patch count, N not a square
   for pooling) are skipped.
 """
@@ -52,11 +52,16 @@ def parse_values(text: str) -> list[Any]:
 
 
 def combo_overrides(tokens: str | None, projector: str | None, n: int | None, num_patches: int,
-                    projector_tokens: int | None = None) -> tuple[list[str], str | None]:
-    """Overrides that realise (token strategy, projector, N image tokens); raises :class:`Skip`."""
+                    projector_tokens: int | None = None, base_pooled: int | None = None) -> tuple[list[str], str | None]:
+    """Overrides that realise (token strategy, projector, N image tokens); raises :class:`Skip`.
+
+    ``base_pooled``: the base recipe's count when its tokens are ``pooled`` (the default: 16); ``pooled`` without
+    an N then means the base's pooling (``tokens: [cls, pooled]`` compares CLS with the default's tokens)."""
     ov: list[str] = []
     note = None
     proj = projector
+    if tokens == "pooled" and n is None and base_pooled is not None:
+        n = base_pooled
     if tokens is None and projector is None and n is None:
         return ov, None
     if tokens == "cls":
@@ -126,7 +131,8 @@ def run_id(axes: dict[str, Any], seed: int) -> str:
     return "_".join(parts + [f"seed-{seed}"])
 
 
-def expand(axes: dict[str, list[Any]], seeds: list[int], num_patches: int, base_seed_key: str = "train.seed") -> list[RunSpec]:
+def expand(axes: dict[str, list[Any]], seeds: list[int], num_patches: int, base_seed_key: str = "train.seed",
+           base_pooled: int | None = None) -> list[RunSpec]:
     """The cartesian product of the axes x seeds, each mapped to overrides (or marked skipped)."""
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
@@ -143,7 +149,7 @@ def expand(axes: dict[str, list[Any]], seeds: list[int], num_patches: int, base_
                 study = {k: chosen.get(k) for k in STUDY_AXES}
                 if any(v is not None for v in study.values()):
                     extra, note = combo_overrides(study["tokens"], study["projector"], study["num_image_tokens"],
-                                                  num_patches)
+                                                  num_patches, base_pooled=base_pooled)
                     ov += extra
             except Skip as exc:
                 skipped = str(exc)

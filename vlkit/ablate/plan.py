@@ -44,7 +44,8 @@ def make_plan(recipe: str, overrides: list[str], cli_axes: dict[str, str], seeds
     seed_list = _seeds(seeds if seeds is not None else yaml_seeds)
     num_patches = count_image_tokens(load_recipe(path, overrides + ["tokens.name=patch", "projector.name=linear"]))
     base_ov = list(overrides) + ["grid=null"]
-    specs = expand(axes, seed_list, num_patches)
+    base_pooled = base.tokens.params().get("num_tokens") if base.tokens.name == "pooled" else None
+    specs = expand(axes, seed_list, num_patches, base_pooled=base_pooled)
     errors = []
     for s in specs:
         s.overrides = base_ov + s.overrides
