@@ -54,6 +54,9 @@ def test_pooled_without_a_count_takes_the_base_recipes_and_other_strategies_drop
         "tokens.name=pooled", "tokens.num_tokens=16"]
     with pytest.raises(Skip, match="pooled needs num_image_tokens"):
         combo_overrides("pooled", None, None, num_patches=64)
+    # learned queries over the base's tokens: as many queries as the base gives tokens, not the 64 patches
+    assert combo_overrides(None, "cross_attention", None, num_patches=64, base_pooled=16)[0] == [
+        "projector.name=cross_attention", "projector.num_tokens=16"]
     specs = {s.id: s for s in expand({"tokens": ["cls", "pooled"]}, [0], num_patches=64, base_pooled=16)}
     assert specs["tokens-cls_seed-0"].overrides == ["tokens.name=cls", "train.seed=0"]
     base = load_recipe("mlp_patch")

@@ -6,7 +6,8 @@ the reason recorded (never silently):
 
 - ``cls`` with N > 1 and a per-token projector (linear/mlp) means ``cls_reshape`` to N tokens;
 - ``patch`` with N below the encoder's patch count means ``pooled`` to N (linear/mlp), or N learned queries
-  (cross_attention); ``pooled`` without N means the base recipe's pooling when it has one (the default's 16);
+  (cross_attention); without N, ``pooled`` means the base recipe's pooling when it has one (the default's 16) and
+  cross_attention learns as many queries as that pooling gives;
 - combinations that no model expresses (``cls_reshape`` on many tokens, N above the patch count, N not a square
   for pooling) are skipped.
 """
@@ -85,7 +86,7 @@ def combo_overrides(tokens: str | None, projector: str | None, n: int | None, nu
                 raise Skip("pooled needs num_image_tokens")
             ov.append("tokens.name=patch" if tokens or n else "")
             if proj == "cross_attention":
-                ov.append(f"projector.num_tokens={n or projector_tokens or num_patches}")
+                ov.append(f"projector.num_tokens={n or projector_tokens or base_pooled or num_patches}")
         elif proj == "cross_attention":
             ov += ["tokens.name=patch", f"projector.num_tokens={n}"]
             note = f"{num_patches} patches -> {n} learned queries (cross_attention)"
