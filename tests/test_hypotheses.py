@@ -137,7 +137,7 @@ def test_run_recipe_without_grid_still_checks_grammar_and_metrics(tmp_path):
 def test_shipped_study_declares_the_issue_orderings_and_keeps_run_identity():
     path = RECIPES_DIR / "ablations" / "cls_vs_patch.yaml"
     r = load_recipe(path)
-    exps, errors = check_expectations(r.expect, {"tokens": ["cls", "patch"]}, str(path))
+    exps, errors = check_expectations(r.expect, {"tokens": ["cls", "pooled"]}, str(path))
     assert not errors
     better = {e.metric.removeprefix("acc/") for e in exps if e.op == ">"}
     same = {e.metric.removeprefix("acc/") for e in exps if e.op == "~"}
@@ -152,7 +152,7 @@ def test_plan_checks_expectations_against_command_line_axes_before_anything_runs
     from vlkit.ablate.plan import make_plan
 
     with pytest.raises(ConfigError, match=r"expect\[0\]: 'cls' is not a value of grid axis 'tokens'.*Did you mean 'cls_patch'"):
-        make_plan(str(RECIPES_DIR / "ablations" / "cls_vs_patch.yaml"), [], {"tokens": "patch,cls_patch"}, "2",
+        make_plan(str(RECIPES_DIR / "ablations" / "cls_vs_patch.yaml"), [], {"tokens": "pooled,cls_patch"}, "2",
                   tmp_path / "out", "test")
     assert not (tmp_path / "out").exists()
 
