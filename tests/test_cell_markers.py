@@ -74,7 +74,8 @@ def test_tokens_that_form_no_grid_go_in_unnamed():
 
 
 @pytest.mark.parametrize("overrides, grid, named", [
-    ([], (8, 8), True),
+    (["tokens.name=patch"], (8, 8), True),
+    ([], (4, 4), True),  # the default: pooled to 16
     (["tokens.name=pooled", "tokens.num_tokens=9"], (3, 3), True),
     (["tokens.name=pooled", "tokens.num_tokens=16"], (4, 4), True),
     (["tokens.name=pooled", "tokens.num_tokens=4"], (2, 2), False),  # coarser than the cells
@@ -139,7 +140,7 @@ def test_image_embeddings_land_after_their_cell_name(marked):
 def test_patch_embeddings_land_in_their_cells_at_64_tokens(tiny_toy_world):
     """The default's uneven split (3, 2, 3 patch rows and columns per cell): each name is followed by exactly the
     patches whose centres lie in its cell."""
-    model = build_model(load_recipe("mlp_patch"))
+    model = build_model(load_recipe("mlp_patch", ["tokens.name=patch"]))
     tok, img = model.tokenizer, model.image_token_id
     ids = torch.tensor([tokenize_record(_rec(), tok, img, model.image_span, 400).input_ids])
     embeds = torch.arange(64, dtype=torch.float32).view(1, 64, 1).expand(1, 64, model.llm.hidden_size)
@@ -171,7 +172,7 @@ def test_training_and_generation_prompts_carry_the_names(tiny_toy_world):
     recipe = load_recipe("mlp_patch")
     model = build_model(recipe)
     span = model.image_span
-    assert len(span) > 64
+    assert len(span) > 16
 
     def holds_span(ids):
         ids = list(ids)
@@ -199,7 +200,7 @@ def test_data_check_counts_the_names(tiny_toy_world):
     from vlkit.data.llava import check_records, load_records
     from vlkit.model import image_span_for, load_tokenizer, resolve_ref
 
-    recipe = load_recipe("mlp_patch")
+    recipe = load_recipe("mlp_patch", ["tokens.name=patch"])  # 64 tokens: "tight" below fits them without names
     tok, img = load_tokenizer(recipe)
     span = image_span_for(recipe, tok, img)
     assert span == build_model(recipe).image_span and len(span) > 64

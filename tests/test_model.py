@@ -15,7 +15,7 @@ from vlkit.toyworld import LM_ARCH
 @pytest.fixture(scope="module")
 def model(tiny_toy_world):
     torch.manual_seed(0)
-    return build_model(load_recipe("mlp_patch"))
+    return build_model(load_recipe("mlp_patch", ["tokens.name=patch"]))  # all 64 patch tokens
 
 
 def rec(image=True, turns=(("What colour?", "red"),)):
@@ -81,7 +81,7 @@ def test_image_token_mismatch_is_an_error(model):
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    ([], 64), (["tokens.name=cls"], 1), (["tokens.name=cls_patch"], 65), (["tokens.name=pooled", "tokens.num_tokens=4"], 4),
+    ([], 16), (["tokens.name=patch"], 64), (["tokens.name=cls"], 1), (["tokens.name=cls_patch"], 65), (["tokens.name=pooled", "tokens.num_tokens=4"], 4),
     (["projector.name=cross_attention", "projector.num_tokens=9"], 9),
     (["tokens.name=cls", "projector.name=cls_reshape", "projector.num_tokens=16"], 16),
 ])
@@ -105,7 +105,7 @@ def test_real_scale_recipe_builds_from_local_dirs(tiny_toy_world):
 def test_xattn_fusion_starts_as_the_frozen_llm_and_learns(tiny_toy_world):
     torch.manual_seed(0)
     m = build_model(load_recipe("mlp_patch", ["fusion.name=xattn", "fusion.every=2"]))
-    assert m.sequence_image_tokens == 0 and m.num_image_tokens == 64 and len(m.fusion.blocks) == 2
+    assert m.sequence_image_tokens == 0 and m.num_image_tokens == 16 and len(m.fusion.blocks) == 2
     b = batch_of(m, [rec(), rec(image=False, turns=(("Say hi", "hi there"),))])
     assert not bool((b["input_ids"] == m.image_token_id).any())  # the image takes no sequence positions
     with_img = m(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"],

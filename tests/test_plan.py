@@ -111,7 +111,7 @@ def test_toy_recipe_plans_without_building_the_toy_world(tmp_path, monkeypatch):
     monkeypatch.setenv("VLKIT_TOY_PRESET", "tiny")
     p = plan(load_recipe("recipes/mlp_patch.yaml"), online=False, device="cpu")
     assert not (tmp_path / "not-built").exists()
-    assert "toyworld" in p.llm.source and p.llm.layers == 4 and p.vision.image_tokens == 64
+    assert "toyworld" in p.llm.source and p.llm.layers == 4 and p.vision.image_tokens == 16
     assert all(s.compute_bytes == 4 and s.total > 0 for s in p.stages)
 
 
