@@ -122,15 +122,48 @@ def plain_crossed(table: list[list[float]]) -> dict[str, float]:
     ms_e = sum((table[i][j] - rows[i] - cols[j] + grand) ** 2 for i in range(k) for j in range(q)) / ((k - 1) * (q - 1))
     extra = ms_c - ms_e if ms_c - ms_e > 1e-9 * max(abs(ms_c), abs(ms_e)) else 0.0  # equal up to rounding: none
     var = (ms_r + extra) / (k * q)
+    if var == 0 and ms_e > 0:  # the pairs' means alike, answers not: the residual's sampling variance
+        var = ms_e / (k * q)
     if var == 0:  # every pair answered every question alike: the difference is known exactly
         return {"effect": grand, "se": 0.0, "df": k - 1, "lo": grand, "hi": grand,
                 "p": 0.0 if grand != 0 else math.nan}
     denom = ms_r ** 2 / (k - 1) + ((ms_c ** 2 / (q - 1) + ms_e ** 2 / ((k - 1) * (q - 1))) if extra else 0.0)
-    df = min((ms_r + extra) ** 2 / denom, k - 1)
+    df = min((ms_r + extra) ** 2 / denom, k - 1) if denom > 0 else k - 1
     se = math.sqrt(var)
     half = stats.t.ppf(0.975, df) * se
     return {"effect": grand, "se": se, "df": df, "lo": grand - half, "hi": grand + half,
             "p": 2 * stats.t.sf(abs(grand) / se, df)}
+
+
+def test_a_table_in_which_no_answer_differs_uses_the_exact_bound_for_zero_of_q():
+    # both arms at 1.000 on 125 questions in 3 seeds: no variance to estimate; the exact bound, not p = 0
+    cs = crossed_stat(np.zeros((3, 125)))
+    assert cs.identical and cs.effect == 0 and cs.se == 0
+    assert cs.p() == 1.0 and cs.p_outside(0.05) == 1.0
+    assert cs.p_tost(0.05) == pytest.approx(0.95 ** 125)  # 0.0016: P(no question of 125 differs | |δ| >= 0.05)
+    lo, hi = cs.ci(0.90)
+    assert hi == pytest.approx(1 - 0.05 ** (1 / 125)) and lo == -hi and 0.023 < hi < 0.024
+    assert cs.ci(0.95)[1] == pytest.approx(1 - 0.025 ** (1 / 125))
+    assert cs.p_tost(0.01) > 0.05  # a margin tighter than 125 questions can resolve is not "equivalent"
+    one = np.zeros((3, 125))
+    one[1, 7] = 1  # one differing answer: the moments again, not the bound
+    assert not crossed_stat(one).identical and crossed_stat(one).se > 0
+
+
+def test_equal_seed_means_with_differing_answers_keep_the_residual_variance():
+    # each seed pair has one question a gets right and b wrong, a different one in each pair: the pairs' means are
+    # equal (MS_rows = 0) and MS_cols < MS_e, so the moments alone give variance 0 and p = 0 for +0.1
+    t = np.zeros((3, 10))
+    for i in range(3):
+        t[i, i] = 1
+    ms_r, ms_c, ms_e = mean_squares(t)
+    assert ms_r == 0 and ms_c < ms_e
+    cs = crossed_stat(t)
+    assert cs.se == pytest.approx(math.sqrt(ms_e / 30)) and cs.df == 2
+    assert cs.p() > 0.05  # +0.1 from three answers is not established
+    assert plain_crossed(t.tolist())["se"] == pytest.approx(cs.se)
+    g, se, df = crossed_stats_many(t[None])
+    assert se[0] == pytest.approx(cs.se) and df[0] == 2
 
 
 def write_study(out: Path, rng, effect: float) -> None:
@@ -288,8 +321,15 @@ def plain_study_findings(study: Path) -> list[dict[str, float]]:
         return [[ra[k][q][1] - rb[k][q][1] for q in qs] for k in keys]
 
     def moments(axis: str, a: str, b: str, metric: str, margin: float | None) -> dict[str, float]:
-        c = plain_crossed(table(axis, a, b, metric))
-        if margin is not None and c["se"] == 0:  # no variance: inside the margin for certain, or outside
+        t = table(axis, a, b, metric)
+        c = plain_crossed(t)
+        if all(x == 0 for row in t for x in row):  # no answer differs: P(0 of Q questions differ | |δ| >= m)
+            c["p"] = 1.0
+            if margin is not None:
+                c["tost"] = c["claim"] = (1 - margin) ** len(t[0])
+            else:
+                c["claim"] = 1.0
+        elif margin is not None and c["se"] == 0:  # no variance: inside the margin for certain, or outside
             inside = abs(c["effect"]) < margin
             c["tost"], c["claim"] = (0.0, 0.0) if inside else (1.0, 0.0 if abs(c["effect"]) > margin else 1.0)
         elif margin is not None:
@@ -303,12 +343,15 @@ def plain_study_findings(study: Path) -> list[dict[str, float]]:
     axes = plan["axes"]
     out = []
     for text in plan["expect"]:
-        trend = re.match(r"^(\S+) (increases|decreases) with (\S+) up to (\S+) then flat \(±([0-9.]+)\)$", text)
+        trend = re.match(r"^(\S+) (increases|decreases) with (\S+)(?: up to (\S+))?(?: then flat \(±([0-9.]+)\))?$",
+                         text)
         if trend:
             metric, _, axis, knee, margin = trend.groups()
-            values = list(dict.fromkeys(label(r["axes"][axis]) for r in plan["runs"]))  # the grid's order
+            values = sorted(dict.fromkeys(label(r["axes"][axis]) for r in plan["runs"]), key=float)
+            knee = knee or values[-1]  # without "up to": the last value against the first
             made = [moments(axis, knee, values[0], metric, None)]
-            made += [moments(axis, v, knee, metric, float(margin)) for v in values[values.index(knee) + 1:]]
+            if margin:
+                made += [moments(axis, v, knee, metric, float(margin)) for v in values[values.index(knee) + 1:]]
             p = max(m["p"] if i == 0 else m["tost"] for i, m in enumerate(made))
             out.append({"p": p, "steps": [m["effect"] for m in made]})
             continue

@@ -116,7 +116,9 @@ def _ci(c: Contrast) -> str:
 
 def _size(c: Contrast) -> str:
     q = f" × {c.questions} questions" if c.method == "question" else ""
-    return f"{c.n} pairs{q}, {'question' if c.method == 'question' else 'run'} level"
+    exact = (f", no answer differs between the arms: exact bound for 0 of {c.questions} questions differing"
+             if c.crossed is not None and c.crossed.identical else "")
+    return f"{c.n} pairs{q}, {'question' if c.method == 'question' else 'run'} level{exact}"
 
 
 def _count(k: int | None) -> str:

@@ -271,6 +271,10 @@ def write_report(out: Path, command: str | None = None, compare: list[Path] | No
         rows = collect(out)
         write_results(out, rows)
         plots = plot(out, rows, axes)
+        if not any((out / "runs" / r["run"] / "metrics.jsonl").exists() for r in rows):
+            # runs kept without their loss logs (docs/examples keep answers, not metrics.jsonl): the curves drawn
+            # when the logs were there stay the record
+            plots += [p for p in ("loss_curves.png",) if p not in plots and (out / p).exists()]
     else:  # a study kept without its runs (docs/examples): its results.json is the record, its plots stay
         rows = kept_rows(out)
         plots = [p for p in ("accuracy_vs_tokens.png", "loss_curves.png") if (out / p).exists()]

@@ -162,10 +162,23 @@ class CrossedStat:
     var_seed: float
     var_question: float
     var_residual: float
+    # every answer the same in both arms (a table of zeros, e.g. both arms at 1.000): the variance components are
+    # all 0, and a t-test would give a zero-width interval and p = 0. The tests then use the exact bound below
+    identical: bool = False
+
+    def discordance_bound(self, confidence: float) -> float:
+        """For a table of zeros: the one-sided upper ``confidence`` bound on the share of questions the two arms
+        answer differently, from 0 of Q observed (Clopper-Pearson: (1 − d)^Q = 1 − confidence). |effect| is at most
+        that share. Q questions, not K·Q answers: the seeds answer the same questions, so they are not
+        independent draws (Q alone is conservative)."""
+        return 1.0 - (1.0 - confidence) ** (1.0 / self.questions)
 
     def ci(self, level: float = 0.95) -> tuple[float, float]:
         from scipy import stats
 
+        if self.identical:
+            u = self.discordance_bound(0.5 + level / 2)
+            return -u, u
         if not (self.se > 0 and self.df > 0):
             return (self.effect, self.effect) if self.se == 0 else (math.nan, math.nan)
         hw = float(stats.t.ppf(0.5 + level / 2, self.df)) * self.se
@@ -175,6 +188,8 @@ class CrossedStat:
         """Two-sided p of effect = 0."""
         from scipy import stats
 
+        if self.identical:
+            return 1.0  # no answer differs: nothing against effect = 0
         if not self.se > 0:
             return math.nan if self.se != 0 else (0.0 if self.effect != 0 else math.nan)
         return float(2 * stats.t.sf(abs(self.effect) / self.se, self.df))
@@ -183,6 +198,10 @@ class CrossedStat:
         """Two one-sided tests that the true effect lies inside ±margin: the larger of their p."""
         from scipy import stats
 
+        if self.identical:
+            # |effect| >= margin needs the arms to differ on at least that share of questions; the chance of
+            # seeing none of Q differ is then at most (1 - margin)^Q
+            return (1.0 - margin) ** self.questions if margin < 1 else 0.0
         if not self.se > 0:
             return math.nan if self.se != 0 else (0.0 if abs(self.effect) < margin else 1.0)
         lower = stats.t.sf((self.effect + margin) / self.se, self.df)
@@ -193,6 +212,8 @@ class CrossedStat:
         """One-sided p that the true effect lies beyond ±margin on the side of the estimate (non-equivalence)."""
         from scipy import stats
 
+        if self.identical:
+            return 1.0  # the estimate, 0, lies inside every margin
         if not self.se > 0:
             return math.nan if self.se != 0 else (0.0 if abs(self.effect) > margin else 1.0)
         return float(stats.t.sf((abs(self.effect) - margin) / self.se, self.df))
@@ -229,7 +250,7 @@ def crossed_stat(d: "np.ndarray") -> CrossedStat:
     ms_row, ms_col, ms_e = mean_squares(d)
     var, df, extra = _crossed_var(np.array([ms_row]), np.array([ms_col]), np.array([ms_e]), k, q)
     return CrossedStat(k, q, float(d.mean()), math.sqrt(float(var[0])), float(df[0]),
-                       max(0.0, (ms_row - ms_e) / q), float(extra[0]) / k, ms_e)
+                       max(0.0, (ms_row - ms_e) / q), float(extra[0]) / k, ms_e, identical=not d.any())
 
 
 TIE = 1e-9  # relative: mean squares closer than this are equal (their float difference is rounding, not variance)
@@ -246,6 +267,10 @@ def _crossed_var(ms_row, ms_col, ms_e, k: int, q: int):
     diff = ms_col - ms_e
     extra = np.where(diff > TIE * np.maximum(np.abs(ms_col), np.abs(ms_e)), diff, 0.0)
     var = (ms_row + extra) / (k * q)
+    # every seed pair's mean difference alike (MS_rows = 0) and no question term, yet answers differ (MS_e > 0): the
+    # moments give no variance, which would make any such difference "certain" (p = 0); the residual's sampling
+    # variance is the floor then
+    var = np.where((var <= 0) & (ms_e > 0), ms_e / (k * q), var)
     denom = ms_row ** 2 / (k - 1) + np.where(extra > 0, ms_col ** 2 / (q - 1) + ms_e ** 2 / ((k - 1) * (q - 1)), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         df = np.where(denom > 0, (ms_row + extra) ** 2 / denom, float(k - 1))
