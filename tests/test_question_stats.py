@@ -122,7 +122,7 @@ def plain_crossed(table: list[list[float]]) -> dict[str, float]:
     ms_e = sum((table[i][j] - rows[i] - cols[j] + grand) ** 2 for i in range(k) for j in range(q)) / ((k - 1) * (q - 1))
     extra = ms_c - ms_e if ms_c - ms_e > 1e-9 * max(abs(ms_c), abs(ms_e)) else 0.0  # equal up to rounding: none
     var = (ms_r + extra) / (k * q)
-    if var == 0 and ms_e > 0:  # the pairs' means alike, answers not: the residual's sampling variance
+    if ms_e > 0 and ms_r + extra <= 1e-9 * ms_e:  # the pairs' means alike, answers not: the residual's variance
         var = ms_e / (k * q)
     if var == 0:  # every pair answered every question alike: the difference is known exactly
         return {"effect": grand, "se": 0.0, "df": k - 1, "lo": grand, "hi": grand,
@@ -157,13 +157,18 @@ def test_equal_seed_means_with_differing_answers_keep_the_residual_variance():
     for i in range(3):
         t[i, i] = 1
     ms_r, ms_c, ms_e = mean_squares(t)
-    assert ms_r == 0 and ms_c < ms_e
+    assert ms_r < 1e-12 and ms_c < ms_e
     cs = crossed_stat(t)
     assert cs.se == pytest.approx(math.sqrt(ms_e / 30)) and cs.df == 2
     assert cs.p() > 0.05  # +0.1 from three answers is not established
     assert plain_crossed(t.tolist())["se"] == pytest.approx(cs.se)
     g, se, df = crossed_stats_many(t[None])
     assert se[0] == pytest.approx(cs.se) and df[0] == 2
+    # the same with rounding in the means: 11 questions (row means 1/11, not exact in binary)
+    t = np.zeros((3, 11))
+    for i in range(3):
+        t[i, i] = 1
+    assert crossed_stat(t).se == pytest.approx(math.sqrt(mean_squares(t)[2] / 33))
 
 
 def write_study(out: Path, rng, effect: float) -> None:

@@ -267,10 +267,10 @@ def _crossed_var(ms_row, ms_col, ms_e, k: int, q: int):
     diff = ms_col - ms_e
     extra = np.where(diff > TIE * np.maximum(np.abs(ms_col), np.abs(ms_e)), diff, 0.0)
     var = (ms_row + extra) / (k * q)
-    # every seed pair's mean difference alike (MS_rows = 0) and no question term, yet answers differ (MS_e > 0): the
-    # moments give no variance, which would make any such difference "certain" (p = 0); the residual's sampling
-    # variance is the floor then
-    var = np.where((var <= 0) & (ms_e > 0), ms_e / (k * q), var)
+    # every seed pair's mean difference alike (MS_rows = 0 up to rounding) and no question term, yet answers differ
+    # (MS_e > 0): the moments give no variance, which would make any such difference "certain" (p = 0); the
+    # residual's sampling variance is the floor then
+    var = np.where((ms_row + extra <= TIE * ms_e) & (ms_e > 0), ms_e / (k * q), var)
     denom = ms_row ** 2 / (k - 1) + np.where(extra > 0, ms_col ** 2 / (q - 1) + ms_e ** 2 / ((k - 1) * (q - 1)), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         df = np.where(denom > 0, (ms_row + extra) ** 2 / denom, float(k - 1))
