@@ -25,9 +25,13 @@ def test_an_object_counts_on_colour_and_shape_separately_and_empty_cells_not_at_
     assert s == {"objects": 3, "colour": pytest.approx(2 / 3), "shape": pytest.approx(1 / 3)}
 
 
-def test_a_file_without_objects_is_refused():
+def test_a_file_without_objects_or_with_a_bad_line_is_refused_naming_the_line(tmp_path, capsys):
     with pytest.raises(ValueError, match="no object"):
-        _tool().score([json.dumps({"reference": "all empty", "prediction": "x"})])
+        _tool().score([json.dumps({"reference": "all empty", "prediction": "x"}), ""])
+    bad = tmp_path / "predictions_align.jsonl"
+    bad.write_text(json.dumps({"reference": "north: red circle", "prediction": "north: red circle"}) + "\n{oops\n")
+    assert _tool().main([str(bad)]) == 1
+    assert "line 2: not a prediction record" in capsys.readouterr().err
 
 
 def test_the_align_steps_study_figures_come_from_its_committed_captions():

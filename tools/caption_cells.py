@@ -27,9 +27,14 @@ def cells(caption: str) -> dict[str, list[str]]:
 
 def score(lines: list[str]) -> dict[str, float]:
     objects = colour = shape = 0
-    for line in lines:
-        rec = json.loads(line)
-        ref, pred = cells(rec["reference"]), cells(rec["prediction"])
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            ref, pred = cells(rec["reference"]), cells(rec["prediction"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"line {n}: not a prediction record with 'reference' and 'prediction' ({exc})") from exc
         for cell, words in ref.items():
             if words == ["nothing"] or len(words) != 2:
                 continue
@@ -51,7 +56,11 @@ def main(paths: list[str]) -> int:
         if not path.is_file():
             print(f"{p}: no such file (a run's align answers are RUN_DIR/predictions_align.jsonl)", file=sys.stderr)
             return 1
-        s = score(path.read_text().splitlines())
+        try:
+            s = score(path.read_text().splitlines())
+        except ValueError as exc:
+            print(f"{p}: {exc}", file=sys.stderr)
+            return 1
         print(f"{p}: {s['objects']} objects, colour {s['colour']:.3f}, shape {s['shape']:.3f}")
     return 0
 
