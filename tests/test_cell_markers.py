@@ -79,6 +79,7 @@ def test_tokens_that_form_no_grid_go_in_unnamed():
     (["tokens.name=pooled", "tokens.num_tokens=9"], (3, 3), True),
     (["tokens.name=pooled", "tokens.num_tokens=16"], (4, 4), True),
     (["tokens.name=pooled", "tokens.num_tokens=4"], (2, 2), False),  # coarser than the cells
+    (["tokens.name=merged", "tokens.num_tokens=9"], (3, 3), True),  # one concatenated token per cell
     (["tokens.name=cls"], None, False),
     (["tokens.name=cls_patch"], None, False),  # the CLS token lies in no cell
     # 9 or 16 tokens that are not image regions: a CLS expanded by a linear map, learned queries

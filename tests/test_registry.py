@@ -84,7 +84,7 @@ def plugin_path(tmp_path, monkeypatch):
 
 
 def test_builtins_listed():
-    assert {"cls", "patch", "cls_patch", "pooled"} <= set(TOKEN_STRATEGIES.list())
+    assert {"cls", "patch", "cls_patch", "pooled", "merged"} <= set(TOKEN_STRATEGIES.list())
     assert {"linear", "mlp", "cross_attention", "cls_reshape"} <= set(PROJECTORS.list())
     assert {"timm_vit", "timm_convnext", "open_clip", "hf_clip", "hf_siglip"} <= set(ENCODERS.list())
     assert PROJECTORS.list("c*") == sorted(n for n in PROJECTORS.list() if n.startswith("c"))

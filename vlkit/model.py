@@ -193,6 +193,10 @@ def build_vision(recipe: Recipe, out_dim: int) -> tuple[nn.Module, nn.Module, nn
     encoder = ENCODERS.create(enc_cfg.name, **_resolved_params(enc_cfg.params()))
     _check_encoder(encoder, enc_cfg.name)
     tok_params = {"num_tokens": None, **_resolved_params(tok_cfg.params())}
+    import inspect
+
+    if "grid" in inspect.signature(TOKEN_STRATEGIES.get(tok_cfg.name)).parameters:
+        tok_params["grid"] = getattr(encoder, "grid", None)  # a strategy that asks for it gets the patch grid
     tokens = TOKEN_STRATEGIES.create(tok_cfg.name, **tok_params)
     in_dim = tokens.out_dim(int(encoder.embed_dim)) if hasattr(tokens, "out_dim") else int(encoder.embed_dim)
     proj_params = _resolved_params(proj_cfg.params())

@@ -64,10 +64,10 @@ class ClsPatchTokens(TokenStrategy):
         return torch.cat([self._need_cls(features).unsqueeze(1), features.patches], dim=1)
 
 
-def _pool_shape(num_tokens: int) -> tuple[int, int]:
-    side = math.isqrt(num_tokens)
+def _pool_shape(num_tokens: int, name: str = "pooled") -> tuple[int, int]:
+    side = math.isqrt(num_tokens) if isinstance(num_tokens, int) and num_tokens > 0 else 0
     if side * side != num_tokens:
-        raise ValueError(f"token strategy 'pooled' needs a square num_tokens (1, 4, 9, 16, ...), got {num_tokens}")
+        raise ValueError(f"token strategy '{name}' needs a square num_tokens (1, 4, 9, 16, ...), got {num_tokens}")
     return side, side
 
 
@@ -93,6 +93,43 @@ class PooledTokens(TokenStrategy):
         x = features.patches.transpose(1, 2).reshape(b, d, h, w)
         x = F.adaptive_avg_pool2d(x, self.shape)
         return x.flatten(2).transpose(1, 2)
+
+
+class MergedTokens(TokenStrategy):
+    """The patch grid merged by concatenation to ``num_tokens`` = s*s tokens, each the k x k block of patches it
+    covers laid side by side (``[k*k*D]``): the pixel shuffle of Idefics3, InternVL and nanoVLM, the 2 x 2 merger of
+    Qwen2-VL. Unlike average pooling it keeps where features lie inside a block -- what an object's shape is made
+    of. A grid that s does not divide (8 x 8 patches to 3 x 3 tokens) is first resampled bilinearly to s*k x s*k,
+    k = ceil(grid / s), so each token covers its own region of the image (on the toy world: one token per cell).
+    """
+
+    name = "merged"
+
+    def __init__(self, num_tokens: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.shape = _pool_shape(num_tokens, "merged")
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.block = tuple(-(-g // s) for g, s in zip(self.grid, self.shape))  # (kh, kw) patches per token
+
+    def out_dim(self, in_dim: int) -> int:
+        return in_dim * self.block[0] * self.block[1]
+
+    def token_grid(self, grid: tuple[int, int] | None) -> tuple[int, int] | None:
+        return None if grid is None else self.shape
+
+    def forward(self, features: EncoderOutput) -> torch.Tensor:
+        # patches [B, h*w, D] -> [B, s*s, kh*kw*D]
+        if features.grid is None or tuple(features.grid) != self.grid:
+            raise ValueError(f"token strategy 'merged' was built for the encoder's {self.grid[0]} x {self.grid[1]} "
+                             f"patch grid but got {features.grid}; images must come at the encoder's image_size")
+        b, n, d = features.patches.shape
+        (h, w), (s, t), (kh, kw) = self.grid, self.shape, self.block
+        x = features.patches.transpose(1, 2).reshape(b, d, h, w)
+        if (h, w) != (s * kh, t * kw):
+            x = F.interpolate(x, size=(s * kh, t * kw), mode="bilinear", align_corners=False)
+        x = x.reshape(b, d, s, kh, t, kw).permute(0, 2, 4, 3, 5, 1)  # [B, s, t, kh, kw, D]
+        return x.reshape(b, s * t, kh * kw * d)
 
 
 def _no_count(name: str, num_tokens: int | None, fixed: str) -> None:
@@ -131,3 +168,15 @@ def pooled(num_tokens: int | None = None) -> TokenStrategy:
     if num_tokens is None:
         raise ValueError("token strategy 'pooled' needs tokens.num_tokens (a square: 1, 4, 9, 16, ...)")
     return PooledTokens(num_tokens)
+
+
+@register_token_strategy("merged")
+def merged(num_tokens: int | None = None, grid: tuple[int, int] | None = None) -> TokenStrategy:
+    """Patch grid merged by concatenation (pixel shuffle) to ``num_tokens`` (a square number); ``grid`` is the
+    encoder's patch grid, passed in by the model builder."""
+    if num_tokens is None:
+        raise ValueError("token strategy 'merged' needs tokens.num_tokens (a square: 1, 4, 9, 16, ...)")
+    if grid is None:
+        raise ValueError("token strategy 'merged' needs an encoder with a fixed 2-D patch grid (this one has none); "
+                         "use tokens.name=pooled")
+    return MergedTokens(num_tokens, grid)

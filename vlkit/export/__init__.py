@@ -27,7 +27,7 @@ identical logits); :func:`load_model` takes either a run directory or a vlkit ex
 * LLM: any built-in ``hf`` causal LM whose decoder is what ``AutoModel`` builds from its config and whose LM head
   has no bias; LoRA adapters are merged (``merge_and_unload``).
 
-Everything else (timm / open_clip / plugin encoders, ``cls`` / ``pooled`` tokens, ``cross_attention`` /
+Everything else (timm / open_clip / plugin encoders, ``cls`` / ``pooled`` / ``merged`` tokens, ``cross_attention`` /
 ``cls_reshape`` / deeper MLP / plugin projectors, non-prefix fusion) raises :class:`ExportError` naming the part
 and the reason; use ``format="vlkit"`` for those.
 

@@ -49,8 +49,8 @@ def hf_llava_problems(recipe) -> list[str]:
                         "with vision_feature_select_strategy; only patch / cls_patch export")
     elif tok not in ("patch", "cls_patch"):
         problems.append(f"tokens '{tok}': HF Llava feeds the projector all patch tokens ('default') or CLS + "
-                        "patches ('full'); it cannot take a single CLS/pooled token or pool the patch grid; only "
-                        "patch / cls_patch export")
+                        "patches ('full'); it cannot take a single CLS/pooled token, pool the patch grid or merge "
+                        "its blocks; only patch / cls_patch export")
     elif tok == "cls_patch" and enc == "hf_siglip":
         problems.append("tokens 'cls_patch' with hf_siglip: SigLIP has no CLS token (vlkit's 'cls' there is the "
                         "attention-pooled feature, which HF Llava cannot prepend); use tokens=patch")
