@@ -206,12 +206,16 @@ def test_equivalence_judged_by_ci_inside_or_outside_margin_not_by_p():
     wide = one("cls ~ patch on accuracy (±0.05)", rows([0.15, -0.12, 0.08, -0.1, 0.05, -0.02]), TOK)
     assert stats.ttest_1samp([0.15, -0.12, 0.08, -0.1, 0.05, -0.02], 0).pvalue > 0.05
     assert wide.verdict == "inconclusive" and "inside ±0.05" in wide.power_note
-    # both arms identical in every seed (the blind answer): CI [0, 0], equivalent
+    # both arms identical in every seed (the blind answer): at run level the differences have no spread, so the
+    # noise is not estimated -- no interval, no p, inconclusive (never certainty); the same for a direction, and
+    # for pairs that all differ by one same non-zero amount
     same = one("cls ~ patch on accuracy (±0.05)", rows([0.0] * 6), TOK)
-    assert same.verdict == "supported" and (same.ci_low, same.ci_high) == (0.0, 0.0)
-    # ... but no direction can be claimed
-    f = one("patch > cls on accuracy", rows([0.0] * 6), TOK)
-    assert f.verdict == "inconclusive" and "exactly equal" in f.sentence and "no practical number of seeds" in f.power_note
+    assert same.verdict == "inconclusive" and math.isnan(same.ci_low) and math.isnan(same.p_holm)
+    assert "no spread" in same.sentence and "question-level" in same.sentence and "SD 0" in same.power_note
+    for diffs in ([0.0] * 6, [0.1] * 6):
+        f = one("patch > cls on accuracy", rows(diffs), TOK)
+        assert f.verdict == "inconclusive" and "exactly this amount" in f.sentence and "SD 0" in f.power_note
+        assert "no CI (the paired differences have no spread)" in f.sentence
 
 
 def test_holm_across_expectations():
@@ -252,11 +256,12 @@ def test_too_few_pairs_is_inconclusive_with_a_note():
 
 def test_trend_as_planned_contrasts_knee_vs_start_then_flat_vs_knee():
     axes = {"num_image_tokens": [16, 1, 9, 4]}  # declared in any order, tested in numeric order
-    noise = [0.0, 0.01, -0.01, 0.005, -0.005]
+    noise = {1: [0.0, 0.01, -0.01, 0.005, -0.005], 4: [0.005, -0.005, 0.0, 0.01, -0.01],
+             9: [0.01, -0.01, 0.0, -0.005, 0.005], 16: [-0.005, 0.005, 0.01, 0.0, -0.01]}  # each seed its own
     curve = {1: 0.2, 4: 0.4, 9: 0.6, 16: 0.6}
 
     def rows():
-        return rows_from({(n,): [v + e for e in noise] for n, v in curve.items()}, ("num_image_tokens",))
+        return rows_from({(n,): [v + e for e in noise[n]] for n, v in curve.items()}, ("num_image_tokens",))
 
     f = one("accuracy increases with num_image_tokens up to 9 then flat (±0.05)", rows(), axes)
     assert f.verdict == "supported", f.sentence
@@ -335,7 +340,9 @@ def test_report_findings_first_and_recomputable_from_results_csv(tmp_path):
     assert "Measured:" in by_key["expect[3]"]["sentence"] and "Did you mean" not in by_key["expect[3]"]["sentence"]
     with pytest.raises(ExpectationError, match="Did you mean 'acc/existence'"):
         resolve(parse_expectation("cls ~ patch on acc/existance (±0.05)", "e"), TOK, columns=["acc/existence"])
-    assert by_key["expect[2]"]["verdict"] == "supported"  # identical arms: CI [0, 0] inside ±0.02
+    # identical arms (0.8 in every seed): at run level no spread, so no interval and no p -- inconclusive, and its
+    # p counts as 1 in Holm
+    assert by_key["expect[2]"]["verdict"] == "inconclusive" and by_key["expect[2]"]["p"] is None
 
     # recompute expect[0] and expect[1] from results.csv alone
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
@@ -352,8 +359,8 @@ def test_report_findings_first_and_recomputable_from_results_csv(tmp_path):
     em = sum(ed) / 4
     ese = math.sqrt(sum((d - em) ** 2 for d in ed) / 3) / 2
     tost = max(stats.t.sf((em + 0.05) / ese, 3), stats.t.sf((0.05 - em) / ese, 3))
-    # Holm over the three tested p-values (expect[2]'s TOST p is 0: identical arms)
-    ps = sorted([test.pvalue, tost, 0.0])
+    # Holm over the three tested p-values (expect[2]'s is undefined: it counts as 1)
+    ps = sorted([test.pvalue, tost, 1.0])
     adjusted = {}
     running = 0.0
     for rank, p in enumerate(ps):

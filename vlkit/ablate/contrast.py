@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlkit.ablate.pairing import pairs, question_pairs
-from vlkit.ablate.stats import ALPHA, CrossedStat, crossed_design, crossed_stat, paired_stat, pairs_needed
+from vlkit.ablate.stats import (ALPHA, CrossedStat, crossed_design, crossed_stat, paired_sd, paired_stat,
+                                pairs_needed)
 
 QUESTION_METHOD = ("answers paired by question within each seed pair, seeds and questions both random: crossed "
                    "seed × question variance components from two-way ANOVA mean squares, t with Satterthwaite df "
@@ -50,7 +51,7 @@ def contrast(rows: list[dict[str, Any]], answers: dict[str, Any] | None, axes: l
     """a − b on ``metric``: question level when every paired run has answers for it, else run level."""
     xa, xb, settings = pairs(rows, axes, axis, a, b, metric)
     diffs = [x - y for x, y in zip(xa, xb)]
-    sd = _sd(diffs)
+    sd = paired_sd(diffs)
     table = question_pairs(rows, answers, axes, axis, a, b, metric) if answers else None
     if table is not None and table.shape[0] >= 2 and table.shape[1] >= 2:
         cs = crossed_stat(table)
@@ -71,19 +72,11 @@ def contrast(rows: list[dict[str, Any]], answers: dict[str, Any] | None, axes: l
     return out
 
 
-def _sd(diffs: list[float]) -> float:
-    n = len(diffs)
-    if n < 2:
-        return math.nan
-    m = sum(diffs) / n
-    return math.sqrt(sum((d - m) ** 2 for d in diffs) / (n - 1))
-
-
 def _t_interval(mean: float, sd: float, n: int, level: float) -> tuple[float, float]:
     from scipy import stats
 
-    if n < 2 or math.isnan(sd):
-        return math.nan, math.nan
+    if n < 2 or not sd > 0:
+        return math.nan, math.nan  # no spread of the paired differences: no interval (stats.paired_test)
     hw = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
     return mean - hw, mean + hw
 
@@ -92,10 +85,8 @@ def _run_outside(mean: float, sd: float, n: int, margin: float) -> float:
     """One-sided paired-t p that the true difference lies beyond ±margin on the estimate's side."""
     from scipy import stats
 
-    if n < 2 or math.isnan(sd):
+    if n < 2 or not sd > 0:
         return math.nan
-    if sd == 0:
-        return 0.0 if abs(mean) > margin else 1.0
     return float(stats.t.sf((abs(mean) - margin) / (sd / math.sqrt(n)), n - 1))
 
 

@@ -10,7 +10,9 @@ Statistics (vlkit/ablate/contrast.py makes each contrast, vlkit/ablate/stats.py 
   pair, over the questions both answered; the effect is their mean (the same number as the run-level mean) and its
   variance counts seeds and questions as random (crossed seed × question variance components, t with
   Satterthwaite df). Otherwise **run level**: the paired t-test over seeds. findings.json and the report name the
-  analysis each finding used.
+  analysis each finding used. When every seed pair differs by exactly the same amount (e.g. both arms at 1.000 in
+  every seed), the run level has no spread to estimate its noise from: no interval, p n/a, inconclusive (the
+  question level then uses the exact bound for no differing answer, vlkit/ablate/stats.py).
 - **Comparisons** ``>`` / ``<``: effect = mean of (a − b), its 95% interval, two-sided p. Supported when the
   Holm-corrected p < α = 0.05 and the effect has the expected sign; contradicted when it is < α with the opposite
   sign; inconclusive otherwise.
@@ -106,12 +108,24 @@ def fmt_p(x: float | None) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.3g}"
 
 
+def _no_spread(c: Contrast) -> bool:
+    """Run level, and every seed pair differs by the same amount: the noise is not estimated (no CI, no p)."""
+    return c.method == "run" and c.n > 1 and c.sd == 0
+
+
 def _ci(c: Contrast) -> str:
     if c.margin is not None:
         lo, hi, level = c.ci90_low, c.ci90_high, "90%"
     else:
         lo, hi, level = c.ci_low, c.ci_high, "95%"
-    return "no CI (fewer than 2 pairs)" if math.isnan(lo) else f"{level} CI {fmt_effect(lo)} to {fmt_effect(hi)}"
+    if math.isnan(lo):
+        return "no CI (the paired differences have no spread)" if _no_spread(c) else "no CI (fewer than 2 pairs)"
+    return f"{level} CI {fmt_effect(lo)} to {fmt_effect(hi)}"
+
+
+NO_SPREAD = ("every seed pair differs by exactly this amount, so the run-level test has no spread to estimate its "
+             "noise from and cannot conclude; the runs' answers (predictions.jsonl) would allow the question-level "
+             "analysis")
 
 
 def _size(c: Contrast) -> str:
@@ -130,6 +144,9 @@ def _power_note(c: Contrast, family: int) -> str:
     if c.n < 2:
         return (f"Power: {c.n} pair(s); at least 2 seeds per arm are needed to estimate a spread, then "
                 "the spread of the paired differences says how many more.")
+    if _no_spread(c):
+        return (f"Power: the {c.n} paired differences are all {fmt_effect(c.effect)} (SD 0), so the run level cannot "
+                "size the study; more seeds, or runs that keep their answers (question level), would.")
     alpha = ALPHA / family
     level = f"α = 0.05/{family}, the strictest level Holm can apply" if family > 1 else "α = 0.05"
     if c.margin is not None and abs(c.effect) < c.margin:
@@ -168,7 +185,8 @@ def _comparison_sentence(exp: Comparison, c: Contrast, verdict: Verdict, p_holm:
                               f"so {exp.a} and {exp.b} are equivalent",
                  "contradicted": f"it lies beyond ±{exp.margin:g} (Holm p = {fmt_p(p_holm)}), so they differ by more "
                                  "than the margin",
-                 "inconclusive": f"after Holm correction (p = {fmt_p(p_holm)}) the data cannot tell equivalence within "
+                 "inconclusive": NO_SPREAD if _no_spread(c) else
+                                 f"after Holm correction (p = {fmt_p(p_holm)}) the data cannot tell equivalence within "
                                  f"±{exp.margin:g} from a larger difference"}[verdict]
         return f"{verdict.capitalize()}: {eff}); {where}."
     word = "higher" if exp.op == ">" else "lower"
@@ -177,8 +195,8 @@ def _comparison_sentence(exp: Comparison, c: Contrast, verdict: Verdict, p_holm:
     elif verdict == "contradicted":
         why = f"{exp.a} is significantly {'lower' if exp.op == '>' else 'higher'}, the opposite of the expectation " \
               f"(Holm p = {fmt_p(p_holm)})"
-    elif c.n > 1 and c.sd == 0 and c.effect == 0 and c.method == "run":
-        why = "every pair is exactly equal, so there is no difference to test"
+    elif _no_spread(c):
+        why = NO_SPREAD
     else:
         why = f"not significant after Holm correction (p = {fmt_p(p_holm)}), so the direction is not established"
     return f"{verdict.capitalize()}: {eff}); {why}."

@@ -45,17 +45,34 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
     return m, float(stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n))
 
 
+def no_spread(diffs: list[float]) -> bool:
+    """Every difference is the same up to float rounding (accuracies are k/Q, and their differences are not exact in
+    floating point: 0.55 − 0.45 ≠ 0.65 − 0.55)."""
+    return bool(diffs) and max(diffs) - min(diffs) <= 1e-9 * max(1.0, max(abs(d) for d in diffs))
+
+
+def paired_sd(diffs: list[float]) -> float:
+    """SD of paired differences: NaN for fewer than 2, exactly 0 when they do not spread (:func:`no_spread`)."""
+    n = len(diffs)
+    if n < 2:
+        return float("nan")
+    if no_spread(diffs):
+        return 0.0
+    m = sum(diffs) / n
+    return math.sqrt(sum((d - m) ** 2 for d in diffs) / (n - 1))
+
+
 def paired_test(a: list[float], b: list[float]) -> dict[str, float]:
     """Paired t-test of b - a over matched seeds."""
     from scipy import stats
 
     diffs = [y - x for x, y in zip(a, b)]
     m, hw = mean_ci(diffs)
-    if len(diffs) < 2 or all(d == diffs[0] for d in diffs):
-        p = 0.0 if diffs and diffs[0] != 0 and len(diffs) > 1 else float("nan")
-    else:
-        p = float(stats.ttest_rel(b, a).pvalue)
-    return {"diff": m, "ci": hw, "p": p, "n": len(diffs)}
+    if len(diffs) < 2 or no_spread(diffs):
+        # one pair, or every pair differs by the same amount: the spread, and so the noise, is not estimated.
+        # The test is undefined (not certain): n/a, never p = 0 and never a zero-width interval
+        return {"diff": m, "ci": float("nan"), "p": float("nan"), "n": len(diffs)}
+    return {"diff": m, "ci": hw, "p": float(stats.ttest_rel(b, a).pvalue), "n": len(diffs)}
 
 
 @dataclass
@@ -82,10 +99,7 @@ def paired_stat(xa: list[float], xb: list[float], settings: int, a: str, b: str,
         return PairedStat(a, b, 0, 0, nan, nan, nan, nan, nan, nan if margin is not None else None)
     t = paired_test(xb, xa)  # its diff is (second − first) = a − b
     n, m, hw = t["n"], t["diff"], t["ci"]
-    diffs = [x - y for x, y in zip(xa, xb)]
-    sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("nan")
-    if n > 1 and sd == 0:
-        hw = 0.0  # every pair differs by the same amount: the interval is that point
+    sd = paired_sd([x - y for x, y in zip(xa, xb)])
     stat = PairedStat(a, b, n, settings, m, sd, m - hw, m + hw, t["p"])
     if margin is not None:
         stat.p_tost = tost_p(m, sd, n, margin)
@@ -96,10 +110,8 @@ def tost_p(mean: float, sd: float, n: int, margin: float) -> float:
     """p of the two one-sided t-tests that the true difference lies inside ±margin (the larger of the two)."""
     from scipy import stats
 
-    if n < 2:
-        return float("nan")
-    if sd == 0:
-        return 0.0 if abs(mean) < margin else 1.0
+    if n < 2 or not sd > 0:
+        return float("nan")  # no spread: the noise is not estimated, so neither test is defined (see paired_test)
     se = sd / math.sqrt(n)
     lower = float(stats.t.sf((mean + margin) / se, n - 1))  # H0: diff <= -margin
     upper = float(stats.t.sf((margin - mean) / se, n - 1))  # H0: diff >= +margin
