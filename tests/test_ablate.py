@@ -27,6 +27,7 @@ QUICK = ["train.stages=[instruct]", "stages.instruct.max_steps=2", "stages.instr
     (None, "cls_reshape", 16, ["projector.name=cls_reshape", "tokens.name=cls", "projector.num_tokens=16"],
      "reads the CLS vector"),
     (None, "mlp", 16, ["projector.name=mlp", "tokens.name=pooled", "tokens.num_tokens=16"], None),
+    ("merged", "mlp", 9, ["projector.name=mlp", "tokens.name=merged", "tokens.num_tokens=9"], None),
 ])
 def test_combinations_map_to_defined_models(tokens, proj, n, expected, note):
     ov, why = combo_overrides(tokens, proj, n, num_patches=64)
@@ -39,6 +40,10 @@ def test_combinations_map_to_defined_models(tokens, proj, n, expected, note):
     ("patch", "mlp", 8, "square"),
     ("patch", "cls_reshape", 16, "one vector"),
     ("cls_patch", "mlp", 16, r"1 \+ 64"),
+    ("merged", "mlp", 8, "square token count"),
+    ("merged", "mlp", 81, "square token count up to the encoder's 64"),
+    ("merged", "cls_reshape", 16, "one vector"),
+    ("merged", "mlp", None, "merged needs num_image_tokens"),
 ])
 def test_impossible_combinations_are_skipped_with_reason(tokens, proj, n, reason):
     with pytest.raises(Skip, match=reason):
@@ -57,6 +62,9 @@ def test_pooled_without_a_count_takes_the_base_recipes_and_other_strategies_drop
     # learned queries over the base's tokens: as many queries as the base gives tokens, not the 64 patches
     assert combo_overrides(None, "cross_attention", None, num_patches=64, base_pooled=16)[0] == [
         "projector.name=cross_attention", "projector.num_tokens=16"]
+    # merged (concatenation) without a count merges to the base's count too: `tokens: [pooled, merged]`
+    assert combo_overrides("merged", None, None, num_patches=64, base_pooled=16)[0] == [
+        "tokens.name=merged", "tokens.num_tokens=16"]
     specs = {s.id: s for s in expand({"tokens": ["cls", "pooled"]}, [0], num_patches=64, base_pooled=16)}
     assert specs["tokens-cls_seed-0"].overrides == ["tokens.name=cls", "train.seed=0"]
     base = load_recipe("mlp_patch")

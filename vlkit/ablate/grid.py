@@ -56,12 +56,13 @@ def combo_overrides(tokens: str | None, projector: str | None, n: int | None, nu
                     projector_tokens: int | None = None, base_pooled: int | None = None) -> tuple[list[str], str | None]:
     """Overrides that realise (token strategy, projector, N image tokens); raises :class:`Skip`.
 
-    ``base_pooled``: the base recipe's count when its tokens are ``pooled`` (the default: 16); ``pooled`` without
-    an N then means the base's pooling (``tokens: [cls, pooled]`` compares CLS with the default's tokens)."""
+    ``base_pooled``: the base recipe's count when its tokens are ``pooled`` (the default: 16); ``pooled`` or
+    ``merged`` without an N then means the base's count (``tokens: [cls, pooled]`` compares CLS with the default's
+    tokens, ``tokens: [pooled, merged]`` averaging with concatenating at the default's count)."""
     ov: list[str] = []
     note = None
     proj = projector
-    if tokens == "pooled" and n is None and base_pooled is not None:
+    if tokens in ("pooled", "merged") and n is None and base_pooled is not None:
         n = base_pooled
     if tokens is None and projector is None and n is None:
         return ov, None
@@ -96,6 +97,17 @@ def combo_overrides(tokens: str | None, projector: str | None, n: int | None, nu
             ov += ["tokens.name=pooled", f"tokens.num_tokens={n}"]
             if tokens == "patch":
                 note = f"patch with {n} < {num_patches} tokens -> pooled to {n}"
+    elif tokens == "merged":
+        if n is None:
+            raise Skip("merged needs num_image_tokens")
+        if n > num_patches or math.isqrt(n) ** 2 != n:
+            raise Skip(f"merging the patch grid needs a square token count up to the encoder's {num_patches} "
+                       f"patches, got {n}")
+        if proj == "cls_reshape":
+            raise Skip("cls_reshape expands one vector; it does not take patch tokens (use tokens=cls)")
+        ov += ["tokens.name=merged", f"tokens.num_tokens={n}"]
+        if proj == "cross_attention":
+            ov.append(f"projector.num_tokens={projector_tokens or n}")
     elif tokens == "cls_patch":
         if n is not None and n != num_patches + 1:
             raise Skip(f"cls_patch always gives 1 + {num_patches} tokens, not {n}")
