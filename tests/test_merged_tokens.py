@@ -64,3 +64,35 @@ def test_the_builder_passes_the_encoders_grid_and_the_projector_takes_the_merged
         out = projector(tokens(encoder(torch.zeros(2, 3, encoder.image_size, encoder.image_size))))
     assert out.shape == (2, 9, 8)
     assert projector.net[0].in_features == tokens.out_dim(encoder.embed_dim)
+
+
+def test_a_non_square_grid_merges_rows_and_columns_apart():
+    # 4 x 6 patches to 2 x 2 tokens: blocks of 2 rows x 3 columns; token 0 = patches 0, 1, 2 (row 0) then 6, 7, 8
+    f = _features(4, 6, 1, b=1)
+    m = MergedTokens(4, (4, 6))
+    out = m(f)
+    assert m.block == (2, 3) and out.shape == (1, 4, 6)
+    assert out[0, 0].tolist() == [0, 1, 2, 6, 7, 8] and out[0, 1].tolist() == [3, 4, 5, 9, 10, 11]
+    assert out[0, 2].tolist() == [12, 13, 14, 18, 19, 20]
+
+
+def test_zero_tokens_and_a_user_set_grid_are_refused():
+    with pytest.raises(ValueError, match="square num_tokens"):
+        MergedTokens(0, (8, 8))
+    from vlkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tokens\.grid: set by vlkit"):
+        load_recipe("mlp_patch", ["tokens.name=merged", "tokens.num_tokens=9", "tokens.grid=[8,8]"])
+
+
+def test_the_planner_sizes_a_merged_projector_from_the_encoders_grid(monkeypatch):
+    """`vlkit plan` builds the token strategy itself (no weights): it passes the grid too, so the real recipe's
+    24 x 24 CLIP-L/14-336 patches merged to 144 tokens give 2 x 2 blocks of 1 024 dims."""
+    from vlkit.plan import plan
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    real = load_recipe("recipes/llava15_qwen2.5-1.5b_clip-l336.yaml", ["tokens.name=merged", "tokens.num_tokens=144"])
+    p = plan(real, ["instruct"], online=False, gpus=1, zero=0)
+    assert p.vision.image_tokens == 144
+    hidden = 1536  # Qwen2.5-1.5B
+    assert p.vision.projector_params == 4 * 1024 * hidden + hidden + hidden * hidden + hidden

@@ -150,6 +150,19 @@ def test_a_table_in_which_no_answer_differs_uses_the_exact_bound_for_zero_of_q()
     assert not crossed_stat(one).identical and crossed_stat(one).se > 0
 
 
+def test_a_table_in_which_every_answer_differs_the_same_way_uses_exact_sign_bounds():
+    # arm a right and b wrong on every question in every seed: the moments give se 0; not certainty either
+    cs = crossed_stat(np.ones((2, 2)))
+    assert cs.unanimous == 1 and not cs.identical and cs.se == 0
+    assert cs.p() == pytest.approx(0.5)  # 2 questions all going a's way: 2 * 0.5^2, not significant
+    assert cs.p_tost(0.05) == 1.0 and cs.p_outside(0.05) == pytest.approx(0.525 ** 2)
+    lo, hi = cs.ci(0.95)
+    assert hi == 1.0 and lo == pytest.approx(1 - 2 * (1 - 0.025 ** (1 / 2)))
+    many = crossed_stat(-np.ones((3, 125)))
+    assert many.unanimous == -1 and many.p() < 1e-30 and many.ci(0.95)[1] < -0.9
+    assert crossed_stat(np.full((2, 3), 0.5)).unanimous == 0  # not an accuracy table: no sign bound
+
+
 def test_equal_seed_means_with_differing_answers_keep_the_residual_variance():
     # each seed pair has one question a gets right and b wrong, a different one in each pair: the pairs' means are
     # equal (MS_rows = 0) and MS_cols < MS_e, so the moments alone give variance 0 and p = 0 for +0.1

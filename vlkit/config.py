@@ -174,7 +174,7 @@ class Recipe(_Strict):
 COMPONENT_SECTIONS = {"encoder": "encoders", "tokens": "token_strategies", "projector": "projectors", "llm": "llms",
                       "fusion": "fusions"}
 # Parameters vlkit itself passes to a family's factory (a recipe may not set them, except num_tokens).
-SUPPLIED = {"projector": {"in_dim", "out_dim"}, "fusion": {"llm"}}
+SUPPLIED = {"projector": {"in_dim", "out_dim"}, "fusion": {"llm"}, "tokens": {"grid"}}
 
 
 # ---- loading --------------------------------------------------------------------------------------------------

@@ -187,16 +187,27 @@ def _check_encoder(encoder: Any, name: str) -> None:
         )
 
 
+def token_params(recipe: Recipe, grid: tuple[int, int] | None) -> dict[str, Any]:
+    """The token strategy's factory arguments: the recipe's ``tokens:`` keys, ``num_tokens`` (None when unset) and,
+    for a factory with a ``grid`` parameter (``merged``), the encoder's patch grid (docs/plugins.md)."""
+    import inspect
+
+    params = {"num_tokens": None, **_resolved_params(recipe.tokens.params())}
+    try:
+        wants_grid = "grid" in inspect.signature(TOKEN_STRATEGIES.get(recipe.tokens.name)).parameters
+    except (TypeError, ValueError):  # a factory without a readable signature gets no grid
+        wants_grid = False
+    if wants_grid:
+        params["grid"] = None if grid is None else (int(grid[0]), int(grid[1]))
+    return params
+
+
 def build_vision(recipe: Recipe, out_dim: int) -> tuple[nn.Module, nn.Module, nn.Module]:
     """The recipe's encoder, token strategy and a projector into ``out_dim``."""
     enc_cfg, tok_cfg, proj_cfg = recipe.encoder, recipe.tokens, recipe.projector
     encoder = ENCODERS.create(enc_cfg.name, **_resolved_params(enc_cfg.params()))
     _check_encoder(encoder, enc_cfg.name)
-    tok_params = {"num_tokens": None, **_resolved_params(tok_cfg.params())}
-    import inspect
-
-    if "grid" in inspect.signature(TOKEN_STRATEGIES.get(tok_cfg.name)).parameters:
-        tok_params["grid"] = getattr(encoder, "grid", None)  # a strategy that asks for it gets the patch grid
+    tok_params = token_params(recipe, getattr(encoder, "grid", None))
     tokens = TOKEN_STRATEGIES.create(tok_cfg.name, **tok_params)
     in_dim = tokens.out_dim(int(encoder.embed_dim)) if hasattr(tokens, "out_dim") else int(encoder.embed_dim)
     proj_params = _resolved_params(proj_cfg.params())

@@ -11,8 +11,9 @@ Statistics (vlkit/ablate/contrast.py makes each contrast, vlkit/ablate/stats.py 
   variance counts seeds and questions as random (crossed seed × question variance components, t with
   Satterthwaite df). Otherwise **run level**: the paired t-test over seeds. findings.json and the report name the
   analysis each finding used. When every seed pair differs by exactly the same amount (e.g. both arms at 1.000 in
-  every seed), the run level has no spread to estimate its noise from: no interval, p n/a, inconclusive (the
-  question level then uses the exact bound for no differing answer, vlkit/ablate/stats.py).
+  every seed), the run level has no spread to estimate its noise from: no interval, p n/a, inconclusive. The
+  question level has exact bounds for its two such tables, no answer differing and every answer differing the same
+  way (vlkit/ablate/stats.py, CrossedStat).
 - **Comparisons** ``>`` / ``<``: effect = mean of (a − b), its 95% interval, two-sided p. Supported when the
   Holm-corrected p < α = 0.05 and the effect has the expected sign; contradicted when it is < α with the opposite
   sign; inconclusive otherwise.
@@ -131,7 +132,9 @@ NO_SPREAD = ("every seed pair differs by exactly this amount, so the run-level t
 def _size(c: Contrast) -> str:
     q = f" × {c.questions} questions" if c.method == "question" else ""
     exact = (f", no answer differs between the arms: exact bound for 0 of {c.questions} questions differing"
-             if c.crossed is not None and c.crossed.identical else "")
+             if c.crossed is not None and c.crossed.identical else
+             f", every question differs the same way in every seed: exact sign bound over {c.questions} questions"
+             if c.crossed is not None and c.crossed.unanimous else "")
     return f"{c.n} pairs{q}, {'question' if c.method == 'question' else 'run'} level{exact}"
 
 

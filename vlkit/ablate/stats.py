@@ -177,6 +177,9 @@ class CrossedStat:
     # every answer the same in both arms (a table of zeros, e.g. both arms at 1.000): the variance components are
     # all 0, and a t-test would give a zero-width interval and p = 0. The tests then use the exact bound below
     identical: bool = False
+    # every question answered right by one arm and wrong by the other, the same way in every seed (a table of all
+    # +1 or all -1): the variance components are again all 0; exact sign bounds below instead of certainty
+    unanimous: int = 0
 
     def discordance_bound(self, confidence: float) -> float:
         """For a table of zeros: the one-sided upper ``confidence`` bound on the share of questions the two arms
@@ -191,6 +194,10 @@ class CrossedStat:
         if self.identical:
             u = self.discordance_bound(0.5 + level / 2)
             return -u, u
+        if self.unanimous:
+            # at most a share u of questions can differ otherwise (each by at most 2) unseen at this confidence
+            u = self.discordance_bound(0.5 + level / 2)
+            return (1.0 - 2 * u, 1.0) if self.unanimous > 0 else (-1.0, -1.0 + 2 * u)
         if not (self.se > 0 and self.df > 0):
             return (self.effect, self.effect) if self.se == 0 else (math.nan, math.nan)
         hw = float(stats.t.ppf(0.5 + level / 2, self.df)) * self.se
@@ -202,6 +209,9 @@ class CrossedStat:
 
         if self.identical:
             return 1.0  # no answer differs: nothing against effect = 0
+        if self.unanimous:
+            # with a true effect <= 0 at most half the questions go a's way: all Q of them with chance <= 0.5^Q
+            return min(1.0, 2 * 0.5 ** self.questions)
         if not self.se > 0:
             return math.nan if self.se != 0 else (0.0 if self.effect != 0 else math.nan)
         return float(2 * stats.t.sf(abs(self.effect) / self.se, self.df))
@@ -214,6 +224,8 @@ class CrossedStat:
             # |effect| >= margin needs the arms to differ on at least that share of questions; the chance of
             # seeing none of Q differ is then at most (1 - margin)^Q
             return (1.0 - margin) ** self.questions if margin < 1 else 0.0
+        if self.unanimous:
+            return 1.0 if margin < 1 else 0.0  # every question differs: nothing speaks for a difference inside ±m
         if not self.se > 0:
             return math.nan if self.se != 0 else (0.0 if abs(self.effect) < margin else 1.0)
         lower = stats.t.sf((self.effect + margin) / self.se, self.df)
@@ -226,6 +238,9 @@ class CrossedStat:
 
         if self.identical:
             return 1.0  # the estimate, 0, lies inside every margin
+        if self.unanimous:
+            # with a true effect <= m at most a share (1 + m)/2 of questions go the estimate's way: all Q <= that^Q
+            return min(1.0, ((1.0 + margin) / 2) ** self.questions) if margin < 1 else 1.0
         if not self.se > 0:
             return math.nan if self.se != 0 else (0.0 if abs(self.effect) > margin else 1.0)
         return float(stats.t.sf((abs(self.effect) - margin) / self.se, self.df))
@@ -262,7 +277,8 @@ def crossed_stat(d: "np.ndarray") -> CrossedStat:
     ms_row, ms_col, ms_e = mean_squares(d)
     var, df, extra = _crossed_var(np.array([ms_row]), np.array([ms_col]), np.array([ms_e]), k, q)
     return CrossedStat(k, q, float(d.mean()), math.sqrt(float(var[0])), float(df[0]),
-                       max(0.0, (ms_row - ms_e) / q), float(extra[0]) / k, ms_e, identical=not d.any())
+                       max(0.0, (ms_row - ms_e) / q), float(extra[0]) / k, ms_e, identical=not d.any(),
+                       unanimous=int(d.flat[0]) if abs(d.flat[0]) == 1 and bool((d == d.flat[0]).all()) else 0)
 
 
 TIE = 1e-9  # relative: mean squares closer than this are equal (their float difference is rounding, not variance)

@@ -65,8 +65,11 @@ class ClsPatchTokens(TokenStrategy):
 
 
 def _pool_shape(num_tokens: int, name: str = "pooled") -> tuple[int, int]:
-    side = math.isqrt(num_tokens) if isinstance(num_tokens, int) and num_tokens > 0 else 0
-    if side * side != num_tokens:
+    try:
+        side = math.isqrt(num_tokens) if num_tokens > 0 else 0
+    except TypeError:  # not an integer
+        side = 0
+    if side < 1 or side * side != num_tokens:
         raise ValueError(f"token strategy '{name}' needs a square num_tokens (1, 4, 9, 16, ...), got {num_tokens}")
     return side, side
 

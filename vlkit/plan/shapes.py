@@ -15,7 +15,7 @@ from torch import nn
 
 from vlkit.components.encoders import resolve_layer
 from vlkit.config import Recipe
-from vlkit.model import _resolved_params
+from vlkit.model import _resolved_params, token_params
 from vlkit.plan.configs import CONFIG_DEFAULTS, _dtype_bytes, _sub, _with_type_defaults, load_config
 from vlkit.registry import ENCODERS, LLMS, PROJECTORS, TOKEN_STRATEGIES
 from vlkit.types import EncoderOutput
@@ -339,7 +339,7 @@ def describe_vision(recipe: Recipe, enc: EncoderSpec, llm_hidden: int) -> Vision
     recipe's token strategy and projector on a zero feature map of the encoder's shape (one image)."""
     notes: list[str] = []
     d, out_dim = max(enc.hidden, 1), max(llm_hidden, 1)
-    tok_params = {"num_tokens": None, **_resolved_params(recipe.tokens.params())}
+    tok_params = token_params(recipe, enc.grid)
     tokens = TOKEN_STRATEGIES.create(recipe.tokens.name, **tok_params)
     in_dim = tokens.out_dim(d) if hasattr(tokens, "out_dim") else d
     proj_params = _resolved_params(recipe.projector.params())
