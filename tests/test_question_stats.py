@@ -160,7 +160,9 @@ def test_a_table_in_which_every_answer_differs_the_same_way_uses_exact_sign_boun
     assert hi == 1.0 and lo == pytest.approx(1 - 2 * (1 - 0.025 ** (1 / 2)))
     many = crossed_stat(-np.ones((3, 125)))
     assert many.unanimous == -1 and many.p() < 1e-30 and many.ci(0.95)[1] < -0.9
-    assert crossed_stat(np.full((2, 3), 0.5)).unanimous == 0  # not an accuracy table: no sign bound
+    half = crossed_stat(np.full((2, 3), 0.5))  # not an accuracy table: no sign bound, and no certainty either
+    assert half.unanimous == 0 and half.se == 0 and math.isnan(half.p()) and math.isnan(half.ci()[0])
+    assert math.isnan(half.p_tost(0.05)) and math.isnan(half.p_outside(0.05))
 
 
 def test_equal_seed_means_with_differing_answers_keep_the_residual_variance():

@@ -199,7 +199,7 @@ class CrossedStat:
             u = self.discordance_bound(0.5 + level / 2)
             return (1.0 - 2 * u, 1.0) if self.unanimous > 0 else (-1.0, -1.0 + 2 * u)
         if not (self.se > 0 and self.df > 0):
-            return (self.effect, self.effect) if self.se == 0 else (math.nan, math.nan)
+            return math.nan, math.nan  # no variance left to estimate (a constant table that is not ±1 or 0)
         hw = float(stats.t.ppf(0.5 + level / 2, self.df)) * self.se
         return self.effect - hw, self.effect + hw
 
@@ -213,7 +213,7 @@ class CrossedStat:
             # with a true effect <= 0 at most half the questions go a's way: all Q of them with chance <= 0.5^Q
             return min(1.0, 2 * 0.5 ** self.questions)
         if not self.se > 0:
-            return math.nan if self.se != 0 else (0.0 if self.effect != 0 else math.nan)
+            return math.nan
         return float(2 * stats.t.sf(abs(self.effect) / self.se, self.df))
 
     def p_tost(self, margin: float) -> float:
@@ -227,7 +227,7 @@ class CrossedStat:
         if self.unanimous:
             return 1.0 if margin < 1 else 0.0  # every question differs: nothing speaks for a difference inside ±m
         if not self.se > 0:
-            return math.nan if self.se != 0 else (0.0 if abs(self.effect) < margin else 1.0)
+            return math.nan
         lower = stats.t.sf((self.effect + margin) / self.se, self.df)
         upper = stats.t.sf((margin - self.effect) / self.se, self.df)
         return float(max(lower, upper))
@@ -242,7 +242,7 @@ class CrossedStat:
             # with a true effect <= m at most a share (1 + m)/2 of questions go the estimate's way: all Q <= that^Q
             return min(1.0, ((1.0 + margin) / 2) ** self.questions) if margin < 1 else 1.0
         if not self.se > 0:
-            return math.nan if self.se != 0 else (0.0 if abs(self.effect) > margin else 1.0)
+            return math.nan
         return float(stats.t.sf((abs(self.effect) - margin) / self.se, self.df))
 
 
