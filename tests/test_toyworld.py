@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vlkit import toyworld as tw
-from vlkit.data.toy import QUESTION_TYPES
+from vlkit.data.toy import OBJECT_TOKENS, QUESTION_TYPES
 from vlkit.toyworld import shipped, world
 
 
@@ -352,6 +352,11 @@ def test_report_has_probes(tiny_toy_world):
     assert per_object["colour"]["cell_mean"] > per_object["colour"]["majority"] + 0.3
     assert per_object["occupancy"]["cell_mean"] > per_object["occupancy"]["majority"]
     assert set(per_object["shape"]) == {"majority", "cell_mean", "patch_window_3x3"}
+    # the second stage ran and the LM is also scored with each object written as its one token
+    assert lm["objects"]["steps"] == tw.pretrain_config("tiny")["lm"]["objects"]["steps"]
+    assert lm["objects"]["vocab_added"] == len(OBJECT_TOKENS) == 30
+    assert set(lm["val_answer_accuracy_by_type_from_object_tokens"]) == set(QUESTION_TYPES)
+    assert {"toy-lm objects", "toy-lm"} <= set(r["seconds"])
 
 
 def test_val_questions_carry_the_references(tiny_toy_world):
@@ -522,3 +527,73 @@ def test_contrastive_loss_without_negatives_is_clips(tiny_toy_world):
         negs = model(pixel_values=images, **models.clip_text(tok, caps + caps[::-1]))
     assert torch.allclose(ours, out.loss, atol=1e-6)
     assert negs.logits_per_image.shape == (4, 8) and models.contrastive_loss(negs.logits_per_image) > ours
+
+
+def test_object_token_captions():
+    from vlkit.data import toy
+
+    cap = "northwest: red circle, north: nothing, northeast: blue cross"
+    assert toy.object_token_caption(cap) == "northwest: <obj_red_circle>, north: nothing, northeast: <obj_blue_cross>"
+    assert toy.object_token_caption("top left: green diamond, top: nothing") == "top left: <obj_green_diamond>, top: nothing"
+    assert len(set(toy.OBJECT_TOKENS)) == len(toy.COLOURS_LIST) * len(toy.SHAPES)
+
+
+def test_lm_chats_write_a_share_of_scenes_with_object_tokens():
+    """``object_tokens`` writes that share of the scenes with one token per object (answers and asked-for
+    captions stay in words); without it (or at 0) the chats are those drawn before the option existed."""
+    from vlkit.data import toy
+    from vlkit.toyworld import models
+
+    world = models.world_scenes(tw.pretrain_config("v4")["data"])
+    cfg = {"types": None, "turns": [2, 3], "caption_share": 0.2}
+    plain = models.lm_chats(np.random.default_rng(0), 60, cfg, **world)
+    assert models.lm_chats(np.random.default_rng(0), 60, {**cfg, "object_tokens": 0.0}, **world) == plain
+    fused = models.lm_chats(np.random.default_rng(0), 200, {**cfg, "object_tokens": 0.5}, **world)
+    with_tokens = [c for c in fused if "<obj_" in c[0]["content"]]
+    assert 0.3 < len(with_tokens) / len(fused) < 0.7
+    assert not any("<obj_" in m["content"] for c in fused for m in c if m["role"] == "assistant")
+    for c in with_tokens:  # the whole scene is written one way: no object is left in words
+        scene = c[0]["content"].split("Scene: ", 1)[1].split(". ", 1)[0]
+        assert toy.object_token_caption(scene) == scene
+        assert not any(f"{col} {shape}" in scene for col in toy.COLOURS_LIST for shape in toy.SHAPES)
+
+
+def test_object_tokens_start_as_the_sum_of_their_words(tiny_toy_world):
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from vlkit.data import toy
+    from vlkit.toyworld import models, pretraining
+
+    tok = AutoTokenizer.from_pretrained(tiny_toy_world.tokenizer_dir)  # the first stage's vocabulary
+    arch = pretraining.lm_base_config(tw.pretrain_config("tiny"))["lm"]["arch"]
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), bos_token_id=None, pad_token_id=tok.pad_token_id,
+                                         **arch))
+    n = len(tok)
+    models.add_object_tokens(model, tok, 0)
+    assert len(tok) == n + 30 and model.get_input_embeddings().num_embeddings == n + 30
+    assert tok.convert_tokens_to_ids("<obj_red_circle>") in tok("north: <obj_red_circle>, south: nothing")["input_ids"]
+    emb = model.get_input_embeddings().weight
+    red, circle = (tok.encode(" " + w)[-1] for w in ("red", "circle"))
+    assert torch.allclose(emb[tok.convert_tokens_to_ids(toy.object_token("red", "circle"))], emb[red] + emb[circle])
+
+
+def test_an_earlier_pretraining_is_reused_where_its_settings_match(tiny_toy_world, tmp_path, monkeypatch):
+    """``reuse``: toy-clip, and toy-lm's first stage, come from an earlier pretraining of the same settings (one
+    made before the second stage existed), to the same files as a straight run; a run of other settings is
+    refused, naming what differs."""
+    from vlkit.toyworld import pretraining
+
+    tiny = tw.pretrain_config("tiny")
+    monkeypatch.setitem(pretraining.PRESETS, "tiny", pretraining.lm_base_config(pretraining.PRESETS["tiny"]))
+    earlier = tw.pretrain(tmp_path / "earlier", "tiny", 0, data_dir=tiny_toy_world.data_dir)
+    monkeypatch.undo()
+    assert "objects" not in earlier["config"]["lm"] and "objects" in tiny["lm"]
+    again = tw.pretrain(tmp_path / "weights", "tiny", 0, data_dir=tiny_toy_world.data_dir,
+                        reuse=tmp_path / "earlier")
+    first = json.loads((tiny_toy_world.weights_dir / "manifest.json").read_text())
+    assert again["files"] == first["files"]
+    assert again["report"]["toy_lm"]["first_stage_from"]["config_hash"] == earlier["config_hash"]
+    assert again["report"]["toy_clip"]["reused_from"]["weights"] == str(tmp_path / "earlier")
+    with pytest.raises(ValueError, match=r"nothing in it was made with this preset's settings.*toy-clip differs "
+                                         r"in seed.*toy-lm differs in seed"):
+        pretraining.reuse_earlier(tmp_path / "work", tw.pretrain_config("tiny", seed=1), tmp_path / "earlier")

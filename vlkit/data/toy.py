@@ -31,9 +31,10 @@ import numpy as np
 # the scenes' and the questions' names stay importable from here (vlkit.data.toy is the world's one entry point)
 from vlkit.data.toy_questions import ask, position_blind_accuracy, position_blind_answers  # noqa: F401
 from vlkit.data.toy_scenes import (BACKGROUND, CAPTION_PROMPTS, CELL_NAMES, COLOURS, COLOURS_LIST,  # noqa: F401
-                                   COMPASS, FORMAT_VERSION, NOTHING, QUESTION_TYPES, RECORDS_VERSION, RELATIONS,
-                                   SHAPES, SPATIAL_TYPES, SPLITS, Obj, QuestionRules, _rng, article, caption,
-                                   clip_caption, plural, position_name, sample_scene, split_of)
+                                   COMPASS, FORMAT_VERSION, NOTHING, OBJECT_TOKENS, QUESTION_TYPES, RECORDS_VERSION,
+                                   RELATIONS, SHAPES, SPATIAL_TYPES, SPLITS, Obj, QuestionRules, _rng, article,
+                                   caption, clip_caption, object_token, object_token_caption, plural, position_name,
+                                   sample_scene, split_of)
 
 
 # ---- drawing ------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ captions, the split a scene belongs to, and scene sampling. ``vlkit.data.toy`` g
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -103,6 +104,22 @@ def caption(objects: list[Obj], grid: int, names: str = "words") -> str:
     by_cell = {(o.row, o.col): o.name for o in objects}
     return ", ".join(f"{position_name(r, c, grid, names)}: {by_cell.get((r, c), NOTHING)}"
                      for r in range(grid) for c in range(grid))
+
+
+def object_token(colour: str, shape: str) -> str:
+    """The one-token name of an object kind in toy-lm's vocabulary ('<obj_red_circle>'): an image token carries a
+    whole cell in one vector, so toy-lm also learns to read a cell written as one token (issue 26)."""
+    return f"<obj_{colour}_{shape}>"
+
+
+OBJECT_TOKENS = tuple(object_token(c, s) for c in COLOURS_LIST for s in SHAPES)
+_OBJECT_IN_CAPTION = re.compile(r": (" + "|".join(COLOURS_LIST) + r") (" + "|".join(SHAPES) + r")(?=,|$)")
+
+
+def object_token_caption(caption_text: str) -> str:
+    """A canonical caption with every object written as its one token: 'north: red circle, west: nothing' ->
+    'north: <obj_red_circle>, west: nothing'."""
+    return _OBJECT_IN_CAPTION.sub(lambda m: ": " + object_token(m.group(1), m.group(2)), caption_text)
 
 
 def clip_caption(objects: list[Obj], rng: np.random.Generator | None = None) -> str:

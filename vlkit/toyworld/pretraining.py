@@ -1,6 +1,6 @@
 """Pretraining the toy world's models once: tokenizer, then toy-clip and toy-lm side by side, then the probes, then
-the manifest. ``vlkit toy pretrain`` runs it for the shipped preset (``default`` = ``v4``: about 4 CPU-hours,
-toy-lm's 12 000 steps on one thread beside toy-clip's 2 500 on the other); the ``tiny`` preset is pretrained on first use in seconds (tests).
+the manifest. ``vlkit toy pretrain`` runs it for the shipped preset (``default`` = ``v5``: about 4.5 CPU-hours,
+toy-lm's 12 000 + 1 000 steps on one thread beside toy-clip's 2 500 on the other); the ``tiny`` preset is pretrained on first use in seconds (tests).
 
 Everything is a function of ``pretrain_config(preset, seed)``: fixed step counts (never time budgets), fixed
 seeds and one torch thread per job (float reduction order depends on the thread count).
@@ -59,6 +59,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         probes=dict(n_train=300, epochs=100),
     ),
 }
+PRESETS["tiny"]["lm"]["objects"] = dict(steps=4, batch=8, lr=1e-3, object_tokens=0.5, turns=[4, 6],
+                                        caption_share=0.1, other_token_weight=0.3)
 # The next world: v4 scenes and questions with one-token cell names, and a toy-lm recipe that reads cells. Chosen by
 # pilots scored per type (benchmarks/toy_lm_curves.py; issue 26): the shipped recipe (lr 3e-3, cosine, all types
 # from step 0) sits on the position-blind plateau for 1 500+ steps; a first phase of single look-ups only (10-14
@@ -74,7 +76,13 @@ LM_V4 = dict(steps=12000, batch=32, lr=1e-3, schedule="held", turns=(8, 12), cap
 # and a VLM on top answered shape questions at chance while it read colours per cell at 0.99 (issue 26).
 PRESETS["v4"] = dict(PRESETS["v3"], data=dict(DATA_V4, cell_names="compass"), lm=LM_V4,
                      clip=dict(PRESETS["v3"]["clip"], hard_negatives=True))
-SHIPPED_PRESET, SHIPPED_SEED = "v4", 0
+# v5 (shipped): v4's world and models, and a second toy-lm stage that teaches it to read a cell written as one
+# token (models.train_lm_objects): an image token is one vector per cell, and the default VLM on v4's toy-lm
+# answered shape per cell at 0.26-0.33 (3 seeds), on a pilot of this stage at 0.38-0.46 (docs/toyworld.md).
+LM_V5 = dict(LM_V4, objects=dict(steps=1000, batch=32, lr=1e-3, object_tokens=0.5, turns=[8, 12],
+                                 caption_share=0.1, other_token_weight=0.3))
+PRESETS["v5"] = dict(PRESETS["v4"], lm=LM_V5)
+SHIPPED_PRESET, SHIPPED_SEED = "v5", 0
 DEFAULT_ALIAS = "default"  # names the shipped preset wherever a preset is asked for
 
 
@@ -134,6 +142,18 @@ def _checkpoint(ckpt_dir: Path | None, config: dict[str, Any], job: str) -> mode
     return models.StepCheckpoint(ckpt_dir, config[_SECTION[job]]["steps"] // 20, job_key(config, job))
 
 
+def lm_base_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with toy-lm's first stage only (its ``lm`` without ``objects``): what the first stage's weights
+    are a function of. For a config without a second stage it is ``config``."""
+    return {**config, "lm": {k: v for k, v in config["lm"].items() if k != "objects"}}
+
+
+def job_steps(config: dict[str, Any], job: str) -> int:
+    """A job's optimiser steps, all stages (its progress bar's total)."""
+    section = config[_SECTION[job]]
+    return section["steps"] + section.get("objects", {}).get("steps", 0)
+
+
 def _clip_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckpt_dir: Path | None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
@@ -156,17 +176,110 @@ def _clip_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckp
 def _lm_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckpt_dir: Path | None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(weights / "tokenizer")
     out = weights / "toy-lm"
-    t, c = time.perf_counter(), time.process_time()
-    stats = models.train_lm(tok, out, config["lm"], config["seed"], config["data"], update,
-                            _checkpoint(ckpt_dir, config, "toy-lm"))
-    t_train, c_train = time.perf_counter() - t, time.process_time() - c
-    update(config["lm"]["steps"], "probing")
+    base = _lm_first_stage(weights, config, update, ckpt_dir)
+    stats, seconds, cpu = base["toy_lm"], base["seconds"], base["cpu_seconds"]
+    objects = config["lm"].get("objects")
+    if objects:
+        t, c = time.perf_counter(), time.process_time()
+        first = config["lm"]["steps"]
+        stats["objects"] = models.train_lm_objects(
+            ckpt_dir / BASE_KEPT / "toy-lm", out, objects, config["seed"], config["data"],
+            lambda done, text="": update(first + done, text),
+            models.StepCheckpoint(ckpt_dir / "objects", objects["steps"] // 20, job_key(config, "toy-lm")))
+        seconds["toy-lm objects"], cpu["toy-lm objects"] = time.perf_counter() - t, time.process_time() - c
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(ckpt_dir / BASE_KEPT / "toy-lm", out)
+    update(job_steps(config, "toy-lm"), "probing")
     t, c = time.perf_counter(), time.process_time()
     stats.update(probes.probe_lm(out, data_dir))
-    return {"toy_lm": stats, "seconds": {"toy-lm": t_train, "toy-lm probes": time.perf_counter() - t},
-            "cpu_seconds": {"toy-lm": c_train, "toy-lm probes": time.process_time() - c}}
+    seconds["toy-lm probes"], cpu["toy-lm probes"] = time.perf_counter() - t, time.process_time() - c
+    return {"toy_lm": stats, "seconds": seconds, "cpu_seconds": cpu}
+
+
+BASE_KEPT = "base.finished"  # toy-lm's first stage, finished, in the job's checkpoint directory
+
+
+def _lm_first_stage(weights: Path, config: dict[str, Any], update, ckpt_dir: Path) -> dict[str, Any]:
+    """toy-lm's first stage (``models.train_lm``), kept in ``ckpt_dir/base.finished`` under the key of
+    ``lm_base_config`` (a second stage that is changed or interrupted starts from it, not from step 0), or taken
+    from there when it is already kept (also by ``seed_lm_base``). Returns its result: stats and times."""
+    from transformers import AutoTokenizer
+
+    base_config = lm_base_config(config)
+    key = job_key(base_config, "toy-lm")
+    kept = ckpt_dir / BASE_KEPT
+    if (kept / "result.json").is_file():
+        found = (kept / "key.txt").read_text().strip() if (kept / "key.txt").is_file() else "no key"
+        if found != key:
+            raise RuntimeError(f"toy world: toy-lm's first stage in {kept} belongs to another config or version "
+                               f"({found!r}, this one is {key!r}); delete it (or run with --restart) to train "
+                               f"it again")
+        update(config["lm"]["steps"], "first stage kept")
+        return json.loads((kept / "result.json").read_text())
+    tok = AutoTokenizer.from_pretrained(weights / "tokenizer")
+    tmp = ckpt_dir / f".{BASE_KEPT}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t, c = time.perf_counter(), time.process_time()
+    stats = models.train_lm(tok, tmp / "toy-lm", base_config["lm"], config["seed"], config["data"], update,
+                            _checkpoint(ckpt_dir, base_config, "toy-lm"))
+    result = {"toy_lm": stats, "seconds": {"toy-lm": time.perf_counter() - t},
+              "cpu_seconds": {"toy-lm": time.process_time() - c}}
+    (tmp / "result.json").write_text(json.dumps(result))
+    (tmp / "key.txt").write_text(key + "\n")
+    tmp.replace(kept)  # whole or absent
+    (ckpt_dir / models.StepCheckpoint.FILE).unlink(missing_ok=True)  # the first stage's last checkpoint
+    return result
+
+
+def reuse_earlier(work: Path, config: dict[str, Any], weights_dir: Path) -> dict[str, Any]:
+    """Takes what an earlier pretraining made with the same settings instead of training it again:
+    ``weights_dir`` is that pretraining's weights directory (its manifest verified). toy-clip is taken when its
+    ``job_config`` equals this config's; toy-lm's first stage when the earlier toy-lm's ``job_config`` equals
+    this config's ``lm_base_config`` (the earlier world had no second stage). Each becomes a kept job or stage in
+    ``work/checkpoints``, with its stats and times from that manifest's report and where it came from. Returns
+    that record; nothing reusable is an error naming what differs."""
+    weights_dir = Path(weights_dir)
+    manifest = shipped.verify(weights_dir)
+    old, report = manifest["config"], manifest.get("report", {})
+    source = {"weights": str(weights_dir), "config_hash": manifest["config_hash"],
+              "written_by": manifest.get("written_by", {})}
+    seconds, cpu = report.get("seconds", {}), report.get("job_cpu_seconds", {})
+    ckpt = work / "checkpoints"
+    taken: list[str] = []
+    differ: dict[str, list[str]] = {}
+    for job, mine in (("toy-clip", config), ("toy-lm", lm_base_config(config))):
+        want, found = job_config(mine, job), job_config(old, job)
+        if want != found:
+            differ[job] = sorted(k for k in set(want) | set(found) if want.get(k) != found.get(k))
+            continue
+        if job == "toy-clip":
+            result = {"toy_clip": {**report.get("toy_clip", {}), "reused_from": source},
+                      "linear_probes": report.get("linear_probes", {}),
+                      "seconds": {k: seconds.get(k, float("nan")) for k in ("toy-clip", "toy-clip probes")},
+                      "cpu_seconds": {k: cpu.get(k, float("nan")) for k in ("toy-clip", "toy-clip probes")}}
+            dest, files = ckpt / "toy-clip.finished", "toy-clip"
+        else:
+            stats = {k: v for k, v in report.get("toy_lm", {}).items()
+                     if k in ("params", "train_loss_first", "train_loss_last", "resumed_at_step")}
+            result = {"toy_lm": {**stats, "first_stage_from": source},
+                      "seconds": {"toy-lm": seconds.get("toy-lm", float("nan"))},
+                      "cpu_seconds": {"toy-lm": cpu.get("toy-lm", float("nan"))}}
+            dest, files = ckpt / "toy-lm" / BASE_KEPT, "toy-lm"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(weights_dir / files, tmp / files)
+        (tmp / "result.json").write_text(json.dumps(result))
+        (tmp / "key.txt").write_text(job_key(mine, job) + "\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.replace(dest)
+        taken.append(job if job == "toy-clip" else "toy-lm first stage")
+    if not taken:
+        raise ValueError(f"toy world: --reuse {weights_dir}: nothing in it was made with this preset's settings "
+                         f"(" + "; ".join(f"{j} differs in {', '.join(d)}" for j, d in differ.items()) + ")")
+    return {**source, "taken": taken}
 
 
 JOBS = {"toy-clip": _clip_job, "toy-lm": _lm_job}
@@ -193,7 +306,7 @@ def _run_job(name: str, weights: Path, data_dir: Path, config: dict[str, Any], u
                                f"--restart) to train {name} again")
         shutil.rmtree(weights / name, ignore_errors=True)
         shutil.copytree(kept / name, weights / name)
-        update(config[_SECTION[name]]["steps"], "kept from an interrupted run")
+        update(job_steps(config, name), "kept from an interrupted run")
         return json.loads((kept / "result.json").read_text())  # its times are those of the run that made it
     result = JOBS[name](weights, data_dir, config, update, ckpt_root / name)
     tmp = ckpt_root / f".{name}.finished.{os.getpid()}.tmp"
@@ -277,7 +390,8 @@ def _run_jobs(weights: Path, data_dir: Path, config: dict[str, Any], updates: di
 
 # ---- the whole pretraining ------------------------------------------------------------------------------------
 def pretrain(out_dir: str | os.PathLike, preset: str = DEFAULT_ALIAS, seed: int = 0, *,
-             data_dir: str | os.PathLike | None = None, console: Any = None, restart: bool = False) -> dict[str, Any]:
+             data_dir: str | os.PathLike | None = None, console: Any = None, restart: bool = False,
+             reuse: str | os.PathLike | None = None) -> dict[str, Any]:
     """Pretrain tokenizer, toy-clip and toy-lm of ``preset`` into ``out_dir`` (replaced whole, only once
     everything succeeded) and write its manifest; returns the manifest. ``data_dir`` holds (or receives) the
     preset's shapes world; by default it is generated into the work directory. The caller's global RNG states are
@@ -286,13 +400,16 @@ def pretrain(out_dir: str | os.PathLike, preset: str = DEFAULT_ALIAS, seed: int 
     The work happens in ``.<out_dir name>.building-<config hash>`` beside ``out_dir``; each job checkpoints there
     every 5 % of its steps. A pretraining that is interrupted (killed, out of memory, session over) leaves that
     directory, and the next call with the same config resumes from the checkpoints, to the same weights as a
-    straight run; ``restart=True`` discards them. The work directory is removed once ``out_dir`` is in place."""
+    straight run; ``restart=True`` discards them. The work directory is removed once ``out_dir`` is in place.
+
+    ``reuse``: an earlier pretraining's weights directory whose jobs (or toy-lm's first stage) made with the same
+    settings are taken instead of trained again (``reuse_earlier``); the report says what came from where."""
     with _runtime.caller_rng_kept():
-        return _pretrain(out_dir, preset, seed, data_dir=data_dir, console=console, restart=restart)
+        return _pretrain(out_dir, preset, seed, data_dir=data_dir, console=console, restart=restart, reuse=reuse)
 
 
 def _pretrain(out_dir: str | os.PathLike, preset: str, seed: int, *, data_dir: str | os.PathLike | None,
-              console: Any, restart: bool) -> dict[str, Any]:
+              console: Any, restart: bool, reuse: str | os.PathLike | None = None) -> dict[str, Any]:
     config = pretrain_config(preset, seed)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -303,6 +420,10 @@ def _pretrain(out_dir: str | os.PathLike, preset: str, seed: int, *, data_dir: s
             shutil.rmtree(work, ignore_errors=True)
         work.mkdir(exist_ok=True)
         found = _checkpointed_jobs(work)
+        if reuse is not None:
+            taken = reuse_earlier(work, config, Path(reuse))
+            console.print(f"toy world: taking {' and '.join(taken['taken'])} from {reuse} (config "
+                          f"{taken['config_hash']})")
         if found:
             console.print(f"toy world: resuming an interrupted pretraining ({', '.join(found)}) from its checkpoints "
                           f"in {work / 'checkpoints'} (--restart starts over)")
@@ -322,7 +443,9 @@ def _pretrain(out_dir: str | os.PathLike, preset: str, seed: int, *, data_dir: s
 
 def _checkpointed_jobs(work: Path) -> list[str]:
     """The jobs with a checkpoint in the work directory ``work``."""
-    return sorted(p.parent.name for p in (work / "checkpoints").glob(f"*/{models.StepCheckpoint.FILE}"))
+    root = work / "checkpoints"
+    return sorted({p.relative_to(root).parts[0] for p in root.glob(f"*/**/{models.StepCheckpoint.FILE}")}
+                  | {p.parent.name for p in root.glob(f"*/{BASE_KEPT}")})
 
 
 def _pretrain_in(work: Path, out: Path, config: dict[str, Any], data_dir: str | os.PathLike | None,
@@ -353,7 +476,7 @@ def _pretrain_in(work: Path, out: Path, config: dict[str, Any], data_dir: str | 
         times["tokenizer"] = time.perf_counter() - t
         t = time.perf_counter()
         updates = {"toy-clip": phase("toy-clip", config["clip"]["steps"]),
-                   "toy-lm": phase("toy-lm", config["lm"]["steps"])}
+                   "toy-lm": phase("toy-lm", job_steps(config, "toy-lm"))}
         report: dict[str, Any] = {}
         cpu: dict[str, float] = {}
         rss: dict[str, float] = {}

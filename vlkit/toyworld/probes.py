@@ -13,13 +13,16 @@ from vlkit.data import toy
 from vlkit.toyworld.models import clip_text, load_images, normalize
 
 # ---- quality probes -------------------------------------------------------------------------------------------
-def val_lm_convs(data_dir: Path) -> tuple[list[list[dict]], list[str], list[str]]:
-    """The val questions as single-turn chats with the scene given as text, their types, and the bare questions."""
+def val_lm_convs(data_dir: Path, object_tokens: bool = False) -> tuple[list[list[dict]], list[str], list[str]]:
+    """The val questions as single-turn chats with the scene given as text (each object as its one token with
+    ``object_tokens``), their types, and the bare questions."""
     scenes = {s["id"]: s for s in toy.load_scenes(data_dir, "val")}
     convs, types, questions = [], [], []
     for rec in json.loads((data_dir / "instruct_val.json").read_text()):
         q = rec["conversations"][0]["value"].replace("<image>\n", "")
-        convs.append([{"role": "user", "content": f"Scene: {scenes[rec['id']]['caption']}. {q}"},
+        scene = scenes[rec["id"]]["caption"]
+        scene = toy.object_token_caption(scene) if object_tokens else scene
+        convs.append([{"role": "user", "content": f"Scene: {scene}. {q}"},
                       {"role": "assistant", "content": rec["answer"]}])
         types.append(rec["question_type"])
         questions.append(q)
@@ -74,7 +77,26 @@ def probe_lm(lm_dir: Path, data_dir: Path, batch: int = 50) -> dict[str, Any]:
             "val_answer_accuracy_from_text": round(float(np.mean(r["hits"])), 3),
             "val_answer_accuracy_by_type": acc,
             # per val question, in file order ("1" right): the first-use data carries it as a reference
-            "val_hits_from_text": "".join("1" if h else "0" for h in r["hits"])}
+            "val_hits_from_text": "".join("1" if h else "0" for h in r["hits"]),
+            **_from_object_tokens(lm_dir, data_dir, batch)}
+
+
+def _from_object_tokens(lm_dir: Path, data_dir: Path, batch: int) -> dict[str, Any]:
+    """The answer accuracy with each object of the scene written as its one token (an LM whose vocabulary has
+    ``toy.OBJECT_TOKENS``, i.e. after toy-lm's second stage; nothing for one without)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    if tok.convert_tokens_to_ids(toy.OBJECT_TOKENS[0]) in (None, tok.unk_token_id):
+        return {}
+    convs, types, _ = val_lm_convs(data_dir, object_tokens=True)
+    hits = _lm_answers(lm_dir, convs, batch)["hits"]
+    by: dict[str, list[bool]] = {}
+    for t, h in zip(types, hits):
+        by.setdefault(t, []).append(h)
+    return {"val_answer_accuracy_from_object_tokens": round(float(np.mean(hits)), 3),
+            "val_answer_accuracy_by_type_from_object_tokens": {t: round(float(np.mean(v)), 3)
+                                                                for t, v in sorted(by.items())}}
 
 
 def lm_breakdown(lm_dir: Path, data_dir: Path) -> dict[str, dict[str, tuple[float, int]]]:
