@@ -147,7 +147,8 @@ def test_an_interrupted_pretraining_resumes_to_the_same_weights(tiny_toy_world, 
     """A pretraining that dies mid-way leaves its checkpoints and no output; the same call resumes from them and
     writes the files a straight pretraining writes (same sha256), then removes its work directory. Checkpoints
     every 4 steps: toy-clip dies at step 6 (resumes at 4, its sampler's RNG restored), toy-lm at step 7 (toy-clip,
-    finished by then, is kept)."""
+    finished by then, is kept), then toy-lm again at step 3 of its second stage (checkpoints every step; its
+    first stage, finished by then, is kept)."""
     from vlkit.toyworld import models, pretraining
 
     monkeypatch.setenv("VLKIT_TOY_PARALLEL", "0")  # the jobs run in this process, where the failure is injected
@@ -169,9 +170,11 @@ def test_an_interrupted_pretraining_resumes_to_the_same_weights(tiny_toy_world, 
         return step
 
     monkeypatch.setattr(pretraining, "_checkpoint", every_4)
-    clip_steps = tw.pretrain_config("tiny")["clip"]["steps"]
+    tiny = tw.pretrain_config("tiny")
+    clip_steps, lm_steps = tiny["clip"]["steps"], tiny["lm"]["steps"]
     work = tmp_path / f".weights.building-{tw.world_id('tiny')}"
-    for dies_at, (job, done) in ((6, ("toy-clip", 4)), ((clip_steps - 4) + 7, ("toy-lm", 4))):
+    for dies_at, (job, done) in ((6, ("toy-clip", 4)), ((clip_steps - 4) + 7, ("toy-lm", 4)),
+                                 ((lm_steps - 4) + 3, ("toy-lm/objects", 2))):
         monkeypatch.setattr(models, "_step", dies_at_call(dies_at))
         with pytest.raises(KeyboardInterrupt):
             tw.pretrain(tmp_path / "weights", "tiny", 0, data_dir=tiny_toy_world.data_dir)
@@ -180,11 +183,14 @@ def test_an_interrupted_pretraining_resumes_to_the_same_weights(tiny_toy_world, 
     # the second call finished toy-clip before toy-lm died: its weights and result are kept, not trained again
     kept = work / "checkpoints" / "toy-clip.finished"
     assert (kept / "result.json").is_file() and (kept / "toy-clip" / "model.safetensors").is_file()
+    # the third call finished toy-lm's first stage before its second died: kept too
+    assert (work / "checkpoints" / "toy-lm" / "base.finished" / "toy-lm" / "model.safetensors").is_file()
     monkeypatch.setattr(models, "_step", real_step)
     again = tw.pretrain(tmp_path / "weights", "tiny", 0, data_dir=tiny_toy_world.data_dir)
     first = json.loads((tiny_toy_world.weights_dir / "manifest.json").read_text())
     assert again["files"] == first["files"]
-    assert again["report"]["toy_lm"]["resumed_at_step"] == 4
+    assert again["report"]["toy_lm"]["resumed_at_step"] == 4  # the run that finished the first stage
+    assert again["report"]["toy_lm"]["objects"]["resumed_at_step"] == 2
     assert again["report"]["toy_clip"]["resumed_at_step"] == 4  # the run that finished it, resumed at step 4
     assert not work.exists()
 
