@@ -189,7 +189,7 @@ def test_an_interrupted_pretraining_resumes_to_the_same_weights(tiny_toy_world, 
     again = tw.pretrain(tmp_path / "weights", "tiny", 0, data_dir=tiny_toy_world.data_dir)
     first = json.loads((tiny_toy_world.weights_dir / "manifest.json").read_text())
     assert again["files"] == first["files"]
-    assert again["report"]["toy_lm"]["resumed_at_step"] == 4  # the run that finished the first stage
+    assert again["report"]["toy_lm"]["first_stage"]["resumed_at_step"] == 4  # the run that finished it
     assert again["report"]["toy_lm"]["objects"]["resumed_at_step"] == 2
     assert again["report"]["toy_clip"]["resumed_at_step"] == 4  # the run that finished it, resumed at step 4
     assert not work.exists()
@@ -347,7 +347,10 @@ def test_report_has_probes(tiny_toy_world):
         assert all(50 < mb < 24 * 1024 for mb in r["job_peak_rss_mb"].values()), r["job_peak_rss_mb"]
     assert r["machine"]["fp32_matmul_gflops_1_thread"] > 0
     lm = r["toy_lm"]
-    assert lm["train_loss_last"] < lm["train_loss_first"]
+    assert lm["first_stage"]["train_loss_last"] < lm["first_stage"]["train_loss_first"]
+    # the final model's size: the first stage's plus 30 input and 30 output rows
+    hidden = tw.pretrain_config("tiny")["lm"]["arch"]["hidden_size"]
+    assert lm["params"] == lm["first_stage"]["params"] + 2 * 30 * hidden
     assert set(lm["val_answer_accuracy_by_type"]) == set(QUESTION_TYPES)
     assert 0.0 <= r["toy_clip"]["retrieval_top1_batch100"] <= 1.0
     probes = r["linear_probes"]
@@ -585,8 +588,8 @@ def test_object_tokens_start_as_the_sum_of_their_words(tiny_toy_world):
 
 def test_an_earlier_pretraining_is_reused_where_its_settings_match(tiny_toy_world, tmp_path, monkeypatch):
     """``reuse``: toy-clip, and toy-lm's first stage, come from an earlier pretraining of the same settings (one
-    made before the second stage existed), to the same files as a straight run; a run of other settings is
-    refused, naming what differs."""
+    made before the second stage existed), to the same files as a straight run; a toy-lm of the same settings is
+    taken whole; other settings, versions or a damaged directory are refused, naming what differs."""
     from vlkit.toyworld import pretraining
 
     tiny = tw.pretrain_config("tiny")
@@ -598,8 +601,27 @@ def test_an_earlier_pretraining_is_reused_where_its_settings_match(tiny_toy_worl
                         reuse=tmp_path / "earlier")
     first = json.loads((tiny_toy_world.weights_dir / "manifest.json").read_text())
     assert again["files"] == first["files"]
-    assert again["report"]["toy_lm"]["first_stage_from"]["config_hash"] == earlier["config_hash"]
-    assert again["report"]["toy_clip"]["reused_from"]["weights"] == str(tmp_path / "earlier")
+    assert again["report"]["toy_lm"]["first_stage"]["reused_from"]["config_hash"] == earlier["config_hash"]
+    assert again["report"]["toy_clip"]["reused_from"]["config_hash"] == earlier["config_hash"]
+    # the tiny world's own weights: toy-clip and the whole toy-lm (second stage included) are taken
+    work = tmp_path / "work"
+    taken = pretraining.reuse_earlier(work, tiny, tiny_toy_world.weights_dir)
+    assert taken["taken"] == ["toy-clip", "toy-lm"]
+    assert (work / "checkpoints" / "toy-lm.finished" / "toy-lm" / "model.safetensors").is_file()
+    assert not (work / "checkpoints" / "toy-lm" / "base.finished").exists()
+    # ... but as a first stage only where no second stage was trained: a v4-like config takes toy-clip alone
+    v4_like = pretraining.lm_base_config(tiny)
+    v4_like["lm"]["lr"] = 0.5
+    assert pretraining.reuse_earlier(tmp_path / "work2", v4_like, tiny_toy_world.weights_dir)["taken"] == ["toy-clip"]
     with pytest.raises(ValueError, match=r"nothing in it was made with this preset's settings.*toy-clip differs "
-                                         r"in seed.*toy-lm differs in seed"):
-        pretraining.reuse_earlier(tmp_path / "work", tw.pretrain_config("tiny", seed=1), tmp_path / "earlier")
+                                         r"in seed.*toy-lm differs in lm.objects, seed"):
+        pretraining.reuse_earlier(tmp_path / "work3", tw.pretrain_config("tiny", seed=1), tmp_path / "earlier")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "earlier", damaged)
+    (damaged / "toy-lm" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"--reuse .*damaged: .*toy-lm/config.json .*; pass the weights directory "
+                                         r"an earlier `vlkit toy pretrain` wrote, or drop --reuse"):
+        pretraining.reuse_earlier(tmp_path / "work4", tiny, damaged)
+    monkeypatch.setattr(pretraining, "_versions", lambda: {"vlkit": "9", "torch": "9", "transformers": "9"})
+    with pytest.raises(ValueError, match=r"it was written by .*this is .*not taken"):
+        pretraining.reuse_earlier(tmp_path / "work5", tiny, tmp_path / "earlier")

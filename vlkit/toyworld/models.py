@@ -390,12 +390,15 @@ def add_object_tokens(model, tok, seed: int) -> None:
     """Adds ``toy.OBJECT_TOKENS`` (30, one per colour and shape) to ``tok`` and ``model``'s vocabulary. Each new
     input embedding starts as the sum of its colour's and its shape's word embeddings (the cell's two words in
     one vector, as an image token gives it); the new output rows are transformers' mean resizing, drawn from
-    ``seed``."""
+    ``seed``. The tokens are added as special tokens without ``lstrip``, so the space before one stays its own
+    token ('north: <obj_red_circle>' is 'north', ':', ' ', '<obj_red_circle>'), as it was when the shipped
+    weights were trained, and ``decode(skip_special_tokens=True)`` drops them (answers never contain them)."""
     import torch
 
     tok.add_tokens(list(toy.OBJECT_TOKENS), special_tokens=True)
-    torch.manual_seed(seed)
-    model.resize_token_embeddings(len(tok))
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
+        torch.manual_seed(seed)
+        model.resize_token_embeddings(len(tok))
     emb = model.get_input_embeddings().weight
     with torch.no_grad():
         for colour in toy.COLOURS_LIST:
@@ -441,6 +444,7 @@ def train_lm_objects(base_dir: Path, out_dir: Path, cfg: dict[str, Any], seed: i
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
-    return {"steps": steps, "vocab_added": len(toy.OBJECT_TOKENS),
+    return {"params": sum(p.numel() for p in model.parameters()), "steps": steps,
+            "vocab_added": len(toy.OBJECT_TOKENS),
             "train_loss_first": round(float(np.mean(losses[:10])), 4),
             "train_loss_last": round(float(np.mean(losses[-10:])), 4), **_resumed(start)}

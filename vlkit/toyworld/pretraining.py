@@ -173,24 +173,27 @@ def _clip_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckp
             "cpu_seconds": {"toy-clip": c_train, "toy-clip probes": time.process_time() - c}}
 
 
-def _lm_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckpt_dir: Path | None) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
+def _lm_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckpt_dir: Path) -> dict[str, Any]:
+    """toy-lm: its first stage (kept in ``ckpt_dir``), then its second when the config has one, then the probes.
+    With a second stage the report nests each stage's figures (``first_stage``, ``objects``) beside the final
+    model's size and probes."""
     out = weights / "toy-lm"
     base = _lm_first_stage(weights, config, update, ckpt_dir)
-    stats, seconds, cpu = base["toy_lm"], base["seconds"], base["cpu_seconds"]
+    seconds, cpu = base["seconds"], base["cpu_seconds"]
     objects = config["lm"].get("objects")
     if objects:
         t, c = time.perf_counter(), time.process_time()
         first = config["lm"]["steps"]
-        stats["objects"] = models.train_lm_objects(
+        second = models.train_lm_objects(
             ckpt_dir / BASE_KEPT / "toy-lm", out, objects, config["seed"], config["data"],
             lambda done, text="": update(first + done, text),
             models.StepCheckpoint(ckpt_dir / "objects", objects["steps"] // 20, job_key(config, "toy-lm")))
         seconds["toy-lm objects"], cpu["toy-lm objects"] = time.perf_counter() - t, time.process_time() - c
+        stats = {"params": second.pop("params"), "first_stage": base["toy_lm"], "objects": second}
     else:
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(ckpt_dir / BASE_KEPT / "toy-lm", out)
+        stats = base["toy_lm"]
     update(job_steps(config, "toy-lm"), "probing")
     t, c = time.perf_counter(), time.process_time()
     stats.update(probes.probe_lm(out, data_dir))
@@ -203,8 +206,8 @@ BASE_KEPT = "base.finished"  # toy-lm's first stage, finished, in the job's chec
 
 def _lm_first_stage(weights: Path, config: dict[str, Any], update, ckpt_dir: Path) -> dict[str, Any]:
     """toy-lm's first stage (``models.train_lm``), kept in ``ckpt_dir/base.finished`` under the key of
-    ``lm_base_config`` (a second stage that is changed or interrupted starts from it, not from step 0), or taken
-    from there when it is already kept (also by ``seed_lm_base``). Returns its result: stats and times."""
+    ``lm_base_config`` (an interrupted second stage resumes after it, not from step 0), or taken from there when
+    it is already kept (also by ``reuse_earlier``). Returns its result: stats and times."""
     from transformers import AutoTokenizer
 
     base_config = lm_base_config(config)
@@ -233,53 +236,110 @@ def _lm_first_stage(weights: Path, config: dict[str, Any], update, ckpt_dir: Pat
     return result
 
 
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys where two configs differ, one level into sections (``lm.objects``, ``data.n_train``)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if x == y:
+            continue
+        if isinstance(x, dict) and isinstance(y, dict) and not prefix:
+            out += _differences(x, y, f"{k}.")
+        else:
+            out.append(prefix + k)
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import vlkit
+
+    return {"vlkit": vlkit.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _settings(config: dict[str, Any], job: str) -> dict[str, Any]:
+    """What a reused job must share with this one: ``job_config`` and the data format."""
+    return {**job_config(config, job), "data_format": config.get("data_format")}
+
+
 def reuse_earlier(work: Path, config: dict[str, Any], weights_dir: Path) -> dict[str, Any]:
-    """Takes what an earlier pretraining made with the same settings instead of training it again:
-    ``weights_dir`` is that pretraining's weights directory (its manifest verified). toy-clip is taken when its
-    ``job_config`` equals this config's; toy-lm's first stage when the earlier toy-lm's ``job_config`` equals
-    this config's ``lm_base_config`` (the earlier world had no second stage). Each becomes a kept job or stage in
-    ``work/checkpoints``, with its stats and times from that manifest's report and where it came from. Returns
-    that record; nothing reusable is an error naming what differs."""
+    """Takes what an earlier pretraining made with the same settings instead of training it again.
+
+    ``weights_dir`` is that pretraining's weights directory: its manifest is verified, and it must have been
+    written by the same vlkit, torch and transformers versions (the versions ``job_key`` names; other versions
+    may compute other weights). toy-clip is taken when its settings (``job_config`` and the data format) equal
+    this config's; toy-lm whole when its settings do, or else as this config's toy-lm *first stage* when they
+    equal this config's ``lm_base_config`` (an earlier world without the second stage). Each becomes a kept job
+    or stage in ``work/checkpoints`` (only the files its manifest lists), with its figures from that manifest's
+    report and where it came from (config hash and versions). Returns that record; a directory with nothing
+    reusable is an error naming what differs."""
     weights_dir = Path(weights_dir)
-    manifest = shipped.verify(weights_dir)
+    fix = "pass the weights directory an earlier `vlkit toy pretrain` wrote, or drop --reuse"
+    try:
+        manifest = shipped.verify(weights_dir, fix=fix)
+    except shipped.ToyWeightsError as e:
+        raise ValueError(f"toy world: --reuse {weights_dir}: {e}") from None
+    written = {k: manifest.get("written_by", {}).get(k) for k in ("vlkit", "torch", "transformers")}
+    if written != _versions():
+        raise ValueError(f"toy world: --reuse {weights_dir}: it was written by {written}, this is {_versions()}; "
+                         f"weights of other versions may differ from what these compute, so they are not taken "
+                         f"(drop --reuse)")
     old, report = manifest["config"], manifest.get("report", {})
-    source = {"weights": str(weights_dir), "config_hash": manifest["config_hash"],
-              "written_by": manifest.get("written_by", {})}
+    source = {"config_hash": manifest["config_hash"], "written_by": manifest.get("written_by", {})}
     seconds, cpu = report.get("seconds", {}), report.get("job_cpu_seconds", {})
-    ckpt = work / "checkpoints"
+
+    def times(keys):
+        return ({k: seconds[k] for k in keys if k in seconds}, {k: cpu[k] for k in keys if k in cpu})
+
+    candidates = [("toy-clip", config, "toy-clip.finished"), ("toy-lm", config, "toy-lm.finished"),
+                  ("toy-lm", lm_base_config(config), f"toy-lm/{BASE_KEPT}")]
     taken: list[str] = []
-    differ: dict[str, list[str]] = {}
-    for job, mine in (("toy-clip", config), ("toy-lm", lm_base_config(config))):
-        want, found = job_config(mine, job), job_config(old, job)
-        if want != found:
-            differ[job] = sorted(k for k in set(want) | set(found) if want.get(k) != found.get(k))
+    differ: list[str] = []
+    for job, mine, kept in candidates:
+        if job == "toy-lm" and "toy-lm" in taken:
+            continue
+        if _settings(mine, job) != _settings(old, job):
+            differ.append(f"{'toy-lm first stage' if kept.endswith(BASE_KEPT) else job} differs in "
+                          f"{', '.join(_differences(_settings(mine, job), _settings(old, job)))}")
             continue
         if job == "toy-clip":
+            sec, cs = times(("toy-clip", "toy-clip probes"))
             result = {"toy_clip": {**report.get("toy_clip", {}), "reused_from": source},
-                      "linear_probes": report.get("linear_probes", {}),
-                      "seconds": {k: seconds.get(k, float("nan")) for k in ("toy-clip", "toy-clip probes")},
-                      "cpu_seconds": {k: cpu.get(k, float("nan")) for k in ("toy-clip", "toy-clip probes")}}
-            dest, files = ckpt / "toy-clip.finished", "toy-clip"
+                      "linear_probes": report.get("linear_probes", {}), "seconds": sec, "cpu_seconds": cs}
+        elif kept == "toy-lm.finished":
+            sec, cs = times(("toy-lm", "toy-lm objects", "toy-lm probes"))
+            result = {"toy_lm": {**report.get("toy_lm", {}), "reused_from": source}, "seconds": sec,
+                      "cpu_seconds": cs}
         else:
+            sec, cs = times(("toy-lm",))
             stats = {k: v for k, v in report.get("toy_lm", {}).items()
                      if k in ("params", "train_loss_first", "train_loss_last", "resumed_at_step")}
-            result = {"toy_lm": {**stats, "first_stage_from": source},
-                      "seconds": {"toy-lm": seconds.get("toy-lm", float("nan"))},
-                      "cpu_seconds": {"toy-lm": cpu.get("toy-lm", float("nan"))}}
-            dest, files = ckpt / "toy-lm" / BASE_KEPT, "toy-lm"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(weights_dir / files, tmp / files)
-        (tmp / "result.json").write_text(json.dumps(result))
-        (tmp / "key.txt").write_text(job_key(mine, job) + "\n")
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.replace(dest)
-        taken.append(job if job == "toy-clip" else "toy-lm first stage")
+            result = {"toy_lm": {**stats, "reused_from": source}, "seconds": sec, "cpu_seconds": cs}
+        _keep(work / "checkpoints" / kept, weights_dir, manifest, job, result, job_key(mine, job))
+        taken.append(job if not kept.endswith(BASE_KEPT) else "toy-lm first stage")
     if not taken:
         raise ValueError(f"toy world: --reuse {weights_dir}: nothing in it was made with this preset's settings "
-                         f"(" + "; ".join(f"{j} differs in {', '.join(d)}" for j, d in differ.items()) + ")")
+                         f"({'; '.join(differ)}); drop --reuse, or pass weights pretrained with these settings")
     return {**source, "taken": taken}
+
+
+def _keep(dest: Path, weights_dir: Path, manifest: dict[str, Any], component: str, result: dict[str, Any],
+          key: str) -> None:
+    """Writes a kept job or stage ``dest`` (``<component>/`` with the files the manifest lists, ``result.json``,
+    ``key.txt``) through a temporary directory and a rename: whole or absent."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel in manifest["files"]:
+        if rel.startswith(component + "/"):
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(weights_dir / rel, tmp / rel)
+    (tmp / "result.json").write_text(json.dumps(result))
+    (tmp / "key.txt").write_text(key + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.replace(dest)
 
 
 JOBS = {"toy-clip": _clip_job, "toy-lm": _lm_job}

@@ -73,43 +73,44 @@ def _fix(weights_dir: Path) -> str:
     return f"delete {weights_dir.parent} so that it is rebuilt"
 
 
-def read_manifest(weights_dir: Path, expected_hash: str | None = None) -> dict[str, Any]:
+def read_manifest(weights_dir: Path, expected_hash: str | None = None, fix: str | None = None) -> dict[str, Any]:
     """The manifest of ``weights_dir``; a missing or unreadable one, or one written for another pretraining config
     than ``expected_hash`` (another vlkit version), raises ``ToyWeightsError`` naming the file and the fix."""
     path = weights_dir / MANIFEST
     if not path.is_file():
-        raise ToyWeightsError(f"toy world weights: {path} is missing; {_fix(weights_dir)}")
+        raise ToyWeightsError(f"toy world weights: {path} is missing; {fix or _fix(weights_dir)}")
     try:
         manifest = json.loads(path.read_text())
         files, config = manifest["files"], manifest["config"]
     except (ValueError, KeyError, TypeError) as e:
         raise ToyWeightsError(f"toy world weights: {path} is unreadable ({type(e).__name__}: {e}); "
-                              f"{_fix(weights_dir)}") from None
+                              f"{fix or _fix(weights_dir)}") from None
     if manifest.get("format") != MANIFEST_FORMAT or config_hash(config) != manifest.get("config_hash"):
         raise ToyWeightsError(f"toy world weights: {path} has format {manifest.get('format')!r} or a config that "
-                              f"does not match its hash; {_fix(weights_dir)}")
+                              f"does not match its hash; {fix or _fix(weights_dir)}")
     if expected_hash is not None and manifest["config_hash"] != expected_hash:
         raise ToyWeightsError(
             f"toy world weights: {path} was written for pretraining config {manifest['config_hash']}, but this "
-            f"version of vlkit expects {expected_hash} (weights from another version); {_fix(weights_dir)}")
+            f"version of vlkit expects {expected_hash} (weights from another version); {fix or _fix(weights_dir)}")
     if not isinstance(files, dict) or not files:
-        raise ToyWeightsError(f"toy world weights: {path} lists no files; {_fix(weights_dir)}")
+        raise ToyWeightsError(f"toy world weights: {path} lists no files; {fix or _fix(weights_dir)}")
     return manifest
 
 
-def verify(weights_dir: Path, expected_hash: str | None = None) -> dict[str, Any]:
-    """Check every file listed in the manifest (present, same size, same sha256); returns the manifest."""
+def verify(weights_dir: Path, expected_hash: str | None = None, fix: str | None = None) -> dict[str, Any]:
+    """Check every file listed in the manifest (present, same size, same sha256); returns the manifest. ``fix``:
+    the way out an error names (default: reinstall, or rebuild the world directory)."""
     weights_dir = Path(weights_dir)
-    manifest = read_manifest(weights_dir, expected_hash)
+    manifest = read_manifest(weights_dir, expected_hash, fix)
     for rel, entry in manifest["files"].items():
         path = weights_dir / rel
         if not path.is_file():
-            raise ToyWeightsError(f"toy world weights: {path} is missing; {_fix(weights_dir)}")
+            raise ToyWeightsError(f"toy world weights: {path} is missing; {fix or _fix(weights_dir)}")
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise ToyWeightsError(f"toy world weights: {path} has {size} bytes, the manifest says {entry['bytes']} "
-                                  f"(truncated or replaced); {_fix(weights_dir)}")
+                                  f"(truncated or replaced); {fix or _fix(weights_dir)}")
         if sha256_file(path) != entry["sha256"]:
             raise ToyWeightsError(f"toy world weights: {path} does not match its sha256 in {weights_dir / MANIFEST} "
-                                  f"(altered or corrupt); {_fix(weights_dir)}")
+                                  f"(altered or corrupt); {fix or _fix(weights_dir)}")
     return manifest
