@@ -305,8 +305,10 @@ STUDIES_V4 = Path(__file__).resolve().parents[1] / "docs" / "examples"
 
 
 def committed_v4_studies() -> list[Path]:
-    # the shipped default's studies, and earlier defaults' on the v4 world (v4_no_cells/, v4_patch64/)
-    plans = [*STUDIES_V4.glob("*/plan.json"), *STUDIES_V4.glob("v4_*/*/plan.json")]
+    # the shipped default's studies, and earlier ones with kept answers: the v4 world's default (v4/) and earlier
+    # defaults on it (v4_no_cells/, v4_patch64/)
+    plans = [*STUDIES_V4.glob("*/plan.json"), *STUDIES_V4.glob("v4/*/plan.json"),
+             *STUDIES_V4.glob("v4_*/*/plan.json")]
     return sorted(p.parent for p in plans if (p.parent / "runs").is_dir())
 
 
