@@ -12,7 +12,7 @@ from vlkit.cli.common import console, friendly, toy_app
 @toy_app.command("build")
 @friendly
 def toy_build_cmd(cache_dir: Optional[Path] = typer.Option(None, help="default: $VLKIT_TOY_DIR or ~/.cache/vlkit"),
-                  preset: str = typer.Option("default", help="default (the shipped weights, preset v5), tiny "
+                  preset: str = typer.Option("default", help="default (the shipped weights, preset v4), tiny "
                                                     "(tests) or v3 (the previous world); presets other than "
                                                     "the shipped one are pretrained here"),
                   force: bool = typer.Option(False, help="remake the data even if present")) -> None:
@@ -33,7 +33,7 @@ def toy_build_cmd(cache_dir: Optional[Path] = typer.Option(None, help="default: 
 @friendly
 def toy_pretrain_cmd(out: Optional[Path] = typer.Option(None, help="weights directory (default: the package's "
                                                                    "vlkit/toyworld/weights, replaced when done)"),
-                     preset: str = typer.Option("default", help="default (= v5, the shipped one), v4, v3 or tiny"),
+                     preset: str = typer.Option("default", help="default (= v4, the shipped one), v5, v3 or tiny"),
                      seed: int = typer.Option(0),
                      restart: bool = typer.Option(False, "--restart", help="discard the checkpoints of an "
                                                   "interrupted pretraining and start over"),
@@ -41,9 +41,10 @@ def toy_pretrain_cmd(out: Optional[Path] = typer.Option(None, help="weights dire
                                                           "jobs made there with the same settings are taken, not "
                                                           "trained again")) -> None:
     """Maintainers: pretrain the toy tokenizer, toy-clip and toy-lm from a fixed seed and write the weights with
-    their manifest (sha256 per file, config, quality report). The shipped preset takes about 4.5 CPU-hours (toy-lm's
-    12 000 steps on one thread, then 1 000 steps of its second stage); an interrupted pretraining resumes from its
-    checkpoints when the same command is run again."""
+    their manifest (sha256 per file, config, quality report). The shipped preset takes about 4 CPU-hours (toy-lm's
+    12 000 steps on one thread; v5 adds 1 000 steps of a second stage); an interrupted pretraining resumes from its
+    checkpoints when the same command is run again, and ``--reuse`` takes what an earlier one made with the same
+    settings."""
     from vlkit.toyworld import PACKAGE_WEIGHTS, pretrain
 
     target = out or PACKAGE_WEIGHTS

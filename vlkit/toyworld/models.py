@@ -250,7 +250,8 @@ def lm_chats(rng: np.random.Generator, n: int, cfg: dict[str, Any], grid: int, m
         r = rng.random()
         if r < cfg["caption_share"]:
             prompt = toy.CAPTION_PROMPTS[int(rng.integers(len(toy.CAPTION_PROMPTS)))]
-            user = prompt if r < cfg["caption_share"] / 2 else f"Scene: {scene}. {prompt}"
+            with_scene = float(cfg.get("caption_scene", 0.5))  # the share of caption chats given the scene
+            user = prompt if r < cfg["caption_share"] * (1 - with_scene) else f"Scene: {scene}. {prompt}"
             convs.append([{"role": "user", "content": user}, {"role": "assistant", "content": cap}])
             continue
         want = int(rng.integers(lo, hi + 1))
@@ -426,7 +427,7 @@ def train_lm_objects(base_dir: Path, out_dir: Path, cfg: dict[str, Any], seed: i
     steps, batch = cfg["steps"], cfg["batch"]
     sched = {"steps": steps, "lr": cfg["lr"], "schedule": "held"}
     chat_cfg = {"types": None, "turns": list(cfg["turns"]), "caption_share": cfg["caption_share"],
-                "object_tokens": cfg["object_tokens"]}
+                "object_tokens": cfg["object_tokens"], "caption_scene": cfg.get("caption_scene", 0.5)}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.95))
     ckpt = ckpt or StepCheckpoint(None, 1, "")
     start, losses, rng_state = ckpt.restore(model, opt)

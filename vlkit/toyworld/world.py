@@ -4,7 +4,8 @@ generated on first use into a cache directory named by the weights' config hash.
 ``resolve_toy("toy:clip")`` (and ``toy:lm``, ``toy:tokenizer``, ``toy:data``, ``toy:data/<path>``) returns a local
 path. For the shipped ``default`` preset the model references point into the package after a hash check and
 never build anything; ``toy:data`` generates the images on first use (seconds). Other presets (``tiny``) are
-pretrained on first use into the cache directory as well.
+pretrained on first use into the cache directory as well, taking what they share with the shipped weights
+(``vlkit toy pretrain --reuse``: ``v5`` trains only toy-lm's second stage, about 20 minutes).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from vlkit.data.toy import RECORDS_VERSION
 from vlkit.toyworld import _runtime, shipped
 from vlkit.toyworld.probes import add_lm_reference, answer_baselines
 from vlkit.toyworld.pretraining import (SHIPPED_PRESET, SHIPPED_SEED, canonical_preset, generate_data, pretrain,
-                                        pretrain_config)
+                                        pretrain_config, reusable_from)
 
 ENV_DIR = "VLKIT_TOY_DIR"
 ENV_PRESET = "VLKIT_TOY_PRESET"
@@ -154,7 +155,11 @@ def build_toy_world(cache_dir: str | os.PathLike | None = None, *, preset: str |
                 report = shipped_manifest().get("report", {})
             else:
                 t = time.perf_counter()
-                report = pretrain(tmp / "weights", preset, seed, data_dir=tmp / "data", console=console)["report"]
+                # what the shipped weights share with this preset (v5's toy-clip and toy-lm first stage) is taken
+                reuse = (shipped.PACKAGE_WEIGHTS
+                         if reusable_from(pretrain_config(preset, seed), shipped.PACKAGE_WEIGHTS) else None)
+                report = pretrain(tmp / "weights", preset, seed, data_dir=tmp / "data", console=console,
+                                  reuse=reuse)["report"]
                 seconds["pretrain"] = round(time.perf_counter() - t, 1)
             add_lm_reference(tmp / "data", report)
             marker = {**_marker(preset, seed), "seconds": seconds,
