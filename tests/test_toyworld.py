@@ -625,3 +625,24 @@ def test_an_earlier_pretraining_is_reused_where_its_settings_match(tiny_toy_worl
     monkeypatch.setattr(pretraining, "_versions", lambda: {"vlkit": "9", "torch": "9", "transformers": "9"})
     with pytest.raises(ValueError, match=r"it was written by .*this is .*not taken"):
         pretraining.reuse_earlier(tmp_path / "work5", tiny, tmp_path / "earlier")
+
+
+def test_a_preset_built_on_first_use_takes_what_it_shares_with_the_shipped_weights(tiny_toy_world, tmp_path,
+                                                                                    monkeypatch):
+    """A non-shipped preset's first use pretrains only what the package's weights do not already hold (as v5
+    takes v4's toy-clip and toy-lm first stage): here the 'package' is a tiny pretraining without the second
+    stage, and the tiny world built on it equals the one pretrained from scratch."""
+    from vlkit.toyworld import pretraining
+
+    monkeypatch.setitem(pretraining.PRESETS, "tiny", pretraining.lm_base_config(pretraining.PRESETS["tiny"]))
+    package = tmp_path / "package"
+    tw.pretrain(package, "tiny", 0, data_dir=tiny_toy_world.data_dir)
+    monkeypatch.undo()
+    monkeypatch.setattr(shipped, "PACKAGE_WEIGHTS", package)
+    assert pretraining.reusable_from(tw.pretrain_config("tiny"), package)
+    assert not pretraining.reusable_from(tw.pretrain_config("tiny", seed=1), package)
+    built = world.build_toy_world(tmp_path / "world", preset="tiny")
+    assert built.report["toy_lm"]["first_stage"]["reused_from"]["config_hash"] != tw.world_id("tiny")
+    assert built.report["toy_clip"]["reused_from"]
+    first = json.loads((tiny_toy_world.weights_dir / "manifest.json").read_text())
+    assert json.loads((built.weights_dir / "manifest.json").read_text())["files"] == first["files"]
