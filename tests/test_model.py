@@ -64,6 +64,8 @@ def test_splice_and_loss_match_full_logits(model):
     out = model(b["input_ids"], b["attention_mask"], b["labels"], pixel_values=b["pixel_values"])
     # reference: splice by hand, full logits everywhere, standard shifted CE with ignore_index
     img = model.encode_images(b["pixel_values"])
+    if model._order is not None:  # the recipe names cells (fusion.cells): its image tokens go in cell by cell
+        img = img[:, model._order]
     emb = model.llm.embed_tokens(b["input_ids"].masked_fill(b["input_ids"] == model.image_token_id, 0))
     emb[b["input_ids"] == model.image_token_id] = img.reshape(-1, img.shape[-1])
     pos = (b["attention_mask"].cumsum(-1) - 1).clamp_min(0)
