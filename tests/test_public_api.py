@@ -62,7 +62,7 @@ COMMANDS = {
     'predict': ['--batch', '--image', '--image-root', '--max-new-tokens', '--no-sample', '--out', '--prompt', '--sample', '--temperature', '--top-p', 'run'],
     'report': ['--compare', 'out'],
     'toy build': ['--cache-dir', '--force', '--no-force', '--preset'],
-    'toy pretrain': ['--out', '--preset', '--restart', '--seed'],
+    'toy pretrain': ['--out', '--preset', '--restart', '--reuse', '--seed'],
     'train': ['--dry-run', '--feature-cache', '--fresh', '--no-feature-cache', '--run-dir', 'overrides', 'recipe']
 }
 

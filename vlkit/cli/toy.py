@@ -33,7 +33,7 @@ def toy_build_cmd(cache_dir: Optional[Path] = typer.Option(None, help="default: 
 @friendly
 def toy_pretrain_cmd(out: Optional[Path] = typer.Option(None, help="weights directory (default: the package's "
                                                                    "vlkit/toyworld/weights, replaced when done)"),
-                     preset: str = typer.Option("default", help="default (= v4, the shipped one), v5, v3 or tiny"),
+                     preset: str = typer.Option("default", help="default (= v4, the shipped one), v5, v6, v3 or tiny"),
                      seed: int = typer.Option(0),
                      restart: bool = typer.Option(False, "--restart", help="discard the checkpoints of an "
                                                   "interrupted pretraining and start over"),
