@@ -178,6 +178,36 @@ def _clip_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckp
             "cpu_seconds": {"toy-clip": c_train, "toy-clip probes": time.process_time() - c}}
 
 
+def _kept_result(kept: Path, key: str, what: str) -> dict[str, Any] | None:
+    """The result of a kept job or stage (``kept/result.json``), or None when there is none; one kept under
+    another key than ``key`` (another config or version) is an error naming it and the way out."""
+    if not (kept / "result.json").is_file():
+        return None
+    found = (kept / "key.txt").read_text().strip() if (kept / "key.txt").is_file() else "no key"
+    if found != key:
+        raise RuntimeError(f"toy world: the finished {what} in {kept} belongs to another config or version "
+                           f"({found!r}, this one is {key!r}); delete it (or run with --restart) to train {what} "
+                           f"again")
+    return json.loads((kept / "result.json").read_text())
+
+
+def _fresh_tmp(dest: Path) -> Path:
+    """An empty temporary sibling of ``dest``, named by this process, for ``_write_kept``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _write_kept(tmp: Path, dest: Path, result: dict[str, Any], key: str) -> None:
+    """Adds ``result.json`` and ``key.txt`` to ``tmp`` (which holds the outputs) and renames it to ``dest``: the
+    kept job or stage is whole or absent (a kill mid-write leaves only the temporary directory)."""
+    (tmp / "result.json").write_text(json.dumps(result))
+    (tmp / "key.txt").write_text(key + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.replace(dest)
+
+
 def _lm_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckpt_dir: Path) -> dict[str, Any]:
     """toy-lm: its first stage (kept in ``ckpt_dir``), then its second when the config has one, then the probes.
     With a second stage the report nests each stage's figures (``first_stage``, ``objects``) beside the final
@@ -218,25 +248,18 @@ def _lm_first_stage(weights: Path, config: dict[str, Any], update, ckpt_dir: Pat
     base_config = lm_base_config(config)
     key = job_key(base_config, "toy-lm")
     kept = ckpt_dir / BASE_KEPT
-    if (kept / "result.json").is_file():
-        found = (kept / "key.txt").read_text().strip() if (kept / "key.txt").is_file() else "no key"
-        if found != key:
-            raise RuntimeError(f"toy world: toy-lm's first stage in {kept} belongs to another config or version "
-                               f"({found!r}, this one is {key!r}); delete it (or run with --restart) to train "
-                               f"it again")
+    result = _kept_result(kept, key, "toy-lm first stage")
+    if result is not None:
         update(config["lm"]["steps"], "first stage kept")
-        return json.loads((kept / "result.json").read_text())
+        return result
     tok = AutoTokenizer.from_pretrained(weights / "tokenizer")
-    tmp = ckpt_dir / f".{BASE_KEPT}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _fresh_tmp(kept)
     t, c = time.perf_counter(), time.process_time()
     stats = models.train_lm(tok, tmp / "toy-lm", base_config["lm"], config["seed"], config["data"], update,
                             _checkpoint(ckpt_dir, base_config, "toy-lm"))
     result = {"toy_lm": stats, "seconds": {"toy-lm": time.perf_counter() - t},
               "cpu_seconds": {"toy-lm": time.process_time() - c}}
-    (tmp / "result.json").write_text(json.dumps(result))
-    (tmp / "key.txt").write_text(key + "\n")
-    tmp.replace(kept)  # whole or absent
+    _write_kept(tmp, kept, result, key)
     (ckpt_dir / models.StepCheckpoint.FILE).unlink(missing_ok=True)  # the first stage's last checkpoint
     return result
 
@@ -355,17 +378,12 @@ def _keep(dest: Path, weights_dir: Path, manifest: dict[str, Any], component: st
           key: str) -> None:
     """Writes a kept job or stage ``dest`` (``<component>/`` with the files the manifest lists, ``result.json``,
     ``key.txt``) through a temporary directory and a rename: whole or absent."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _fresh_tmp(dest)
     for rel in manifest["files"]:
         if rel.startswith(component + "/"):
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(weights_dir / rel, tmp / rel)
-    (tmp / "result.json").write_text(json.dumps(result))
-    (tmp / "key.txt").write_text(key + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.replace(dest)
+    _write_kept(tmp, dest, result, key)
 
 
 JOBS = {"toy-clip": _clip_job, "toy-lm": _lm_job}
@@ -384,24 +402,16 @@ def _run_job(name: str, weights: Path, data_dir: Path, config: dict[str, Any], u
     interrupted pretraining does not run it again: hours of toy-lm need not wait for toy-clip twice, and the
     checkpoints carried across machines are the unfinished job's state plus the finished job's weights."""
     kept = ckpt_root / f"{name}.finished"
-    if (kept / "result.json").is_file():
-        found = (kept / "key.txt").read_text().strip() if (kept / "key.txt").is_file() else "no key"
-        if found != job_key(config, name):
-            raise RuntimeError(f"toy world: the finished {name} in {kept} belongs to another config or version "
-                               f"({found!r}, this one is {job_key(config, name)!r}); delete it (or run with "
-                               f"--restart) to train {name} again")
+    result = _kept_result(kept, job_key(config, name), name)
+    if result is not None:  # its times are those of the run that made it
         shutil.rmtree(weights / name, ignore_errors=True)
         shutil.copytree(kept / name, weights / name)
         update(job_steps(config, name), "kept from an interrupted run")
-        return json.loads((kept / "result.json").read_text())  # its times are those of the run that made it
+        return result
     result = JOBS[name](weights, data_dir, config, update, ckpt_root / name)
-    tmp = ckpt_root / f".{name}.finished.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _fresh_tmp(kept)
     shutil.copytree(weights / name, tmp / name)
-    (tmp / "result.json").write_text(json.dumps(result))
-    (tmp / "key.txt").write_text(job_key(config, name) + "\n")
-    shutil.rmtree(kept, ignore_errors=True)
-    tmp.replace(kept)  # whole or absent: a kill mid-copy leaves only the temporary directory
+    _write_kept(tmp, kept, result, job_key(config, name))
     return result
 
 
