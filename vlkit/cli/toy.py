@@ -13,8 +13,9 @@ from vlkit.cli.common import console, friendly, toy_app
 @friendly
 def toy_build_cmd(cache_dir: Optional[Path] = typer.Option(None, help="default: $VLKIT_TOY_DIR or ~/.cache/vlkit"),
                   preset: str = typer.Option("default", help="default (the shipped weights, preset v4), tiny "
-                                                    "(tests) or v3 (the previous world); presets other than "
-                                                    "the shipped one are pretrained here"),
+                                                    "(tests), v3 (the previous world), v5 or v6 (v4 with a "
+                                                    "second toy-lm stage); presets other than the shipped one "
+                                                    "are pretrained here, taking what they share with it"),
                   force: bool = typer.Option(False, help="remake the data even if present")) -> None:
     """Check the shipped toy-clip / toy-lm weights and generate the shapes data (what a first run does)."""
     import time
