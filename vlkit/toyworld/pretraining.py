@@ -133,13 +133,8 @@ def job_config(config: dict[str, Any], job: str) -> dict[str, Any]:
 def job_key(config: dict[str, Any], job: str) -> str:
     """Names what a job's checkpoint or finished outputs belong to: the hash of ``job_config`` and the code that
     trains (vlkit, torch and transformers versions). Nothing with another key is resumed from or reused."""
-    import torch
-    import transformers
-
-    import vlkit
-
-    return (f"job {job} {shipped.config_hash(job_config(config, job))} vlkit {vlkit.__version__} "
-            f"torch {torch.__version__} transformers {transformers.__version__}")
+    return f"job {job} {shipped.config_hash(job_config(config, job))} " + " ".join(
+        f"{name} {version}" for name, version in _versions().items())
 
 
 def _checkpoint(ckpt_dir: Path | None, config: dict[str, Any], job: str) -> models.StepCheckpoint:
@@ -279,12 +274,18 @@ def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
 
 
 def _versions() -> dict[str, str]:
+    """The versions of the code that trains (``job_key`` names them; a manifest's ``written_by`` records them)."""
     import torch
     import transformers
 
     import vlkit
 
     return {"vlkit": vlkit.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _written_by(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The versions that wrote a manifest, in ``_versions``' form."""
+    return {k: manifest.get("written_by", {}).get(k) for k in _versions()}
 
 
 def _settings(config: dict[str, Any], job: str) -> dict[str, Any]:
@@ -317,8 +318,7 @@ def reusable_from(config: dict[str, Any], weights_dir: Path) -> bool:
         manifest = shipped.read_manifest(Path(weights_dir))
     except shipped.ToyWeightsError:
         return False
-    written = {k: manifest.get("written_by", {}).get(k) for k in ("vlkit", "torch", "transformers")}
-    return written == _versions() and bool(_matching(config, manifest["config"])[0])
+    return _written_by(manifest) == _versions() and bool(_matching(config, manifest["config"])[0])
 
 
 def reuse_earlier(work: Path, config: dict[str, Any], weights_dir: Path) -> dict[str, Any]:
@@ -338,7 +338,7 @@ def reuse_earlier(work: Path, config: dict[str, Any], weights_dir: Path) -> dict
         manifest = shipped.verify(weights_dir, fix=fix)
     except shipped.ToyWeightsError as e:
         raise ValueError(f"toy world: --reuse {weights_dir}: {e}") from None
-    written = {k: manifest.get("written_by", {}).get(k) for k in ("vlkit", "torch", "transformers")}
+    written = _written_by(manifest)
     if written != _versions():
         raise ValueError(f"toy world: --reuse {weights_dir}: it was written by {written}, this is {_versions()}; "
                          f"weights of other versions may differ from what these compute, so they are not taken "

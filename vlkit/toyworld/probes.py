@@ -68,10 +68,7 @@ def probe_lm(lm_dir: Path, data_dir: Path, batch: int = 50) -> dict[str, Any]:
     (every answer token is the argmax) by question type and per question, given the scene as text."""
     convs, types, _ = val_lm_convs(data_dir)
     r = _lm_answers(lm_dir, convs, batch)
-    correct: dict[str, list[bool]] = {}
-    for t, h in zip(types, r["hits"]):
-        correct.setdefault(t, []).append(h)
-    acc = {t: round(float(np.mean(v)), 3) for t, v in sorted(correct.items())}
+    acc = _by_type(types, r["hits"])
     return {"val_perplexity": round(math.exp(r["nll_all"] / r["n_all"]), 3),
             "val_answer_perplexity": round(math.exp(r["nll_ans"] / r["n_ans"]), 3),
             "val_answer_accuracy_from_text": round(float(np.mean(r["hits"])), 3),
@@ -91,12 +88,16 @@ def _from_object_tokens(lm_dir: Path, data_dir: Path, batch: int) -> dict[str, A
         return {}
     convs, types, _ = val_lm_convs(data_dir, object_tokens=True)
     hits = _lm_answers(lm_dir, convs, batch)["hits"]
+    return {"val_answer_accuracy_from_object_tokens": round(float(np.mean(hits)), 3),
+            "val_answer_accuracy_by_type_from_object_tokens": _by_type(types, hits)}
+
+
+def _by_type(types: list[str], hits: list[bool]) -> dict[str, float]:
+    """Accuracy per question type, sorted by type, to 3 decimals."""
     by: dict[str, list[bool]] = {}
     for t, h in zip(types, hits):
         by.setdefault(t, []).append(h)
-    return {"val_answer_accuracy_from_object_tokens": round(float(np.mean(hits)), 3),
-            "val_answer_accuracy_by_type_from_object_tokens": {t: round(float(np.mean(v)), 3)
-                                                                for t, v in sorted(by.items())}}
+    return {t: round(float(np.mean(v)), 3) for t, v in sorted(by.items())}
 
 
 def lm_breakdown(lm_dir: Path, data_dir: Path) -> dict[str, dict[str, tuple[float, int]]]:
