@@ -305,9 +305,10 @@ STUDIES_V4 = Path(__file__).resolve().parents[1] / "docs" / "examples"
 
 
 def committed_v4_studies() -> list[Path]:
-    # the shipped default's studies, earlier defaults' on the same world (v4_no_cells/, v4_patch64/) and the
-    # default's on the v5 preset (v5/)
-    plans = [*STUDIES_V4.glob("*/plan.json"), *STUDIES_V4.glob("v4_*/*/plan.json"), *STUDIES_V4.glob("v5/*/plan.json")]
+    # studies with kept answers: the shipped world's (*/), the v4 world's default (v4/), earlier defaults on that
+    # world (v4_no_cells/, v4_patch64/) and the default's on the v5 preset (v5/)
+    plans = [*STUDIES_V4.glob("*/plan.json"), *STUDIES_V4.glob("v4/*/plan.json"),
+             *STUDIES_V4.glob("v4_*/*/plan.json"), *STUDIES_V4.glob("v5/*/plan.json")]
     return sorted(p.parent for p in plans if (p.parent / "runs").is_dir())
 
 
