@@ -629,8 +629,8 @@ def test_an_earlier_pretraining_is_reused_where_its_settings_match(tiny_toy_worl
 
 def test_a_preset_built_on_first_use_takes_what_it_shares_with_the_shipped_weights(tiny_toy_world, tmp_path,
                                                                                     monkeypatch):
-    """A non-shipped preset's first use pretrains only what the package's weights do not already hold (as v5
-    takes v4's toy-clip and toy-lm first stage): here the 'package' is a tiny pretraining without the second
+    """A non-shipped preset's first use pretrains only what the package's weights do not already hold (as v6
+    was made from v4's toy-clip and toy-lm first stage): here the 'package' is a tiny pretraining without the second
     stage, and the tiny world built on it equals the one pretrained from scratch."""
     from vlkit.toyworld import pretraining
 

@@ -12,9 +12,9 @@ from vlkit.cli.common import console, friendly, toy_app
 @toy_app.command("build")
 @friendly
 def toy_build_cmd(cache_dir: Optional[Path] = typer.Option(None, help="default: $VLKIT_TOY_DIR or ~/.cache/vlkit"),
-                  preset: str = typer.Option("default", help="default (the shipped weights, preset v4), tiny "
-                                                    "(tests), v3 (the previous world), v5 or v6 (v4 with a "
-                                                    "second toy-lm stage); presets other than the shipped one "
+                  preset: str = typer.Option("default", help="default (the shipped weights, preset v6), tiny "
+                                                    "(tests), v4 (the previous world: no second toy-lm "
+                                                    "stage), v5, v3; presets other than the shipped one "
                                                     "are pretrained here, taking what they share with it"),
                   force: bool = typer.Option(False, help="remake the data even if present")) -> None:
     """Check the shipped toy-clip / toy-lm weights and generate the shapes data (what a first run does)."""
@@ -34,7 +34,7 @@ def toy_build_cmd(cache_dir: Optional[Path] = typer.Option(None, help="default: 
 @friendly
 def toy_pretrain_cmd(out: Optional[Path] = typer.Option(None, help="weights directory (default: the package's "
                                                                    "vlkit/toyworld/weights, replaced when done)"),
-                     preset: str = typer.Option("default", help="default (= v4, the shipped one), v5, v6, v3 or tiny"),
+                     preset: str = typer.Option("default", help="default (= v6, the shipped one), v4, v5, v3 or tiny"),
                      seed: int = typer.Option(0),
                      restart: bool = typer.Option(False, "--restart", help="discard the checkpoints of an "
                                                   "interrupted pretraining and start over"),
@@ -42,8 +42,8 @@ def toy_pretrain_cmd(out: Optional[Path] = typer.Option(None, help="weights dire
                                                           "jobs made there with the same settings are taken, not "
                                                           "trained again")) -> None:
     """Maintainers: pretrain the toy tokenizer, toy-clip and toy-lm from a fixed seed and write the weights with
-    their manifest (sha256 per file, config, quality report). The shipped preset takes about 4 CPU-hours (toy-lm's
-    12 000 steps on one thread; v5 adds 1 000 steps of a second stage); an interrupted pretraining resumes from its
+    their manifest (sha256 per file, config, quality report). The shipped preset takes about 4-5 CPU-hours (toy-lm's
+    12 000 + 1 000 steps on one thread); an interrupted pretraining resumes from its
     checkpoints when the same command is run again, and ``--reuse`` takes what an earlier one made with the same
     settings."""
     from vlkit.toyworld import PACKAGE_WEIGHTS, pretrain

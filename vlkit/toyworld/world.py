@@ -5,7 +5,7 @@ generated on first use into a cache directory named by the weights' config hash.
 path. For the shipped ``default`` preset the model references point into the package after a hash check and
 never build anything; ``toy:data`` generates the images on first use (seconds). Other presets (``tiny``) are
 pretrained on first use into the cache directory as well, taking what they share with the shipped weights
-(``vlkit toy pretrain --reuse``: ``v5`` trains only toy-lm's second stage, about 20 minutes).
+(``vlkit toy pretrain --reuse``: ``v4`` takes toy-clip and trains only toy-lm).
 """
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def build_toy_world(cache_dir: str | os.PathLike | None = None, *, preset: str |
                 report = shipped_manifest().get("report", {})
             else:
                 t = time.perf_counter()
-                # what the shipped weights share with this preset (v5's toy-clip and toy-lm first stage) is taken
+                # what the shipped weights share with this preset (v4's and v5's toy-clip) is taken
                 reuse = (shipped.PACKAGE_WEIGHTS
                          if reusable_from(pretrain_config(preset, seed), shipped.PACKAGE_WEIGHTS) else None)
                 report = pretrain(tmp / "weights", preset, seed, data_dir=tmp / "data", console=console,
