@@ -300,15 +300,15 @@ def test_seeds_added_after_a_report_make_the_findings_exploratory(tmp_path):
     assert seed_extensions(tmp_path, [0, 1, 2, 3, 4, 5]) == extended  # kept by later plans
 
 
-# ---- the committed studies of the shipped world, recomputed from their answers ----------------------------------
-STUDIES_V4 = Path(__file__).resolve().parents[1] / "docs" / "examples"
+# ---- the committed studies with kept answers (v4, v5, v6 worlds), recomputed from them ----------------------------------
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 
 
-def committed_v4_studies() -> list[Path]:
+def committed_studies_with_answers() -> list[Path]:
     # studies with kept answers: the shipped world's (*/), the v4 world's default (v4/), earlier defaults on that
     # world (v4_no_cells/, v4_patch64/) and the default's on the v5 preset (v5/)
-    plans = [*STUDIES_V4.glob("*/plan.json"), *STUDIES_V4.glob("v4/*/plan.json"),
-             *STUDIES_V4.glob("v4_*/*/plan.json"), *STUDIES_V4.glob("v5/*/plan.json")]
+    plans = [*EXAMPLES.glob("*/plan.json"), *EXAMPLES.glob("v4/*/plan.json"),
+             *EXAMPLES.glob("v4_*/*/plan.json"), *EXAMPLES.glob("v5/*/plan.json")]
     return sorted(p.parent for p in plans if (p.parent / "runs").is_dir())
 
 
@@ -394,7 +394,7 @@ def plain_study_findings(study: Path) -> list[dict[str, float]]:
 def test_committed_studies_of_the_shipped_world_recomputed_from_their_answers():
     """Every study committed under docs/examples with its runs' answers: effects, p and Holm p of its Findings
     from a second, plain implementation agree with findings.json to 3 decimals."""
-    studies = committed_v4_studies()
+    studies = committed_studies_with_answers()
     assert studies, "no committed study with predictions under docs/examples"
     for study in studies:
         committed = json.loads((study / "findings.json").read_text())["findings"]
