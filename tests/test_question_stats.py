@@ -300,15 +300,15 @@ def test_seeds_added_after_a_report_make_the_findings_exploratory(tmp_path):
     assert seed_extensions(tmp_path, [0, 1, 2, 3, 4, 5]) == extended  # kept by later plans
 
 
-# ---- the committed studies with kept answers (v4, v5, v6 worlds), recomputed from them ----------------------------------
-EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+# ---- the committed studies with kept answers (v4, v5 and v6 worlds), recomputed from them ---------------------
+STUDIES_WITH_ANSWERS = Path(__file__).resolve().parents[1] / "docs" / "examples"
 
 
 def committed_studies_with_answers() -> list[Path]:
-    # studies with kept answers: the shipped world's (*/), the v4 world's default (v4/), earlier defaults on that
-    # world (v4_no_cells/, v4_patch64/) and the default's on the v5 preset (v5/)
-    plans = [*EXAMPLES.glob("*/plan.json"), *EXAMPLES.glob("v4/*/plan.json"),
-             *EXAMPLES.glob("v4_*/*/plan.json"), *EXAMPLES.glob("v5/*/plan.json")]
+    # studies with kept answers: the shipped world's and those of v4 not yet rerun (*/), v4's rerun ones (v4/),
+    # earlier defaults on v4 (v4_no_cells/, v4_patch64/) and the default's on the v5 preset (v5/)
+    plans = [*STUDIES_WITH_ANSWERS.glob("*/plan.json"), *STUDIES_WITH_ANSWERS.glob("v4/*/plan.json"),
+             *STUDIES_WITH_ANSWERS.glob("v4_*/*/plan.json"), *STUDIES_WITH_ANSWERS.glob("v5/*/plan.json")]
     return sorted(p.parent for p in plans if (p.parent / "runs").is_dir())
 
 
