@@ -17,8 +17,10 @@ from vlkit.cli import app
 from vlkit.export import ExportError, check_hf_llava, export_run, hf_llava_problems, load_export, load_model
 
 TOL = 1e-4
-# without the default's cell names: HF Llava cannot write them (test_cell_markers checks that export refuses them)
-ONE_STEP = ["fusion.cells=null", "tokens.name=patch", "stages.align.max_steps=1", "stages.align.batch_size=2",
+# without the default's cell names and output norm: HF Llava has neither (test_cell_markers checks that export
+# refuses the names, test_hf_llava_problems_name_the_part the norm)
+HF_OK = ["fusion.cells=null", "tokens.name=patch", "projector.out_norm=null"]
+ONE_STEP = [*HF_OK, "stages.align.max_steps=1", "stages.align.batch_size=2",
             "stages.instruct.max_steps=1",
             "stages.instruct.batch_size=2", "stages.align.eval_data=null", "stages.instruct.eval_data=null"]
 
@@ -40,7 +42,7 @@ def fake_run(run: Path, overrides: list[str]) -> Path:
     from vlkit.config import dump_recipe, load_recipe
     from vlkit.model import build_model
 
-    recipe = load_recipe("mlp_patch", ["fusion.cells=null", "tokens.name=patch", *overrides, "train.stages=[align]"])
+    recipe = load_recipe("mlp_patch", [*HF_OK, *overrides, "train.stages=[align]"])
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(dump_recipe(recipe))
     torch.manual_seed(1)
@@ -189,13 +191,17 @@ def test_inexpressible_combinations_are_refused(tiny_toy_world, tmp_path):
         ("projector.depth=3",): "depth 3",
         ("encoder.name=timm_vit", "encoder.model=vit_tiny_patch16_224"): "encoder 'timm_vit'",
         ("fusion.name=xattn",): "fusion 'xattn'",
+        ("projector.out_norm=text",): "projector.out_norm 'text'",
     }
     for overrides, part in cases.items():
         problems = hf_llava_problems(load_recipe("mlp_patch", list(overrides)))
         assert any(part in p for p in problems), (overrides, problems)
-    assert hf_llava_problems(load_recipe("mlp_patch", ["fusion.cells=null", "tokens.name=patch"])) == []
+    assert hf_llava_problems(load_recipe("mlp_patch", HF_OK)) == []
+    normed = load_recipe("mlp_patch", [*HF_OK, "projector.out_norm=text"])
+    with pytest.raises(ExportError, match="no norm after linear_2"):  # the built model's check, too
+        check_hf_llava(load_recipe("mlp_patch", HF_OK), build_model(normed))
     # linear_1 must map to the LLM's width
-    wide = load_recipe("mlp_patch", ["fusion.cells=null", "tokens.name=patch", "projector.hidden_dim=64"])
+    wide = load_recipe("mlp_patch", [*HF_OK, "projector.hidden_dim=64"])
     with pytest.raises(ExportError, match="hidden_dim 64"):
         check_hf_llava(wide, build_model(wide))
     with pytest.raises(ExportError, match="unknown export format"):

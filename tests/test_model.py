@@ -117,3 +117,37 @@ def test_xattn_fusion_starts_as_the_frozen_llm_and_learns(tiny_toy_world):
     m.fusion.requires_grad_(True)
     with_img.loss.backward()
     assert m.fusion.blocks[0].attn_gate.grad is not None and float(m.fusion.blocks[0].attn_gate.grad.abs()) > 0
+
+
+def test_out_norm_text_starts_image_tokens_at_the_llms_text_norm(tiny_toy_world):
+    """projector.out_norm=text: every built-in projector's output tokens start at the LLM's mean text-embedding norm
+    (vocabulary rows, recomputed here by a plain loop); without it the projector and its state dict are LLaVA's."""
+    from vlkit.model import text_embedding_norm
+
+    plain = build_model(load_recipe("mlp_patch", ["projector.out_norm=null"]))
+    assert "out_norm" not in "".join(plain.projector.state_dict())  # checkpoints made before the option load as ever
+    emb = plain.llm.model.get_input_embeddings().weight
+    n = plain.llm.tokenizer.vocab_size
+    expected = sum(float(emb[i].norm()) for i in range(n)) / n
+    assert text_embedding_norm(plain.llm) == pytest.approx(expected, rel=1e-5)
+    for proj in (["projector.name=mlp"], ["projector.name=linear"],
+                 ["projector.name=cross_attention", "projector.num_tokens=9"]):
+        torch.manual_seed(0)
+        m = build_model(load_recipe("mlp_patch", [*proj, "projector.out_norm=text"]))
+        out = m.projector(torch.randn(3, 16, _in_dim(m.projector)) * 7)
+        norms = out.norm(dim=-1)
+        tol = 0.05 if proj[0].endswith("cross_attention") else 1e-4  # a LayerNorm centres first
+        assert torch.allclose(norms, torch.full_like(norms, expected), rtol=tol), proj
+
+
+def _in_dim(projector: torch.nn.Module) -> int:
+    return next(m for m in projector.modules() if isinstance(m, torch.nn.Linear)).in_features
+
+
+def test_out_norm_rejects_unknown_values_and_a_recipe_set_text_norm(tiny_toy_world):
+    from vlkit.config import ConfigError
+
+    with pytest.raises(ValueError, match="out_norm must be null .* or 'text'.*got 'txt'"):
+        build_model(load_recipe("mlp_patch", ["projector.out_norm=txt"]))
+    with pytest.raises(ConfigError, match="projector.text_norm: set by vlkit from the LLM's text-embedding norm"):
+        load_recipe("mlp_patch", ["projector.text_norm=2.0"])

@@ -174,7 +174,7 @@ class Recipe(_Strict):
 COMPONENT_SECTIONS = {"encoder": "encoders", "tokens": "token_strategies", "projector": "projectors", "llm": "llms",
                       "fusion": "fusions"}
 # Parameters vlkit itself passes to a family's factory (a recipe may not set them, except num_tokens).
-SUPPLIED = {"projector": {"in_dim", "out_dim"}, "fusion": {"llm"}, "tokens": {"grid"}}
+SUPPLIED = {"projector": {"in_dim", "out_dim", "text_norm"}, "fusion": {"llm"}, "tokens": {"grid"}}
 
 
 # ---- loading --------------------------------------------------------------------------------------------------
@@ -321,7 +321,8 @@ def check_components(recipe: Recipe, source: str) -> list[str]:
         params = comp.params()
         bad = SUPPLIED.get(section, set()) & set(params)
         for b in sorted(bad):
-            errors.append(f"{source}: {section}.{b}: set by vlkit from the encoder/LLM dims; remove it")
+            what = "the LLM's text-embedding norm" if b == "text_norm" else "the encoder/LLM dims"
+            errors.append(f"{source}: {section}.{b}: set by vlkit from {what}; remove it")
         params = {k: v for k, v in params.items() if k not in bad}
         if section == "projector":
             params = {**params, "in_dim": 1, "out_dim": 1, "num_tokens": params.get("num_tokens")}

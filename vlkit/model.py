@@ -7,6 +7,7 @@ fusion (Flamingo) the placeholder is dropped from the text and gated cross-atten
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -202,8 +203,9 @@ def token_params(recipe: Recipe, grid: tuple[int, int] | None) -> dict[str, Any]
     return params
 
 
-def build_vision(recipe: Recipe, out_dim: int) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """The recipe's encoder, token strategy and a projector into ``out_dim``."""
+def build_vision(recipe: Recipe, out_dim: int, text_norm: float | None = None) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The recipe's encoder, token strategy and a projector into ``out_dim``; a projector factory that declares
+    ``text_norm`` is given it (the LLM's mean input-embedding norm; None when no LLM is built)."""
     enc_cfg, tok_cfg, proj_cfg = recipe.encoder, recipe.tokens, recipe.projector
     encoder = ENCODERS.create(enc_cfg.name, **_resolved_params(enc_cfg.params()))
     _check_encoder(encoder, enc_cfg.name)
@@ -212,6 +214,8 @@ def build_vision(recipe: Recipe, out_dim: int) -> tuple[nn.Module, nn.Module, nn
     in_dim = tokens.out_dim(int(encoder.embed_dim)) if hasattr(tokens, "out_dim") else int(encoder.embed_dim)
     proj_params = _resolved_params(proj_cfg.params())
     proj_params.setdefault("num_tokens", tok_params["num_tokens"])
+    if "text_norm" in inspect.signature(PROJECTORS.get(proj_cfg.name)).parameters:
+        proj_params["text_norm"] = text_norm
     projector = PROJECTORS.create(proj_cfg.name, in_dim=in_dim, out_dim=out_dim, **proj_params)
     return encoder, tokens, projector
 
@@ -219,15 +223,26 @@ def build_vision(recipe: Recipe, out_dim: int) -> tuple[nn.Module, nn.Module, nn
 def build_model(recipe: Recipe) -> VLM:
     """Build the recipe's encoder, token strategy, projector and LLM and assemble them."""
     llm = LLMS.create(recipe.llm.name, **_resolved_params(recipe.llm.params()))
-    encoder, tokens, projector = build_vision(recipe, llm.hidden_size)
+    encoder, tokens, projector = build_vision(recipe, llm.hidden_size, text_embedding_norm(llm))
     fusion_params = _resolved_params(recipe.fusion.params())
     factory = FUSIONS.get(recipe.fusion.name)
-    import inspect
-
     if "llm" in inspect.signature(factory).parameters:
         fusion_params["llm"] = llm
     fusion = FUSIONS.create(recipe.fusion.name, **fusion_params)
     return VLM(encoder, tokens, projector, llm, fusion)
+
+
+@torch.no_grad()
+def text_embedding_norm(llm: nn.Module, chunk: int = 8192) -> float:
+    """Mean L2 norm of the LLM's input embeddings over its tokenizer's base vocabulary (added tokens, the image
+    token among them, and the embedding matrix's padding rows left out). What ``out_norm: text`` starts image
+    tokens at. Deterministic: it reads weights only."""
+    n = int(getattr(llm.tokenizer, "vocab_size", 0) or len(llm.tokenizer))
+    total = 0.0
+    for start in range(0, n, chunk):
+        ids = torch.arange(start, min(n, start + chunk)).unsqueeze(0)
+        total += float(llm.embed_tokens(ids).float().norm(dim=-1).sum())
+    return total / n
 
 
 def load_tokenizer(recipe: Recipe):

@@ -67,6 +67,10 @@ def hf_llava_problems(recipe) -> list[str]:
     elif proj != "linear":
         problems.append(f"projector '{proj}': HF Llava's projector is a per-token linear_1 -> activation -> "
                         f"linear_2 and keeps the token count; '{proj}' is not expressible; only linear / mlp export")
+    if pp.get("out_norm") is not None and not plugin(PROJECTORS, proj):
+        problems.append(f"projector.out_norm '{pp['out_norm']}': HF Llava's projector ends in linear_2, with no norm "
+                        "on its output; train with projector.out_norm=null to export to HF Llava, or export in "
+                        "vlkit's format (--format vlkit)")
     fusion = recipe.fusion.name
     if fusion != "prefix":
         problems.append(f"fusion '{fusion}': HF Llava only splices the image embeddings into the text sequence "
@@ -111,6 +115,8 @@ def _model_problems(model) -> list[str]:
             problems.append(f"projector 'mlp' with {len(linears)} linear layers: only 1 or 2 export")
     elif type(proj) is not LinearProjector:
         problems.append(f"projector {type(proj).__name__}: only LinearProjector / MLPProjector export")
+    if getattr(proj, "out_norm", None) is not None:
+        problems.append("projector out_norm: HF Llava's projector has no norm after linear_2")
     base = llm.base()
     head = base.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
