@@ -88,6 +88,22 @@ def test_overrides_and_base(tmp_path):
     assert r3.name == "renamed" and r3.projector.name == "linear" and r3.stages["align"].lr == 3e-4
 
 
+def test_choosing_another_projector_keeps_its_out_norm(tmp_path):
+    """out_norm belongs to the projector family: swapping mlp for linear (override, grid or a recipe's own section)
+    keeps it, so a projector study compares projectors at one output norm; setting it beside the name still wins."""
+    write(tmp_path, "base.yaml", BASE + "projector: {name: mlp, depth: 2, out_norm: text}\n")
+    p = write(tmp_path, "child.yaml", "base: base.yaml\nname: child\nprojector: {name: linear}\n")
+    r = load_recipe(p)
+    assert r.projector.name == "linear" and r.projector.params() == {"out_norm": "text"}  # depth (mlp's) dropped
+    r = load_recipe(tmp_path / "base.yaml", ["projector.name=cross_attention", "projector.num_tokens=4"])
+    assert r.projector.params() == {"out_norm": "text", "num_tokens": 4}
+    r = load_recipe(tmp_path / "base.yaml", ["projector.name=linear", "projector.out_norm=null"])
+    assert r.projector.params() == {"out_norm": None}
+    # other families keep nothing: tokens.name=cls must not inherit the pooled strategy's count
+    r = load_recipe("mlp_patch", ["tokens.name=cls"])
+    assert r.tokens.params() == {} and r.projector.params()["out_norm"] == "text"
+
+
 def test_override_typo_is_reported_as_command_line(tmp_path):
     p = write(tmp_path, "r.yaml", BASE)
     with pytest.raises(ConfigError, match=r"stages.align.lrr \(set on the command line\): unknown key. Did you mean 'lr'"):

@@ -144,6 +144,32 @@ def _in_dim(projector: torch.nn.Module) -> int:
     return next(m for m in projector.modules() if isinstance(m, torch.nn.Linear)).in_features
 
 
+def test_a_projector_without_out_norm_is_told_when_the_recipe_keeps_one(tiny_toy_world, monkeypatch):
+    """A (plugin) projector whose factory has no out_norm: the default's out_norm 'text', kept across the swap, is an
+    error naming the projector and the fix; with projector.out_norm=null it builds."""
+    from vlkit.components.projectors import LinearProjector
+    from vlkit.registry import PROJECTORS
+
+    def plain_linear(in_dim: int, out_dim: int, num_tokens: int | None = None) -> torch.nn.Module:
+        return LinearProjector(in_dim, out_dim)
+
+    PROJECTORS._ensure_builtins()
+    monkeypatch.setitem(PROJECTORS._builtins, "plain_linear", type(PROJECTORS._builtins["linear"])(
+        "plain_linear", "built-in", factory=plain_linear))
+    from vlkit.config import ConfigError, Recipe
+
+    with pytest.raises(ConfigError, match=r"mlp_patch: projector.out_norm: projector 'plain_linear' \(built-in\) "
+                                          r"takes no out_norm.*projector.out_norm='text'.*add projector.out_norm=null"):
+        load_recipe("mlp_patch", ["projector.name=plain_linear"])
+    # a recipe made in code skips load_recipe's checks: building it says the same
+    data = load_recipe("mlp_patch", ["projector.name=plain_linear", "projector.out_norm=null"]).model_dump()
+    data["projector"]["out_norm"] = "text"
+    with pytest.raises(ValueError, match=r"projector 'plain_linear' \(built-in\) takes no out_norm"):
+        build_model(Recipe.model_validate(data))
+    m = build_model(load_recipe("mlp_patch", ["projector.name=plain_linear", "projector.out_norm=null"]))
+    assert isinstance(m.projector, LinearProjector) and m.projector.out_norm is None
+
+
 def test_out_norm_rejects_unknown_values_and_a_recipe_set_text_norm(tiny_toy_world):
     from vlkit.config import ConfigError
 

@@ -201,6 +201,27 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+# Parameters that belong to a component family rather than to one component: choosing another component of the
+# family keeps them (unless the new choice sets them), so `projector.name=linear` over the default compares linear
+# with mlp at the same output norm instead of silently dropping it. A factory that cannot take one is told so when
+# the model is built (vlkit.model.build_vision).
+FAMILY_PARAMS: dict[str, tuple[str, ...]] = {"projector": ("out_norm",)}
+
+
+def family_param_refusal(section: str, name: str, key: str, value: Any, source: str) -> str:
+    return (f"{section} '{name}' ({source}) takes no {key}, but the recipe asks for {section}.{key}={value!r} (kept "
+            f"from the {section} it replaces); add {section}.{key}=null to run it without")
+
+
+def _swapped(section: str, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Section ``section`` after choosing another component: ``new``, plus the family's parameters ``old`` set."""
+    out = copy.deepcopy(new)
+    for key in FAMILY_PARAMS.get(section, ()):
+        if key in old and key not in out:
+            out[key] = copy.deepcopy(old[key])
+    return out
+
+
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -208,8 +229,10 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
             out[k] = deep_merge(out[k], v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("name") == out[k].get("name"):
             out[k] = deep_merge(out[k], v)  # same component: merge params
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _swapped(k, out[k], v)  # a different component replaces the section but the family's params
         else:
-            out[k] = copy.deepcopy(v)  # a different component replaces the whole section
+            out[k] = copy.deepcopy(v)
     return out
 
 
@@ -255,8 +278,11 @@ def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
     if len(path) > 1 and path[-1] == "name" and isinstance(node.get("name"), str) and node.get("name") != value:
         # choosing another component (``projector.name=...``; not the recipe's own top-level ``name``) drops the
         # previous one's parameters (they belong to it), num_tokens too: the default's ``pooled`` 16 must not follow
-        # ``tokens.name=cls`` (one token), and a count for the new component is given beside its name
+        # ``tokens.name=cls`` (one token), and a count for the new component is given beside its name; the family's
+        # own parameters (FAMILY_PARAMS) stay
+        kept = _swapped(path[-2], node, {})
         node.clear()
+        node.update(kept)
     node[path[-1]] = value
 
 
@@ -324,6 +350,12 @@ def check_components(recipe: Recipe, source: str) -> list[str]:
             what = "the LLM's text-embedding norm" if b == "text_norm" else "the encoder/LLM dims"
             errors.append(f"{source}: {section}.{b}: set by vlkit from {what}; remove it")
         params = {k: v for k, v in params.items() if k not in bad}
+        for key in FAMILY_PARAMS.get(section, ()):
+            if key in params and not reg.accepts(comp.name, key):
+                value = params.pop(key)
+                if value is not None:  # null asks for nothing; anything else would be silently lost
+                    why = family_param_refusal(section, comp.name, key, value, reg.source(comp.name))
+                    errors.append(f"{source}: {section}.{key}: {why}")
         if section == "projector":
             params = {**params, "in_dim": 1, "out_dim": 1, "num_tokens": params.get("num_tokens")}
         if section == "fusion":

@@ -176,6 +176,14 @@ class Registry:
             raise RegistryError("; ".join(errors))
         return factory(**params)
 
+    def accepts(self, name: str, key: str) -> bool:
+        """Whether component ``name``'s factory takes parameter ``key`` (by name, or through ``**params``)."""
+        try:
+            sig = inspect.signature(self.get(name))
+        except (TypeError, ValueError):
+            return True
+        return key in sig.parameters or any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+
     def check_params(self, name: str, params: dict[str, Any]) -> list[str]:
         """Parameters a factory would reject, with suggestions. Factories taking ``**params`` accept anything."""
         factory = self.get(name)

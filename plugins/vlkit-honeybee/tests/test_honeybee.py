@@ -236,6 +236,20 @@ def test_parameter_typos_are_reported_by_vlkit(registries) -> None:
 
 
 @needs_install
+def test_swapped_in_over_the_default_it_is_told_about_out_norm(registries) -> None:
+    """c_abstractor takes no out_norm: over the default (out_norm 'text', kept when the projector is swapped) vlkit
+    refuses the recipe, naming this package and the fix; with the fix the recipe loads."""
+    from vlkit.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match=r"projector 'c_abstractor' \(vlkit-honeybee [^)]*\) takes no out_norm.*"
+                                          r"add projector.out_norm=null"):
+        load_recipe("mlp_patch", ["projector.name=c_abstractor", "projector.num_tokens=16", "tokens.name=patch"])
+    recipe = load_recipe("mlp_patch", ["projector.name=c_abstractor", "projector.num_tokens=16", "tokens.name=patch",
+                                       "projector.out_norm=null"])
+    assert recipe.projector.name == "c_abstractor" and recipe.projector.params()["out_norm"] is None
+
+
+@needs_install
 def test_autoload_can_be_disabled(registries, monkeypatch: pytest.MonkeyPatch) -> None:
     from vlkit.registry import DISABLE_ENV
 
