@@ -177,3 +177,25 @@ def test_out_norm_rejects_unknown_values_and_a_recipe_set_text_norm(tiny_toy_wor
         build_model(load_recipe("mlp_patch", ["projector.out_norm=txt"]))
     with pytest.raises(ConfigError, match="projector.text_norm: set by vlkit from the LLM's text-embedding norm"):
         load_recipe("mlp_patch", ["projector.text_norm=2.0"])
+
+
+def test_preflight_prints_the_image_token_norm_from_cached_features_too(model):
+    """The pre-flight's image_embed_norm (the diagnostic behind projector.out_norm) is printed with the feature cache
+    on as well: projected from the cached encoder features, the same number as from the pixels."""
+    import io
+
+    from rich.console import Console
+
+    from vlkit.train.data import preflight
+
+    batch = batch_of(model, [rec(), rec(), rec(image=False)])
+    model.eval()
+    from_pixels = preflight(model, batch, Console(file=io.StringIO()), model.tokenizer)
+    cached = model.encoder_features(batch["pixel_values"])  # what the cache would hand back for these images
+    out = io.StringIO()
+    from_cache = preflight(model, {**batch, "pixel_values": None}, Console(file=out), model.tokenizer,
+                           features_fn=lambda b: cached)
+    assert from_cache["image_embed_norm"] == pytest.approx(from_pixels["image_embed_norm"], rel=1e-6)
+    assert f"image_embed_norm={from_cache['image_embed_norm']:.3f}" in out.getvalue()
+    assert "image_embed_norm" not in preflight(model, {**batch, "pixel_values": None}, Console(file=io.StringIO()),
+                                                model.tokenizer)  # no pixels, no cache: nothing to measure

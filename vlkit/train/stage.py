@@ -107,7 +107,7 @@ def run_stage(model: VLM, recipe: Recipe, stage_name: str, run_dir: Path, device
         first = None
         if resume.found is None:  # before wrapping: ZeRO-3 / FSDP shard the weights these checks read
             first = run.stream.take(stage.grad_accum, device)
-            preflight(model, first[0], console, model.tokenizer)
+            preflight(model, first[0], console, model.tokenizer, run.features_fn)
         run.engine, run.scheduler = build_optimizer_under_strategy(run, micro)
         resume_optimizer(run, resume)
         t_start = time.time()
