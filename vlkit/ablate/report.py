@@ -170,7 +170,13 @@ def compare_markdown(spreads: list[dict[str, Any]], others: list[Path]) -> list[
 
 
 def axis_order(v: Any) -> tuple:
-    """Sort key for axis values: numbers numerically (1, 4, 16, 64), then everything else by text."""
+    """Sort key for axis values: numbers numerically (1, 4, 16, 64) -- also when they come back as text, as from
+    results.csv -- then everything else by text."""
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            pass
     return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
 
 
@@ -214,6 +220,7 @@ def references_markdown(rows: list[dict[str, Any]], agg: list[dict[str, Any]], a
     spatial = set(str(done[0].get("spatial_types", "")).split())
     types = sorted({k.split("/", 2)[2] for k in done[0] if k.startswith("ref/position_blind/")})
     ref = {t: {n: done[0].get(f"ref/{n}/{t}") for n in ("blind", "position_blind")} for t in types}
+    agg = sorted(agg, key=lambda a: tuple(axis_order(a.get(x)) for x in axes))  # the results table's order
     head = ["question type", "blind", "position-blind reader"] + [" / ".join(str(a.get(x)) for x in axes) for a in agg]
     lines = ["", "## References", "",
              f"Per question type: the blind answer and the position-blind reader (knows every object, not its cell) on "
