@@ -203,8 +203,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 # Parameters that belong to a component family rather than to one component: choosing another component of the
 # family keeps them (unless the new choice sets them), so `projector.name=linear` over the default compares linear
-# with mlp at the same output norm instead of silently dropping it. A factory that cannot take one is told so when
-# the model is built (vlkit.model.build_vision).
+# with mlp at the same output norm instead of silently dropping it. A factory that cannot take one runs where the
+# value is null; any other value is refused when the recipe loads (check_components) and, for a recipe made in code,
+# when the model is built (vlkit.model.build_vision).
 FAMILY_PARAMS: dict[str, tuple[str, ...]] = {"projector": ("out_norm",)}
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlkit.config import Recipe, family_param_refusal
+from vlkit.config import FAMILY_PARAMS, Recipe, family_param_refusal
 from vlkit.registry import ENCODERS, FUSIONS, LLMS, PROJECTORS, TOKEN_STRATEGIES
 from vlkit.types import EncoderOutput
 
@@ -214,14 +214,14 @@ def build_vision(recipe: Recipe, out_dim: int, text_norm: float | None = None) -
     in_dim = tokens.out_dim(int(encoder.embed_dim)) if hasattr(tokens, "out_dim") else int(encoder.embed_dim)
     proj_params = _resolved_params(proj_cfg.params())
     proj_params.setdefault("num_tokens", tok_params["num_tokens"])
-    if "out_norm" in proj_params and not PROJECTORS.accepts(proj_cfg.name, "out_norm"):
-        # out_norm is kept when a recipe or grid swaps the projector (config.FAMILY_PARAMS); a factory without it
-        # can only do without: null asks for nothing (load_recipe refuses anything else, this for recipes built
-        # in code)
-        value = proj_params.pop("out_norm")
-        if value is not None:
-            raise ValueError(family_param_refusal("projector", proj_cfg.name, "out_norm", value,
-                                                  PROJECTORS.source(proj_cfg.name)))
+    for key in FAMILY_PARAMS["projector"]:
+        # kept when a recipe or grid swaps the projector; a factory without it can only do without: null asks for
+        # nothing (load_recipe refuses anything else; this is for recipes built in code)
+        if key in proj_params and not PROJECTORS.accepts(proj_cfg.name, key):
+            value = proj_params.pop(key)
+            if value is not None:
+                raise ValueError(family_param_refusal("projector", proj_cfg.name, key, value,
+                                                      PROJECTORS.source(proj_cfg.name)))
     if "text_norm" in inspect.signature(PROJECTORS.get(proj_cfg.name)).parameters:
         proj_params["text_norm"] = text_norm
     projector = PROJECTORS.create(proj_cfg.name, in_dim=in_dim, out_dim=out_dim, **proj_params)
