@@ -148,6 +148,7 @@ def test_a_projector_without_out_norm_is_told_when_the_recipe_keeps_one(tiny_toy
     """A (plugin) projector whose factory has no out_norm: the default's out_norm 'text', kept across the swap, is an
     error naming the projector and the fix; with projector.out_norm=null it builds."""
     from vlkit.components.projectors import LinearProjector
+    from vlkit.config import ConfigError, Recipe
     from vlkit.registry import PROJECTORS
 
     def plain_linear(in_dim: int, out_dim: int, num_tokens: int | None = None) -> torch.nn.Module:
@@ -156,8 +157,6 @@ def test_a_projector_without_out_norm_is_told_when_the_recipe_keeps_one(tiny_toy
     PROJECTORS._ensure_builtins()
     monkeypatch.setitem(PROJECTORS._builtins, "plain_linear", type(PROJECTORS._builtins["linear"])(
         "plain_linear", "built-in", factory=plain_linear))
-    from vlkit.config import ConfigError, Recipe
-
     with pytest.raises(ConfigError, match=r"mlp_patch: projector.out_norm: projector 'plain_linear' \(built-in\) "
                                           r"takes no out_norm.*projector.out_norm='text'.*add projector.out_norm=null"):
         load_recipe("mlp_patch", ["projector.name=plain_linear"])
@@ -189,7 +188,8 @@ def test_preflight_prints_the_image_token_norm_from_cached_features_too(model):
     from vlkit.train.data import preflight
 
     batch = batch_of(model, [rec(), rec(), rec(image=False)])
-    model.eval()
+    was_training = model.training
+    model.eval()  # the module's shared model: its mode is restored at the end
     from_pixels = preflight(model, batch, Console(file=io.StringIO()), model.tokenizer)
     cached = model.encoder_features(batch["pixel_values"])  # what the cache would hand back for these images
     out = io.StringIO()
@@ -199,3 +199,4 @@ def test_preflight_prints_the_image_token_norm_from_cached_features_too(model):
     assert f"image_embed_norm={from_cache['image_embed_norm']:.3f}" in out.getvalue()
     assert "image_embed_norm" not in preflight(model, {**batch, "pixel_values": None}, Console(file=io.StringIO()),
                                                 model.tokenizer)  # no pixels, no cache: nothing to measure
+    model.train(was_training)
