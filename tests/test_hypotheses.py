@@ -248,6 +248,72 @@ def test_pairs_by_seed_within_each_setting_of_the_other_axes():
     assert f.effect == pytest.approx((0.1 + 0.1 + 0.3 * 3) / 5)
 
 
+# ---- cells of a factorial grid ----------------------------------------------------------------------------------
+FACTORIAL = {"projector": ["linear", "mlp"], "num_image_tokens": [4, 16]}
+
+
+def test_cell_comparison_resolves_in_grid_order_whatever_the_text_order():
+    want = ("projector,num_image_tokens", "projector=linear,num_image_tokens=16", "projector=mlp,num_image_tokens=4")
+    for text in ["projector=linear,num_image_tokens=16 > projector=mlp,num_image_tokens=4 on accuracy",
+                 "num_image_tokens=16,projector=linear > projector=mlp,num_image_tokens=4 on accuracy",
+                 "linear,16 > mlp,4 on accuracy"]:  # bare values that belong to one axis each
+        got = resolve(parse_expectation(text, "e"), FACTORIAL)
+        assert (got.axis, got.a, got.b) == want, text
+
+
+@pytest.mark.parametrize("text,match", [
+    ("projector=linear,num_image_tokens=16 > projector=mlp on accuracy", "set different axes"),
+    ("linear,16 > linear,16 on accuracy", "compares a cell with itself"),
+    ("linear,mlp > linear,4 on accuracy", "sets axis 'projector' twice"),
+    ("linear,,16 > mlp,4 on accuracy", "an empty part"),
+    ("linear,32 > mlp,4 on accuracy", "'32' is not a value of any grid axis"),
+    ("projector=linear,num_image_token=16 > mlp,4 on accuracy", "'num_image_token' is not a grid axis. Did you mean"),
+])
+def test_cell_comparison_errors_name_the_part_at_fault(text, match):
+    with pytest.raises(ExpectationError, match=match):
+        resolve(parse_expectation(text, "expect[0]"), FACTORIAL)
+
+
+def test_cell_comparison_pairs_by_seed_within_the_axes_it_does_not_name():
+    # (projector, tokens, lr): the cells fix projector and tokens; each lr setting gives its own seed pairs
+    values = {("linear", 16, "a"): [0.60, 0.62, 0.64], ("mlp", 4, "a"): [0.40, 0.45, 0.41],
+              ("linear", 16, "b"): [0.70, 0.71, 0.69], ("mlp", 4, "b"): [0.50, 0.52, 0.47],
+              ("mlp", 16, "a"): [0.9, 0.9, 0.9], ("linear", 4, "a"): [0.1, 0.1, 0.1],
+              ("mlp", 16, "b"): [0.9, 0.9, 0.9], ("linear", 4, "b"): [0.1, 0.1, 0.1]}
+    rows = rows_from(values, ("projector", "num_image_tokens", "lr"))
+    rows[0]["status"] = "failed"  # linear/16/a seed 0: it and its partner mlp/4/a seed 0 drop out
+    axes = {**FACTORIAL, "lr": ["a", "b"]}
+    f = one("projector=linear,num_image_tokens=16 > projector=mlp,num_image_tokens=4 on accuracy", rows, axes)
+    diffs = [0.62 - 0.45, 0.64 - 0.41, 0.70 - 0.50, 0.71 - 0.52, 0.69 - 0.47]
+    assert f.n_pairs == 5 and f.effect == pytest.approx(sum(diffs) / 5)
+    assert f.p == pytest.approx(stats.ttest_1samp(diffs, 0).pvalue)
+    assert f.verdict == "supported" and f.axis == "projector,num_image_tokens"
+    assert f.sentence.startswith("Supported: projector=linear,num_image_tokens=16 − projector=mlp,num_image_tokens=4")
+    # the single-axis comparisons of the same grid still pair within every other axis
+    assert one("mlp > linear on accuracy", rows, axes).n_pairs == 11
+
+
+def test_cell_comparison_at_question_level_uses_the_two_cells_answers():
+    from vlkit.ablate.stats import crossed_stat
+
+    rng = __import__("random").Random(3)
+    cells = {("linear", 16): 0.7, ("mlp", 4): 0.5, ("mlp", 16): 0.8, ("linear", 4): 0.4}
+    rows, answers = [], {}
+    for (proj, n), p in cells.items():
+        for seed in range(3):
+            run = f"{proj}-{n}-{seed}"
+            ans = {f"q{i}": ("count", rng.random() < p) for i in range(40)}
+            answers[run] = ans
+            rows.append({"projector": proj, "num_image_tokens": n, "seed": seed, "status": "finished", "run": run,
+                         "accuracy": sum(c for _, c in ans.values()) / 40})
+    exp = resolve(parse_expectation("linear,16 > mlp,4 on accuracy", "expect[0]"), FACTORIAL)
+    f = judge([exp], rows, list(FACTORIAL), answers)[0]
+    table = [[float(answers[f"linear-16-{s}"][f"q{i}"][1]) - float(answers[f"mlp-4-{s}"][f"q{i}"][1])
+              for i in range(40)] for s in range(3)]
+    want = crossed_stat(__import__("numpy").array(table))
+    assert f.method == "question" and f.effect == pytest.approx(want.effect) and f.p == pytest.approx(want.p())
+
+
 def test_too_few_pairs_is_inconclusive_with_a_note():
     rows = rows_from({("cls",): [0.3], ("patch",): [0.9]}, ("tokens",))
     f = one("patch > cls on accuracy", rows, TOK)

@@ -332,8 +332,10 @@ def plain_study_findings(study: Path) -> list[dict[str, float]]:
                          {x["id"]: (x["question_type"], float(x["correct"])) for x in rows})
 
     def arm(axis: str, value: str) -> dict[tuple, dict]:
-        return {(tuple(sorted((k, v) for k, v in ax.items() if k != axis)), seed): ans
-                for ax, seed, ans in runs.values() if ax.get(axis) == value}
+        # a cell ("projector=linear,num_image_tokens=16", axis "projector,num_image_tokens") fixes several axes
+        fixed = dict(part.split("=") for part in value.split(",")) if "," in axis else {axis: value}
+        return {(tuple(sorted((k, v) for k, v in ax.items() if k not in fixed)), seed): ans
+                for ax, seed, ans in runs.values() if all(ax.get(k) == v for k, v in fixed.items())}
 
     def table(axis: str, a: str, b: str, metric: str) -> list[list[float]]:
         qtype = None if metric == "accuracy" else metric.removeprefix("acc/")
@@ -381,7 +383,10 @@ def plain_study_findings(study: Path) -> list[dict[str, float]]:
         m = re.match(r"^(\S+) ([<>~]) (\S+) on (\S+)(?: \(±([0-9.]+)\))?$", text)
         assert m, text
         a, op, b, metric, margin = m.groups()
-        axis = next(x for x in axes if {a, b} <= {label(r["axes"].get(x)) for r in plan["runs"]})
+        if "," in a:  # cells written axis=value,axis=value (the shipped studies name every axis)
+            axis = ",".join(x for x in axes if f"{x}=" in a)
+        else:
+            axis = next(x for x in axes if {a, b} <= {label(r["axes"].get(x)) for r in plan["runs"]})
         c = moments(axis, a, b, metric, float(margin) if margin else None)
         out.append({"effect": c["effect"], "p": c["claim"]})
     order = sorted(range(len(out)), key=lambda i: out[i]["p"])

@@ -9,7 +9,10 @@ Grammar (one string per expectation; ``+-`` may stand for ``±``)::
     <metric> decreases with <axis> [up to <value> [then flat (±<margin>)]]
 
 ``<a>`` and ``<b>`` are two values of one grid axis (``patch``, ``cls``; write ``axis=value`` when a value belongs
-to more than one axis). ``<metric>`` is a column of results.csv: ``accuracy``, ``val_loss``, ``final_loss``,
+to more than one axis), or two *cells* of a factorial grid, each a comma-separated setting of the same axes
+(``projector=linear,num_image_tokens=16 > projector=mlp,num_image_tokens=4``: a linear projector on 16 tokens beats
+an MLP on 4, MM1's "tokens matter more than the connector" as one planned contrast); cells pair by seed within each
+setting of the axes they do not name. ``<metric>`` is a column of results.csv: ``accuracy``, ``val_loss``, ``final_loss``,
 ``bleu``, ``tokens_per_s``, ``wall_time_s`` or ``acc/<question_type>``. A trend's axis must have numeric values
 (they are ordered numerically: 1, 4, 9, 16, 64).
 
@@ -48,10 +51,10 @@ class Comparison:
     text: str
     metric: str
     op: Literal[">", "<", "~"]
-    a: str  # axis value as written (``axis=`` prefix removed once resolved)
+    a: str  # axis value as written (``axis=`` prefix removed once resolved; a cell: ``axis=value,axis=value``)
     b: str
     margin: float | None = None  # "~" only
-    axis: str | None = None  # filled by resolve()
+    axis: str | None = None  # filled by resolve(); a cell comparison: its axes joined by "," (CELL_SEP)
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,49 @@ def _unknown_value(token: str, axes: dict[str, list[str]]) -> ExpectationError:
                             f"Axes: {'; '.join(f'{a}: ' + ', '.join(vs) for a, vs in axes.items()) or '(none)'}")
 
 
+CELL_SEP = ","  # between the axis=value parts of a cell, and between the axes of a cell comparison's ``axis``
+
+
+def cell_axes(axis: str) -> list[str]:
+    """The grid axes a comparison's ``axis`` names: one, or a cell comparison's several."""
+    return axis.split(CELL_SEP)
+
+
+def cell_label(axis: str, values: dict[str, str]) -> str:
+    """An arm's label for a comparison on ``axis``: the value (one axis) or ``a=x,b=y`` (a cell, in axis order)."""
+    names = cell_axes(axis)
+    if len(names) == 1:
+        return values[names[0]]
+    return CELL_SEP.join(f"{n}={values[n]}" for n in names)
+
+
+def _resolve_cells(exp: Comparison, shown: dict[str, list[str]]) -> Comparison:
+    """``a=x,b=y > a=u,b=v``: each side names the same axes, each part ``axis=value`` (or a bare value of one
+    axis); the cells differ in at least one of them."""
+    sides = []
+    for side in (exp.a, exp.b):
+        cell: dict[str, str] = {}
+        for part in side.split(CELL_SEP):
+            if not part:
+                raise ExpectationError(f"'{side}': an empty part; write a cell as axis=value,axis=value")
+            axis, value = _find_axis(part, shown)
+            if axis is None:
+                raise _unknown_value(part, shown)
+            if axis in cell:
+                raise ExpectationError(f"'{side}' sets axis '{axis}' twice")
+            cell[axis] = value
+        sides.append(cell)
+    a, b = sides
+    if set(a) != set(b):
+        raise ExpectationError(f"'{exp.a}' and '{exp.b}' set different axes ({', '.join(a)} against "
+                               f"{', '.join(b)}); a cell comparison sets the same axes on both sides")
+    if a == b:
+        raise ExpectationError(f"'{exp.text}' compares a cell with itself")
+    order = [x for x in shown if x in a]  # the grid's axis order, whatever order the text names them in
+    axis = CELL_SEP.join(order)
+    return replace(exp, axis=axis, a=cell_label(axis, a), b=cell_label(axis, b))
+
+
 def resolve(exp: Expectation, axes: dict[str, list[Any]], question_types: list[str] | None = None,
             columns: list[str] | None = None) -> Expectation:
     """Check an expectation against the grid's axes and the metrics; the returned one names its axis."""
@@ -214,6 +260,8 @@ def resolve(exp: Expectation, axes: dict[str, list[Any]], question_types: list[s
     check_metric(exp.metric, question_types, columns)
     if isinstance(exp, Trend):
         return _resolve_trend(exp, shown)
+    if CELL_SEP in exp.a or CELL_SEP in exp.b:
+        return _resolve_cells(exp, shown)
     qualified = [t.partition("=")[0] for t in (exp.a, exp.b) if "=" in t]
     if qualified and qualified[0] in shown:  # one side names the axis: read the other side's bare value in it
         exp = replace(exp, a=exp.a if "=" in exp.a else f"{qualified[0]}={exp.a}",

@@ -1,6 +1,8 @@
 """Pairing a study's runs by seed: one table, read by the Findings and by the report's tables alike.
 
 Two runs pair when they differ only in the compared axis: the same seed and the same values of every other axis.
+A cell comparison (``axis`` names several axes, vlkit/ablate/expect.py) compares two settings of those axes: its
+arms are labelled ``a=x,b=y`` and its runs pair by seed within each setting of the axes it does not name.
 A run counts when it finished and its metric cell is a number (:func:`vlkit.ablate.stats.number`).
 """
 from __future__ import annotations
@@ -10,23 +12,30 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
+from vlkit.ablate.expect import cell_axes, cell_label
 from vlkit.ablate.grid import show_value
 from vlkit.ablate.stats import number
 
 PairKey = tuple[str, ...]  # the other axes' values, then the seed, as results.csv shows them
 
 
+def _arm_and_key(r: dict[str, Any], axes: list[str], axis: str) -> tuple[str, PairKey]:
+    """A result row's arm on ``axis`` (a value, or a cell's label) and its pair key (the other axes, the seed)."""
+    named = cell_axes(axis)
+    arm = cell_label(axis, {x: show_value(r.get(x)) for x in named})
+    return arm, tuple(show_value(r.get(x)) for x in axes if x not in named) + (str(r.get("seed")),)
+
+
 def arm_table(rows: list[dict[str, Any]], axes: list[str], axis: str, metric: str) -> dict[str, dict[PairKey, float]]:
     """Each arm of ``axis`` (its value as results.csv shows it) -> {pair key: the run's metric value}, in the rows'
     order. Two runs of one arm under one key (a repeated grid point): the later one counts."""
-    others = [x for x in axes if x != axis]
     table: dict[str, dict[PairKey, float]] = {}
     for r in rows:
         value = number(r.get(metric))
         if r.get("status") != "finished" or value is None:
             continue
-        key = tuple(show_value(r.get(x)) for x in others) + (str(r.get("seed")),)
-        table.setdefault(show_value(r.get(axis)), {})[key] = value
+        arm, key = _arm_and_key(r, axes, axis)
+        table.setdefault(arm, {})[key] = value
     return table
 
 
@@ -60,12 +69,11 @@ def question_pairs(rows: list[dict[str, Any]], answers: Answers, axes: list[str]
     if metric != "accuracy" and not metric.startswith("acc/"):
         return None
     qtype = metric.removeprefix("acc/") if metric != "accuracy" else None
-    others = [x for x in axes if x != axis]
     runs: dict[str, dict[PairKey, str]] = {}
     for r in rows:
         if r.get("status") == "finished" and number(r.get(metric)) is not None:
-            key = tuple(show_value(r.get(x)) for x in others) + (str(r.get("seed")),)
-            runs.setdefault(show_value(r.get(axis)), {})[key] = str(r.get("run"))
+            arm, key = _arm_and_key(r, axes, axis)
+            runs.setdefault(arm, {})[key] = str(r.get("run"))
     ra, rb = runs.get(a, {}), runs.get(b, {})
     common = sorted(set(ra) & set(rb))
     ids = [(ra[k], rb[k]) for k in common]
