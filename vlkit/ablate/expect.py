@@ -38,7 +38,8 @@ _TREND = re.compile(r"^(?P<metric>[^\s()]+)\s+(?P<dir>\w+)\s+with\s+(?P<axis>\S+
                     r"(?:\s+up\s+to\s+(?P<knee>[^\s()]+))?(?:\s+then\s+(?P<flat>\w+)\s*(?:\((?P<margin>[^)]*)\))?)?$")
 _MARGIN = re.compile(r"^(?:±|\+-|\+/-)\s*(?P<num>[0-9.eE+-]+)$")
 GRAMMAR = ("write '<a> > <b> on <metric>', '<a> < <b> on <metric>', '<a> ~ <b> on <metric> (±margin)' or "
-           "'<metric> increases|decreases with <axis> [up to <value> [then flat (±margin)]]'")
+           "'<metric> increases|decreases with <axis> [up to <value> [then flat (±margin)]]'; <a> and <b> are values "
+           "of one axis, or cells axis=value,axis=value")
 
 
 class ExpectationError(ValueError):
