@@ -5,14 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from scipy import stats
 
 from vlkit.ablate.expect import Comparison, ExpectationError, Trend, check_expectations, parse_expectation, resolve
 from vlkit.ablate.findings import findings_for, judge
-from vlkit.ablate.stats import holm, pairs_needed
+from vlkit.ablate.stats import crossed_stat, holm, pairs_needed
 from helpers import vlkit
 from vlkit.config import RECIPES_DIR, ConfigError, load_recipe
 
@@ -294,9 +296,7 @@ def test_cell_comparison_pairs_by_seed_within_the_axes_it_does_not_name():
 
 
 def test_cell_comparison_at_question_level_uses_the_two_cells_answers():
-    from vlkit.ablate.stats import crossed_stat
-
-    rng = __import__("random").Random(3)
+    rng = random.Random(3)
     cells = {("linear", 16): 0.7, ("mlp", 4): 0.5, ("mlp", 16): 0.8, ("linear", 4): 0.4}
     rows, answers = [], {}
     for (proj, n), p in cells.items():
@@ -310,7 +310,7 @@ def test_cell_comparison_at_question_level_uses_the_two_cells_answers():
     f = judge([exp], rows, list(FACTORIAL), answers)[0]
     table = [[float(answers[f"linear-16-{s}"][f"q{i}"][1]) - float(answers[f"mlp-4-{s}"][f"q{i}"][1])
               for i in range(40)] for s in range(3)]
-    want = crossed_stat(__import__("numpy").array(table))
+    want = crossed_stat(np.array(table))
     assert f.method == "question" and f.effect == pytest.approx(want.effect) and f.p == pytest.approx(want.p())
 
 
