@@ -29,6 +29,10 @@ AXES = {"tokens": ["cls", "patch"], "num_image_tokens": [1, 4, 9, 16]}
     ("cls ~ patch on acc/existence (+-0.05)", Comparison("e", "", "acc/existence", "~", "cls", "patch", 0.05)),
     ("cls  ~  patch on acc/existence(± 0.1)", Comparison("e", "", "acc/existence", "~", "cls", "patch", 0.1)),
     ("tokens=patch > tokens=cls on accuracy", Comparison("e", "", "accuracy", ">", "tokens=patch", "tokens=cls")),
+    ("patch >= cls on accuracy (±0.05)", Comparison("e", "", "accuracy", ">=", "patch", "cls", 0.05)),
+    ("patch≥cls on accuracy (+-0.05)", Comparison("e", "", "accuracy", ">=", "patch", "cls", 0.05)),
+    ("cls <= patch on acc/count (±0.1)", Comparison("e", "", "acc/count", "<=", "cls", "patch", 0.1)),
+    ("cls ≤ patch on acc/count (±0.1)", Comparison("e", "", "acc/count", "<=", "cls", "patch", 0.1)),
     ("accuracy increases with num_image_tokens", Trend("e", "", "accuracy", "increases", "num_image_tokens")),
     ("val_loss decreases with num_image_tokens up to 9",
      Trend("e", "", "val_loss", "decreases", "num_image_tokens", "9")),
@@ -50,7 +54,9 @@ def test_grammar_reads_good_expectations(text, expected):
     ("cls ~ patch on accuracy (0.05)", r"not of the form \(±0.05\) or \(\+-0.05\)"),
     ("cls ~ patch on accuracy (±abc)", "not of the form"),
     ("cls ~ patch on accuracy (±1.2.3)", "is not a number"),
-    ("patch > cls on accuracy (±0.05)", "a margin only applies to '~'"),
+    ("patch > cls on accuracy (±0.05)", "a margin only applies to '~' .equivalence. and '>=' / '<='"),
+    ("patch >= cls on accuracy", r"non-inferiority needs its margin, e.g. 'patch >= cls on accuracy \(±0.05\)'"),
+    ("patch >= cls on accuracy (±0)", "must be a positive number"),
     ("accuracy increase with num_image_tokens", "Did you mean 'increases'"),
     ("accuracy increases with num_image_tokens then flat (±0.05)", "'then flat' needs a knee"),
     ("accuracy increases with num_image_tokens up to 9 then flat", "'then flat' needs its margin"),
@@ -218,6 +224,68 @@ def test_equivalence_judged_by_ci_inside_or_outside_margin_not_by_p():
         f = one("patch > cls on accuracy", rows(diffs), TOK)
         assert f.verdict == "inconclusive" and "exactly this amount" in f.sentence and "SD 0" in f.power_note
         assert "no CI (the paired differences have no spread)" in f.sentence
+
+
+def test_non_inferiority_judged_by_the_one_sided_test_against_the_margin():
+    base = [0.50, 0.55, 0.45, 0.52, 0.48, 0.51]
+
+    def rows(diffs):  # patch − cls = diffs
+        return rows_from({("cls",): base, ("patch",): [b + d for b, d in zip(base, diffs)]}, ("tokens",))
+
+    # a little behind, but surely by less than 0.05: non-inferior (a "~" within ±0.05 would say the same here,
+    # a ">" would not)
+    behind = rows([-0.01, -0.02, 0.0, -0.015, -0.005, -0.01])
+    f = one("patch >= cls on accuracy (±0.05)", behind, TOK)
+    assert f.kind == "non-inferiority" and f.verdict == "supported" and f.ci_level == pytest.approx(0.9)
+    assert f.effect == pytest.approx(-0.01) and -0.05 < f.ci_low < f.effect < f.ci_high
+    d = [-0.01, -0.02, 0.0, -0.015, -0.005, -0.01]
+    se = stats.tstd(d) / math.sqrt(6)
+    assert f.p == pytest.approx(stats.t.sf((np.mean(d) + 0.05) / se, 5))  # one-sided t of a − b > −m
+    assert "not lower than cls by more than 0.05" in f.sentence and f.power_note is None
+    assert one("patch > cls on accuracy", behind, TOK).verdict == "contradicted"
+    # far ahead: non-inferior too (the claim is one-sided)
+    assert one("patch >= cls on accuracy (±0.05)", rows([0.2, 0.22, 0.18, 0.21, 0.19, 0.2]), TOK).verdict \
+        == "supported"
+    # surely worse by more than the margin: contradicted, with the p of falling short
+    worse = rows([-0.2, -0.22, -0.18, -0.21, -0.19, -0.2])
+    f = one("patch >= cls on accuracy (±0.05)", worse, TOK)
+    assert f.verdict == "contradicted" and f.ci_high < -0.05 and "lower than cls by more than 0.05" in f.sentence
+    # "<=" mirrors it: cls <= patch within 0.05 means cls − patch < +0.05
+    assert one("cls <= patch on accuracy (±0.05)", behind, TOK).verdict == "supported"
+    assert one("cls <= patch on accuracy (±0.05)", worse, TOK).verdict == "contradicted"
+    # noisy around 0: cannot rule out falling short by 0.05; the power note sizes a one-sided test at δ = m
+    f = one("patch >= cls on accuracy (±0.05)", rows([0.15, -0.12, 0.08, -0.1, 0.05, -0.02]), TOK)
+    assert f.verdict == "inconclusive" and "cannot rule out patch being lower" in f.sentence
+    assert "within 0.05" in f.power_note and "if the true difference were 0" in f.power_note
+
+
+def test_non_inferiority_at_question_level_is_the_one_sided_crossed_test():
+    rng = random.Random(11)
+    rows, answers = [], {}
+    for tok, p in (("cls", 0.62), ("patch", 0.60)):
+        for seed in range(3):
+            run = f"{tok}-{seed}"
+            answers[run] = {f"q{i}": ("count", rng.random() < p) for i in range(400)}
+            rows.append({"tokens": tok, "seed": seed, "status": "finished", "run": run,
+                         "accuracy": sum(c for _, c in answers[run].values()) / 400})
+    f = judge([resolve(parse_expectation("patch >= cls on accuracy (±0.1)", "expect[0]"), TOK)], rows, ["tokens"],
+              answers)[0]
+    want = crossed_stat(np.array([[float(answers[f"patch-{s}"][f"q{i}"][1]) - float(answers[f"cls-{s}"][f"q{i}"][1])
+                                   for i in range(400)] for s in range(3)]))
+    assert f.method == "question" and f.effect == pytest.approx(want.effect)
+    assert want.effect > -0.1 and f.p == pytest.approx(stats.t.sf((want.effect + 0.1) / want.se, want.df))
+    lo, hi = want.ci(0.9)
+    assert (f.ci_low, f.ci_high) == pytest.approx((lo, hi)) and (f.verdict == "supported") == (f.p < 0.05)
+
+
+def test_non_inferiority_exact_bounds_when_no_answer_differs_or_all_differ_one_way():
+    zeros = crossed_stat(np.zeros((3, 125)))
+    assert zeros.p_beyond(-0.05, 1) == pytest.approx(0.95 ** 125)  # P(no question of 125 differs | δ <= −0.05)
+    assert zeros.p_beyond(-0.05, -1) == 1.0  # the estimate 0 is above −0.05: nothing says it is below
+    ahead = crossed_stat(np.ones((2, 20)))
+    assert ahead.p_beyond(-0.05, 1) == pytest.approx(0.475 ** 20) and ahead.p_beyond(-0.05, -1) == 1.0
+    behind = crossed_stat(-np.ones((2, 20)))
+    assert behind.p_beyond(-0.05, -1) == pytest.approx(0.525 ** 20) and behind.p_beyond(-0.05, 1) == 1.0
 
 
 def test_holm_across_expectations():

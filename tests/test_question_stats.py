@@ -72,9 +72,14 @@ def test_same_recipe_false_positive_rate_at_most_6_percent(k):
     fitted = fitted_seed_sd()
     assert 0.2 < fitted < 2.0  # position_of_object's seed SD (≈ 0.07 in accuracy) on the logit scale
     for sd_armseed, sd_armq in [(0.0, 0.0), (fitted, 0.0), (fitted, 0.5), (0.1, 0.5)]:
-        p = p_values(simulate(rng, 2000, k, 50, sd_armseed, sd_armq=sd_armq))
-        rate = float(np.mean(p < 0.05))
+        d = simulate(rng, 2000, k, 50, sd_armseed, sd_armq=sd_armq)
+        rate = float(np.mean(p_values(d) < 0.05))
         assert rate <= 0.06, (k, sd_armseed, sd_armq, rate)
+        # the one-sided test a non-inferiority makes (CrossedStat.p_beyond), at its bound: here 0, the true effect
+        g, se, df = crossed_stats_many(d)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            one_sided = np.where(se > 0, stats.t.sf(g / se, df), np.where(g > 0, 0.0, 1.0))
+        assert float(np.mean(one_sided < 0.05)) <= 0.06, (k, sd_armseed, sd_armq, "one-sided")
 
 
 def test_the_seed_only_t_test_ignores_question_variability_and_the_crossed_one_does_not():
@@ -345,9 +350,20 @@ def plain_study_findings(study: Path) -> list[dict[str, float]]:
                                        for k in keys for side in (ra, rb)]))
         return [[ra[k][q][1] - rb[k][q][1] for q in qs] for k in keys]
 
-    def moments(axis: str, a: str, b: str, metric: str, margin: float | None) -> dict[str, float]:
+    def moments(axis: str, a: str, b: str, metric: str, margin: float | None, side: int = 0) -> dict[str, float]:
         t = table(axis, a, b, metric)
         c = plain_crossed(t)
+        if side:  # non-inferiority: side·(a − b) > −margin, one-sided; else the p of falling short by more
+            cells = {x for row in t for x in row}
+            if cells == {0}:  # no answer differs: P(0 of Q questions differ | δ beyond the margin)
+                c["claim"] = (1 - margin) ** len(t[0])
+            elif len(cells) == 1 and cells <= {1, -1}:  # every answer differs one way: exact sign bound
+                c["claim"] = ((1 + cells.pop() * -side * margin) / 2) ** len(t[0])
+            elif c["se"] == 0:
+                c["claim"] = math.nan
+            else:
+                c["claim"] = stats.t.sf(abs(side * c["effect"] + margin) / c["se"], c["df"])
+            return c
         if all(x == 0 for row in t for x in row):  # no answer differs: P(0 of Q questions differ | |δ| >= m)
             c["p"] = 1.0
             if margin is not None:
@@ -380,14 +396,15 @@ def plain_study_findings(study: Path) -> list[dict[str, float]]:
             p = max(m["p"] if i == 0 else m["tost"] for i, m in enumerate(made))
             out.append({"p": p, "steps": [m["effect"] for m in made]})
             continue
-        m = re.match(r"^(\S+) ([<>~]) (\S+) on (\S+)(?: \(±([0-9.]+)\))?$", text)
+        m = re.match(r"^(\S+) (>=|<=|[<>~]) (\S+) on (\S+)(?: \(±([0-9.]+)\))?$", text)
         assert m, text
         a, op, b, metric, margin = m.groups()
+        side = {">=": 1, "<=": -1}.get(op, 0)
         if "," in a:  # cells written axis=value,axis=value (the shipped studies name every axis)
             axis = ",".join(x for x in axes if f"{x}=" in a)
         else:
             axis = next(x for x in axes if {a, b} <= {label(r["axes"].get(x)) for r in plan["runs"]})
-        c = moments(axis, a, b, metric, float(margin) if margin else None)
+        c = moments(axis, a, b, metric, float(margin) if margin else None, side)
         out.append({"effect": c["effect"], "p": c["claim"]})
     order = sorted(range(len(out)), key=lambda i: out[i]["p"])
     running = 0.0

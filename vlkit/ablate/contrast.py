@@ -5,7 +5,8 @@
 - **run level** (a run made before vlkit kept answers): the paired t-test over the runs' metric values, as before.
 
 Both give the effect a − b, its 95% and 90% intervals, the two-sided p, and with a margin the two one-sided tests'
-p (TOST) and the non-equivalence p. Pairs come from vlkit/ablate/pairing.py; the arithmetic from stats.py.
+p (TOST) and the non-equivalence p, or for a non-inferiority (``side``) the one-sided p of a − b beyond the margin on
+the losing side, and of the opposite. Pairs come from vlkit/ablate/pairing.py; the arithmetic from stats.py.
 """
 from __future__ import annotations
 
@@ -43,12 +44,16 @@ class Contrast:
     margin: float | None = None
     p_tost: float | None = None  # inside ±margin
     p_outside: float | None = None  # beyond ±margin, on the estimate's side
+    side: int = 0  # non-inferiority: +1 claims a − b > −margin, −1 claims a − b < +margin; 0: no such claim
+    p_noninferior: float | None = None  # side·(a − b) > −margin, one-sided
+    p_inferior: float | None = None  # side·(a − b) < −margin, one-sided: worse by more than the margin
     crossed: CrossedStat | None = field(default=None, repr=False)
 
 
 def contrast(rows: list[dict[str, Any]], answers: dict[str, Any] | None, axes: list[str], axis: str, a: str, b: str,
-             metric: str, margin: float | None = None) -> Contrast:
-    """a − b on ``metric``: question level when every paired run has answers for it, else run level."""
+             metric: str, margin: float | None = None, side: int = 0) -> Contrast:
+    """a − b on ``metric``: question level when every paired run has answers for it, else run level. With a
+    margin: equivalence within ±margin (side 0), or non-inferiority on ``side`` (+1: a − b > −margin)."""
     xa, xb, settings = pairs(rows, axes, axis, a, b, metric)
     diffs = [x - y for x, y in zip(xa, xb)]
     sd = paired_sd(diffs)
@@ -58,15 +63,20 @@ def contrast(rows: list[dict[str, Any]], answers: dict[str, Any] | None, axes: l
         lo, hi = cs.ci(0.95)
         lo90, hi90 = cs.ci(1 - 2 * ALPHA)
         out = Contrast(a, b, "question", cs.n, settings, cs.effect, lo, hi, lo90, hi90, cs.p(), sd,
-                       questions=cs.questions, margin=margin, crossed=cs)
-        if margin is not None:
+                       questions=cs.questions, margin=margin, crossed=cs, side=side)
+        if margin is not None and side:
+            out.p_noninferior, out.p_inferior = cs.p_beyond(-side * margin, side), cs.p_beyond(-side * margin, -side)
+        elif margin is not None:
             out.p_tost, out.p_outside = cs.p_tost(margin), cs.p_outside(margin)
         return out
     st = paired_stat(xa, xb, settings, a, b, margin)
     lo90, hi90 = _t_interval(st.effect, st.sd, st.n, 1 - 2 * ALPHA)
     out = Contrast(a, b, "run", st.n, st.settings, st.effect, st.ci_low, st.ci_high, lo90, hi90, st.p, st.sd,
-                   margin=margin)
-    if margin is not None:
+                   margin=margin, side=side)
+    if margin is not None and side:
+        out.p_noninferior = _run_beyond(st.effect, st.sd, st.n, -side * margin, side)
+        out.p_inferior = _run_beyond(st.effect, st.sd, st.n, -side * margin, -side)
+    elif margin is not None:
         out.p_tost = st.p_tost
         out.p_outside = _run_outside(st.effect, st.sd, st.n, margin)
     return out
@@ -90,11 +100,30 @@ def _run_outside(mean: float, sd: float, n: int, margin: float) -> float:
     return float(stats.t.sf((abs(mean) - margin) / (sd / math.sqrt(n)), n - 1))
 
 
+def _run_beyond(mean: float, sd: float, n: int, bound: float, side: int) -> float:
+    """One-sided paired-t p that the true difference lies above ``bound`` (side +1) or below it (side −1)."""
+    from scipy import stats
+
+    if n < 2 or not sd > 0:
+        return math.nan
+    return float(stats.t.sf(side * (mean - bound) / (sd / math.sqrt(n)), n - 1))
+
+
+def noninferior_estimate(c: Contrast) -> bool:
+    """A non-inferiority contrast whose estimate lies on the claimed side of the margin."""
+    assert c.side and c.margin is not None
+    return c.side * c.effect > -c.margin
+
+
 def claim_p(c: Contrast) -> float:
     """The p of what a contrast decides: effect ≠ 0 without a margin; with one, TOST p when the estimate lies
-    inside ±margin, else the non-equivalence p (one of the two is always ≥ 0.5)."""
+    inside ±margin, else the non-equivalence p (one of the two is always ≥ 0.5); a non-inferiority: its one-sided
+    p when the estimate lies on the claimed side of the margin, else the p of being worse by more than it."""
     if c.margin is None:
         return c.p
+    if c.side:
+        assert c.p_noninferior is not None and c.p_inferior is not None
+        return c.p_noninferior if noninferior_estimate(c) else c.p_inferior
     assert c.p_tost is not None and c.p_outside is not None
     if math.isnan(c.p_tost):
         return math.nan
@@ -114,4 +143,4 @@ def seeds_for(c: Contrast, delta: float, alpha: float, power: float, questions: 
     return None if k is None else max(2, math.ceil(k / max(1, c.settings)))
 
 
-__all__ = ["Contrast", "contrast", "claim_p", "seeds_for", "QUESTION_METHOD", "RUN_LEVEL_METHOD"]
+__all__ = ["Contrast", "contrast", "claim_p", "noninferior_estimate", "seeds_for", "QUESTION_METHOD", "RUN_LEVEL_METHOD"]

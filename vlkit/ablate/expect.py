@@ -5,6 +5,8 @@ Grammar (one string per expectation; ``+-`` may stand for ``±``)::
     <a> > <b> on <metric>                   a beats b (the metric is higher for a)
     <a> < <b> on <metric>                   a is lower than b
     <a> ~ <b> on <metric> (±<margin>)       a and b are equivalent: their difference lies within ±margin
+    <a> >= <b> on <metric> (±<margin>)      a is not worse than b by more than the margin (non-inferiority:
+                                            a − b > −margin); ``<=``: a − b < +margin; ``≥`` / ``≤`` also read
     <metric> increases with <axis> [up to <value> [then flat (±<margin>)]]
     <metric> decreases with <axis> [up to <value> [then flat (±<margin>)]]
 
@@ -31,15 +33,20 @@ from vlkit.registry import suggest
 
 PLAIN_METRICS = ("accuracy", "val_loss", "final_loss", "bleu", "tokens_per_s", "wall_time_s")
 
-_VALUE = r"[^\s<>~()]+"
-_COMPARISON = re.compile(rf"^(?P<a>{_VALUE})\s*(?P<op>[<>~])\s*(?P<b>{_VALUE})(?:\s+(?P<on>[^\s()]+)\s+(?P<metric>[^\s()]+))?"
+_VALUE = r"[^\s<>~≥≤()]+"
+_COMPARISON = re.compile(rf"^(?P<a>{_VALUE})\s*(?P<op>>=|<=|[<>~≥≤])\s*(?P<b>{_VALUE})(?:\s+(?P<on>[^\s()]+)\s+(?P<metric>[^\s()]+))?"
                          r"(?:\s*\((?P<margin>[^)]*)\))?$")
 _TREND = re.compile(r"^(?P<metric>[^\s()]+)\s+(?P<dir>\w+)\s+with\s+(?P<axis>\S+)"
                     r"(?:\s+up\s+to\s+(?P<knee>[^\s()]+))?(?:\s+then\s+(?P<flat>\w+)\s*(?:\((?P<margin>[^)]*)\))?)?$")
 _MARGIN = re.compile(r"^(?:±|\+-|\+/-)\s*(?P<num>[0-9.eE+-]+)$")
-GRAMMAR = ("write '<a> > <b> on <metric>', '<a> < <b> on <metric>', '<a> ~ <b> on <metric> (±margin)' or "
+GRAMMAR = ("write '<a> > <b> on <metric>', '<a> < <b> on <metric>', '<a> ~ <b> on <metric> (±margin)', "
+           "'<a> >= <b> on <metric> (±margin)' (non-inferiority) or "
            "'<metric> increases|decreases with <axis> [up to <value> [then flat (±margin)]]'; <a> and <b> are values "
            "of one axis, or cells axis=value,axis=value")
+
+
+MARGIN_OPS = ("~", ">=", "<=")  # the comparisons that need a margin
+NONINFERIOR = {">=": 1, "<=": -1}  # non-inferiority: the side a − b must stay on, beyond −side·margin
 
 
 class ExpectationError(ValueError):
@@ -51,10 +58,10 @@ class Comparison:
     key: str  # expect[i]
     text: str
     metric: str
-    op: Literal[">", "<", "~"]
+    op: Literal[">", "<", "~", ">=", "<="]
     a: str  # axis value as written (``axis=`` prefix removed once resolved; a cell: ``axis=value,axis=value``)
     b: str
-    margin: float | None = None  # "~" only
+    margin: float | None = None  # "~", ">=" and "<=" only
     axis: str | None = None  # filled by resolve(); a cell comparison: its axes joined by "," (CELL_SEP)
 
 
@@ -107,14 +114,16 @@ def _comparison(m: re.Match[str], s: str, key: str) -> Comparison:
         raise ExpectationError(f"'{s}' names no metric; write '{m['a']} {m['op']} {m['b']} on <metric>'")
     if m["on"] != "on":
         raise ExpectationError(f"'{s}': expected 'on <metric>' after '{m['a']} {m['op']} {m['b']}', got '{m['on']}'")
-    op = m["op"]
+    op = {"≥": ">=", "≤": "<="}.get(m["op"], m["op"])
     margin = None
-    if op == "~":
+    if op in MARGIN_OPS:
         if m["margin"] is None:
-            raise ExpectationError(f"'{s}': an equivalence needs its margin, e.g. '{s} (±0.05)'")
+            what = "an equivalence" if op == "~" else "a non-inferiority"
+            raise ExpectationError(f"'{s}': {what} needs its margin, e.g. '{s} (±0.05)'")
         margin = parse_margin(m["margin"])
     elif m["margin"] is not None:
-        raise ExpectationError(f"'{s}': a margin only applies to '~' (equivalence); remove '({m['margin']})'")
+        raise ExpectationError(f"'{s}': a margin only applies to '~' (equivalence) and '>=' / '<=' "
+                               f"(non-inferiority); remove '({m['margin']})' or use one of those")
     return Comparison(key, s, m["metric"], op, m["a"], m["b"], margin)  # type: ignore[arg-type]
 
 

@@ -21,6 +21,11 @@ Statistics (vlkit/ablate/contrast.py makes each contrast, vlkit/ablate/stats.py 
   p is the TOST p when the estimate lies inside ±m and the non-equivalence p (one-sided, beyond the nearer bound)
   when it lies outside; Holm-corrected with the others. Supported when the Holm p < α and the estimate is inside,
   contradicted when the Holm p < α and it is outside, inconclusive otherwise.
+- **Non-inferiority** ``>=`` (±m): a is not worse than b by more than m, the one-sided test of a − b > −m at α,
+  shown with the 90% interval (its lower end above −m is the same decision); ``<=`` mirrors it (a − b < +m). The
+  expectation's p is that one-sided p when the estimate lies above −m, else the one-sided p of a − b < −m.
+  Supported when the Holm p < α and the estimate is above −m, contradicted when the Holm p < α and it is below,
+  inconclusive otherwise.
 - **Trends** as planned contrasts: the knee (the last value without ``up to``) against the first value, in the
   stated direction; with ``then flat (±m)`` each later value against the knee, an equivalence within ±m. The steps
   in between are not tested. The trend claims all its contrasts at once, so its p is their largest claim p (an
@@ -33,7 +38,8 @@ Statistics (vlkit/ablate/contrast.py makes each contrast, vlkit/ablate/stats.py 
   Run level: paired t (noncentral t) on the observed SD of paired differences. Question level: the crossed
   variance components at the questions the runs answer now, and at ten times as many (questions are cheap, seeds
   are not). ``~`` with the estimate inside ±m: δ = m, a true difference of 0, 90% per one-sided test; outside:
-  δ = |effect| − m. A trend's note is for its weakest contrast. Planning arithmetic on noisy estimates.
+  δ = |effect| − m. ``>=`` with the estimate above −m: δ = m, a true difference of 0, one-sided at α; below:
+  δ = the estimate's distance past −m. A trend's note is for its weakest contrast. Planning arithmetic on noisy estimates.
 """
 from __future__ import annotations
 
@@ -41,9 +47,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from vlkit.ablate.contrast import QUESTION_METHOD, RUN_LEVEL_METHOD, Contrast, claim_p, contrast, seeds_for
-from vlkit.ablate.expect import (PLAIN_METRICS, Comparison, Expectation, ExpectationError, Trend, parse_expectation,
-                                 resolve)
+from vlkit.ablate.contrast import (QUESTION_METHOD, RUN_LEVEL_METHOD, Contrast, claim_p, contrast,
+                                   noninferior_estimate, seeds_for)
+from vlkit.ablate.expect import (NONINFERIOR, PLAIN_METRICS, Comparison, Expectation, ExpectationError, Trend,
+                                 parse_expectation, resolve)
 from vlkit.ablate.stats import ALPHA, POWER, holm, number
 
 MAX_SEEDS = 1000  # a power note asking for more seeds than this says "no practical number" instead
@@ -56,7 +63,7 @@ class Finding:
 
     key: str
     text: str
-    kind: str  # comparison, equivalence, trend (or unread: an entry the report could not test)
+    kind: str  # comparison, equivalence, non-inferiority, trend (or unread: an entry the report could not test)
     metric: str
     axis: str | None
     verdict: Verdict
@@ -64,7 +71,7 @@ class Finding:
     effect: float | None = None  # comparisons: a − b; trends: the deciding contrast
     ci_low: float | None = None
     ci_high: float | None = None
-    ci_level: float = 0.95  # 0.90 for an equivalence (TOST at α = 0.05)
+    ci_level: float = 0.95  # 0.90 for an equivalence or non-inferiority (one-sided tests at α = 0.05)
     p: float | None = None  # the expectation's claim p before correction (module docstring)
     p_holm: float | None = None
     n_pairs: int = 0
@@ -78,13 +85,21 @@ class Finding:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
 
+def finding_kind(exp: Expectation) -> str:
+    if isinstance(exp, Trend):
+        return "trend"
+    return {"~": "equivalence", ">=": "non-inferiority", "<=": "non-inferiority"}.get(exp.op, "comparison")
+
+
 def contrast_verdict(c: Contrast, op: str, p_holm: float) -> Verdict:
-    """The verdict rules of the module docstring, for one comparison or equivalence."""
+    """The verdict rules of the module docstring, for one comparison, equivalence or non-inferiority."""
     if c.n < 2 or math.isnan(p_holm) or p_holm >= ALPHA:
         return "inconclusive"
     if op == "~":
         assert c.margin is not None
         return "supported" if abs(c.effect) < c.margin else "contradicted"
+    if op in NONINFERIOR:
+        return "supported" if noninferior_estimate(c) else "contradicted"
     expected = 1 if op == ">" else -1
     return "supported" if expected * c.effect > 0 else "contradicted"
 
@@ -152,7 +167,17 @@ def _power_note(c: Contrast, family: int) -> str:
                 "size the study; more seeds, or runs that keep their answers (question level), would.")
     alpha = ALPHA / family
     level = f"α = 0.05/{family}, the strictest level Holm can apply" if family > 1 else "α = 0.05"
-    if c.margin is not None and abs(c.effect) < c.margin:
+    if c.side and c.margin is not None:
+        side = ">=" if c.side > 0 else "<="
+        if noninferior_estimate(c):
+            delta, test_alpha, power = c.margin, 2 * alpha, POWER  # one-sided at alpha = two-sided at 2 alpha
+            what = (f"show {c.a} {side} {c.b} within {c.margin:g} (the {100 - 200 * alpha:.3g}% CI clear of "
+                    f"{fmt_effect(-c.side * c.margin)}) with 80% power if the true difference were 0 ({level})")
+        else:
+            delta, test_alpha, power = c.side * c.effect + c.margin, 2 * alpha, POWER
+            what = (f"show {c.a} falls short of {c.b} by more than {c.margin:g} with 80% power if the difference "
+                    f"were the observed {fmt_effect(c.effect)} ({level})")
+    elif c.margin is not None and abs(c.effect) < c.margin:
         # both one-sided tests at alpha (a two-sided test at 2 alpha), 90% power each: >= 80% for the pair
         delta, test_alpha, power = c.margin, 2 * alpha, 1 - (1 - POWER) / 2
         what = f"put the {100 - 200 * alpha:.3g}% CI inside ±{c.margin:g} with 80% probability if the true " \
@@ -192,6 +217,16 @@ def _comparison_sentence(exp: Comparison, c: Contrast, verdict: Verdict, p_holm:
                                  f"after Holm correction (p = {fmt_p(p_holm)}) the data cannot tell equivalence within "
                                  f"±{exp.margin:g} from a larger difference"}[verdict]
         return f"{verdict.capitalize()}: {eff}); {where}."
+    if exp.op in NONINFERIOR:
+        bound, worse = fmt_effect(-c.side * c.margin), "lower" if c.side > 0 else "higher"
+        where = {"supported": f"the one-sided test places it {'above' if c.side > 0 else 'below'} {bound} (Holm p = "
+                              f"{fmt_p(p_holm)}), so {exp.a} is not {worse} than {exp.b} by more than {exp.margin:g}",
+                 "contradicted": f"{exp.a} is {worse} than {exp.b} by more than {exp.margin:g} (Holm p = "
+                                 f"{fmt_p(p_holm)})",
+                 "inconclusive": NO_SPREAD if _no_spread(c) else
+                                 f"after Holm correction (p = {fmt_p(p_holm)}) the data cannot rule out {exp.a} "
+                                 f"being {worse} than {exp.b} by more than {exp.margin:g}"}[verdict]
+        return f"{verdict.capitalize()}: {eff}); {where}."
     word = "higher" if exp.op == ">" else "lower"
     if verdict == "supported":
         why = f"{exp.a} is {word} than {exp.b} as expected (Holm p = {fmt_p(p_holm)})"
@@ -215,7 +250,7 @@ def judge(expectations: list[Expectation], rows: list[dict[str, Any]], axes: lis
             made[exp.key] = trend_contrasts(exp, rows, answers, axes)
         else:
             made[exp.key] = contrast(rows, answers, axes, exp.axis, exp.a, exp.b, exp.metric,  # type: ignore[arg-type]
-                                     exp.margin)
+                                     exp.margin, NONINFERIOR.get(exp.op, 0))
     keys = list(made)
     adjusted = dict(zip(keys, holm([_expectation_p(made[k]) for k in keys])))
     return [_judge_trend(exp, made[exp.key], adjusted[exp.key], len(keys)) if isinstance(exp, Trend)
@@ -231,8 +266,8 @@ def _expectation_p(made: Contrast | list[Contrast]) -> float:
 
 def _judge_comparison(exp: Comparison, c: Contrast, p_holm: float, family: int) -> Finding:
     verdict = contrast_verdict(c, exp.op, p_holm)
-    eq = exp.op == "~"
-    return Finding(key=exp.key, text=exp.text, kind="equivalence" if eq else "comparison", metric=exp.metric,
+    eq = exp.margin is not None  # equivalence or non-inferiority: one-sided tests at α, the 90% CI
+    return Finding(key=exp.key, text=exp.text, kind=finding_kind(exp), metric=exp.metric,
                    axis=exp.axis, verdict=verdict, sentence=_comparison_sentence(exp, c, verdict, p_holm),
                    effect=c.effect, ci_low=c.ci90_low if eq else c.ci_low, ci_high=c.ci90_high if eq else c.ci_high,
                    ci_level=1 - 2 * ALPHA if eq else 0.95, p=claim_p(c), p_holm=p_holm, n_pairs=c.n,
@@ -332,8 +367,7 @@ def findings_for(entries: list[Any], axes: dict[str, list[Any]], rows: list[dict
                 raise ExpectationError("no run of the study finished with a measured metric")
             testable.append(resolve(exp, axes, columns=columns))
         except ExpectationError as exc:
-            kind = "trend" if isinstance(exp, Trend) else ("equivalence" if exp.op == "~" else "comparison")
-            untested[key] = Finding(key=key, text=exp.text, kind=kind, metric=exp.metric,
+            untested[key] = Finding(key=key, text=exp.text, kind=finding_kind(exp), metric=exp.metric,
                                     axis=getattr(exp, "axis", None), verdict="not tested",
                                     sentence=f"Not tested: {exc}.")
     judged = {f.key: f for f in judge(testable, rows, list(axes), answers)}

@@ -47,7 +47,8 @@ def findings_markdown(findings: list[Finding], analysis: str = "", exploratory: 
     lines += ["The study's declared expectations (`expect:` in its recipe), tested on paired runs: the two arms are "
               "paired by seed within each setting of the other axes. Effect = a − b (a trend: its deciding planned "
               "contrast). `>` / `<`: 95% CI and two-sided p. `~` (±m): two one-sided tests at α = 0.05 with the 90% "
-              "CI; p is the TOST p (the non-equivalence p when the estimate lies beyond ±m). Trends: knee vs start "
+              "CI; p is the TOST p (the non-equivalence p when the estimate lies beyond ±m). `>=` (±m), non-inferiority: "
+              "the one-sided test that a − b > −m at α = 0.05 with the 90% CI (`<=`: a − b < +m). Trends: knee vs start "
               "and each later value vs the knee within ±m, p the largest of theirs. Every p is Holm-corrected "
               f"across the {family} tested expectation(s). Rules: README, section Hypotheses.", ""]
     if analysis:

@@ -245,6 +245,26 @@ class CrossedStat:
             return math.nan
         return float(stats.t.sf((abs(self.effect) - margin) / self.se, self.df))
 
+    def p_beyond(self, bound: float, side: int) -> float:
+        """One-sided p of "the true effect lies above ``bound``" (side +1) or below it (side −1): a non-inferiority
+        test when the bound is the margin on the losing side."""
+        from scipy import stats
+
+        if self.identical or self.unanimous:
+            est = float(self.unanimous)  # the estimate: 0 for a table of zeros, ±1 for a unanimous one
+            if side * (est - bound) <= 0:
+                return 1.0  # the estimate is not on the claimed side of the bound
+            if self.identical:
+                # the other side of the bound needs the arms to differ on at least |bound| of the questions:
+                # none of Q differing then has chance at most (1 − |bound|)^Q
+                return (1.0 - abs(bound)) ** self.questions if abs(bound) < 1 else 0.0
+            # with the true effect on the other side of the bound at most a share (1 + u·bound)/2 of questions go
+            # the estimate's way u: all Q of them with chance at most that^Q
+            return min(1.0, ((1.0 + self.unanimous * bound) / 2) ** self.questions)
+        if not self.se > 0:
+            return math.nan
+        return float(stats.t.sf(side * (self.effect - bound) / self.se, self.df))
+
 
 def mean_squares(d: "np.ndarray") -> tuple[float, float, float]:
     """Two-way ANOVA mean squares of a (pairs × questions) table without replication: rows, columns, residual."""
