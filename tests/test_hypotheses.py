@@ -257,6 +257,13 @@ def test_non_inferiority_judged_by_the_one_sided_test_against_the_margin():
     f = one("patch >= cls on accuracy (±0.05)", rows([0.15, -0.12, 0.08, -0.1, 0.05, -0.02]), TOK)
     assert f.verdict == "inconclusive" and "cannot rule out patch being lower" in f.sentence
     assert "within 0.05" in f.power_note and "if the true difference were 0" in f.power_note
+    # noisy and a little past the margin: the note sizes the test of falling short, at the distance past −m (0.02)
+    short = [-0.2, 0.05, -0.15, 0.0, -0.1, -0.02]
+    f = one("patch >= cls on accuracy (±0.05)", rows(short), TOK)
+    assert f.verdict == "inconclusive" and f.effect == pytest.approx(-0.07)
+    assert "falls short of cls by more than 0.05" in f.power_note
+    # one-sided at α = 0.05 is two-sided at 0.1
+    assert int(f.power_note.split("about ")[1].split()[0]) == pairs_needed(stats.tstd(short), 0.02, 0.1)
 
 
 def test_non_inferiority_at_question_level_is_the_one_sided_crossed_test():

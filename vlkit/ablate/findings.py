@@ -39,7 +39,8 @@ Statistics (vlkit/ablate/contrast.py makes each contrast, vlkit/ablate/stats.py 
   variance components at the questions the runs answer now, and at ten times as many (questions are cheap, seeds
   are not). ``~`` with the estimate inside ±m: δ = m, a true difference of 0, 90% per one-sided test; outside:
   δ = |effect| − m. ``>=`` with the estimate above −m: δ = m, a true difference of 0, one-sided at α; below:
-  δ = the estimate's distance past −m. A trend's note is for its weakest contrast. Planning arithmetic on noisy estimates.
+  δ = the estimate's distance past −m. A trend's note is for its weakest contrast. Planning arithmetic on noisy
+  estimates.
 """
 from __future__ import annotations
 
@@ -174,7 +175,7 @@ def _power_note(c: Contrast, family: int) -> str:
             what = (f"show {c.a} {side} {c.b} within {c.margin:g} (the {100 - 200 * alpha:.3g}% CI clear of "
                     f"{fmt_effect(-c.side * c.margin)}) with 80% power if the true difference were 0 ({level})")
         else:
-            delta, test_alpha, power = c.side * c.effect + c.margin, 2 * alpha, POWER
+            delta, test_alpha, power = -(c.side * c.effect + c.margin), 2 * alpha, POWER  # distance past −m
             what = (f"show {c.a} falls short of {c.b} by more than {c.margin:g} with 80% power if the difference "
                     f"were the observed {fmt_effect(c.effect)} ({level})")
     elif c.margin is not None and abs(c.effect) < c.margin:
