@@ -57,6 +57,9 @@ def test_grammar_reads_good_expectations(text, expected):
     ("patch > cls on accuracy (±0.05)", "a margin only applies to '~' .equivalence. and '>=' / '<='"),
     ("patch >= cls on accuracy", r"non-inferiority needs its margin, e.g. 'patch >= cls on accuracy \(±0.05\)'"),
     ("patch >= cls on accuracy (±0)", "must be a positive number"),
+    ("patch => cls on accuracy (±0.05)", "'=>' is not an operator; did you mean '>='"),
+    ("patch=<cls on accuracy (±0.05)", "'=<' is not an operator; did you mean '<='"),
+    ("patch > = cls on accuracy (±0.05)", "write '>=' without a space"),
     ("accuracy increase with num_image_tokens", "Did you mean 'increases'"),
     ("accuracy increases with num_image_tokens then flat (±0.05)", "'then flat' needs a knee"),
     ("accuracy increases with num_image_tokens up to 9 then flat", "'then flat' needs its margin"),
@@ -253,6 +256,7 @@ def test_non_inferiority_judged_by_the_one_sided_test_against_the_margin():
     # "<=" mirrors it: cls <= patch within 0.05 means cls − patch < +0.05
     assert one("cls <= patch on accuracy (±0.05)", behind, TOK).verdict == "supported"
     assert one("cls <= patch on accuracy (±0.05)", worse, TOK).verdict == "contradicted"
+    assert "cls is higher than patch by more than 0.05" in one("cls <= patch on accuracy (±0.05)", worse, TOK).sentence
     # noisy around 0: cannot rule out falling short by 0.05; the power note sizes a one-sided test at δ = m
     f = one("patch >= cls on accuracy (±0.05)", rows([0.15, -0.12, 0.08, -0.1, 0.05, -0.02]), TOK)
     assert f.verdict == "inconclusive" and "cannot rule out patch being lower" in f.sentence
@@ -261,7 +265,9 @@ def test_non_inferiority_judged_by_the_one_sided_test_against_the_margin():
     short = [-0.2, 0.05, -0.15, 0.0, -0.1, -0.02]
     f = one("patch >= cls on accuracy (±0.05)", rows(short), TOK)
     assert f.verdict == "inconclusive" and f.effect == pytest.approx(-0.07)
-    assert "falls short of cls by more than 0.05" in f.power_note
+    assert "show patch is lower than cls by more than 0.05" in f.power_note
+    mirrored = one("cls <= patch on accuracy (±0.05)", rows(short), TOK)
+    assert "show cls is higher than patch by more than 0.05" in mirrored.power_note
     # one-sided at α = 0.05 is two-sided at 0.1
     assert int(f.power_note.split("about ")[1].split()[0]) == pairs_needed(stats.tstd(short), 0.02, 0.1)
 
@@ -283,6 +289,11 @@ def test_non_inferiority_at_question_level_is_the_one_sided_crossed_test():
     assert want.effect > -0.1 and f.p == pytest.approx(stats.t.sf((want.effect + 0.1) / want.se, want.df))
     lo, hi = want.ci(0.9)
     assert (f.ci_low, f.ci_high) == pytest.approx((lo, hi)) and (f.verdict == "supported") == (f.p < 0.05)
+    # "<=" at question level: cls − patch < +0.1, one-sided on the mirrored table
+    g = judge([resolve(parse_expectation("cls <= patch on accuracy (±0.1)", "expect[0]"), TOK)], rows, ["tokens"],
+              answers)[0]
+    assert g.effect == pytest.approx(-want.effect) and g.p == pytest.approx(f.p)
+    assert g.p == pytest.approx(stats.t.sf((0.1 - g.effect) / want.se, want.df))
 
 
 def test_non_inferiority_exact_bounds_when_no_answer_differs_or_all_differ_one_way():
@@ -291,6 +302,7 @@ def test_non_inferiority_exact_bounds_when_no_answer_differs_or_all_differ_one_w
     assert zeros.p_beyond(-0.05, -1) == 1.0  # the estimate 0 is above −0.05: nothing says it is below
     ahead = crossed_stat(np.ones((2, 20)))
     assert ahead.p_beyond(-0.05, 1) == pytest.approx(0.475 ** 20) and ahead.p_beyond(-0.05, -1) == 1.0
+    assert ahead.p_beyond(-1.5, 1) == 0.0  # a bound no accuracy difference reaches: certain, never negative
     behind = crossed_stat(-np.ones((2, 20)))
     assert behind.p_beyond(-0.05, -1) == pytest.approx(0.525 ** 20) and behind.p_beyond(-0.05, 1) == 1.0
 

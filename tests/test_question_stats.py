@@ -72,14 +72,30 @@ def test_same_recipe_false_positive_rate_at_most_6_percent(k):
     fitted = fitted_seed_sd()
     assert 0.2 < fitted < 2.0  # position_of_object's seed SD (≈ 0.07 in accuracy) on the logit scale
     for sd_armseed, sd_armq in [(0.0, 0.0), (fitted, 0.0), (fitted, 0.5), (0.1, 0.5)]:
-        d = simulate(rng, 2000, k, 50, sd_armseed, sd_armq=sd_armq)
-        rate = float(np.mean(p_values(d) < 0.05))
+        p = p_values(simulate(rng, 2000, k, 50, sd_armseed, sd_armq=sd_armq))
+        rate = float(np.mean(p < 0.05))
         assert rate <= 0.06, (k, sd_armseed, sd_armq, rate)
-        # the one-sided test a non-inferiority makes (CrossedStat.p_beyond), at its bound: here 0, the true effect
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_non_inferiority_at_its_margin_rejects_at_most_6_percent(k):
+    """Arm a truly worse than b by exactly the margin (a − b = −m): the one-sided test a − b > −m
+    (CrossedStat.p_beyond) claims non-inferiority in at most 6% of 2 000 simulated studies per regime."""
+    rng = np.random.default_rng(61 + k)
+    fitted = fitted_seed_sd()
+    for sd_armseed, sd_armq in [(0.0, 0.0), (fitted, 0.5)]:
+        # the true a − b of a logit shift of −0.3 (about −0.06 in accuracy): the mean over many simulated answers
+        margin = -float(simulate(rng, 400, 12, 100, sd_armseed, -0.3, sd_armq).mean())
+        assert 0.03 < margin < 0.1
+        d = simulate(rng, 2000, k, 50, sd_armseed, -0.3, sd_armq)
         g, se, df = crossed_stats_many(d)
         with np.errstate(divide="ignore", invalid="ignore"):
-            one_sided = np.where(se > 0, stats.t.sf(g / se, df), np.where(g > 0, 0.0, 1.0))
-        assert float(np.mean(one_sided < 0.05)) <= 0.06, (k, sd_armseed, sd_armq, "one-sided")
+            p = np.where(se > 0, stats.t.sf((g + margin) / se, df), 1.0)
+        for i in range(20):  # the vectorised arithmetic is p_beyond's
+            one = crossed_stat(d[i]).p_beyond(-margin, 1)
+            assert one == pytest.approx(p[i]) or (math.isnan(one) and se[i] == 0)
+        rate = float(np.mean(p < 0.05))
+        assert rate <= 0.06, (k, sd_armseed, sd_armq, rate)
 
 
 def test_the_seed_only_t_test_ignores_question_variability_and_the_crossed_one_does_not():

@@ -38,6 +38,7 @@ _COMPARISON = re.compile(rf"^(?P<a>{_VALUE})\s*(?P<op>>=|<=|[<>~≥≤])\s*(?P<b
                          r"(?:\s*\((?P<margin>[^)]*)\))?$")
 _TREND = re.compile(r"^(?P<metric>[^\s()]+)\s+(?P<dir>\w+)\s+with\s+(?P<axis>\S+)"
                     r"(?:\s+up\s+to\s+(?P<knee>[^\s()]+))?(?:\s+then\s+(?P<flat>\w+)\s*(?:\((?P<margin>[^)]*)\))?)?$")
+_REVERSED_OP = re.compile(r"=\s*[<>]|[<>]\s+=")  # "=>", "=<" and "> =": a non-inferiority mistyped
 _MARGIN = re.compile(r"^(?:±|\+-|\+/-)\s*(?P<num>[0-9.eE+-]+)$")
 GRAMMAR = ("write '<a> > <b> on <metric>', '<a> < <b> on <metric>', '<a> ~ <b> on <metric> (±margin)', "
            "'<a> >= <b> on <metric> (±margin)' (non-inferiority) or "
@@ -100,6 +101,11 @@ def parse_expectation(text: Any, key: str) -> Expectation:
     if not isinstance(text, str):
         raise ExpectationError(f"an expectation is a string, got {type(text).__name__} {text!r}; {GRAMMAR}")
     s = " ".join(text.split())
+    typo = _REVERSED_OP.search(s)
+    if typo:
+        op = "".join(typo[0].split())
+        raise ExpectationError(f"'{s}': '{op}' is not an operator; did you mean '{op[::-1]}'? {GRAMMAR}"
+                               if op in ("=>", "=<") else f"'{s}': write '{op}' without a space; {GRAMMAR}")
     m = _COMPARISON.match(s)
     if m:
         return _comparison(m, s, key)

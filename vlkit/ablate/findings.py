@@ -176,8 +176,8 @@ def _power_note(c: Contrast, family: int) -> str:
                     f"{fmt_effect(-c.side * c.margin)}) with 80% power if the true difference were 0 ({level})")
         else:
             delta, test_alpha, power = -(c.side * c.effect + c.margin), 2 * alpha, POWER  # distance past −m
-            what = (f"show {c.a} falls short of {c.b} by more than {c.margin:g} with 80% power if the difference "
-                    f"were the observed {fmt_effect(c.effect)} ({level})")
+            what = (f"show {c.a} is {'lower' if c.side > 0 else 'higher'} than {c.b} by more than {c.margin:g} with "
+                    f"80% power if the difference were the observed {fmt_effect(c.effect)} ({level})")
     elif c.margin is not None and abs(c.effect) < c.margin:
         # both one-sided tests at alpha (a two-sided test at 2 alpha), 90% power each: >= 80% for the pair
         delta, test_alpha, power = c.margin, 2 * alpha, 1 - (1 - POWER) / 2

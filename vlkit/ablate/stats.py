@@ -260,7 +260,7 @@ class CrossedStat:
                 return (1.0 - abs(bound)) ** self.questions if abs(bound) < 1 else 0.0
             # with the true effect on the other side of the bound at most a share (1 + u·bound)/2 of questions go
             # the estimate's way u: all Q of them with chance at most that^Q
-            return min(1.0, ((1.0 + self.unanimous * bound) / 2) ** self.questions)
+            return min(1.0, max(0.0, (1.0 + self.unanimous * bound) / 2) ** self.questions)  # |bound| >= 1: 0
         if not self.se > 0:
             return math.nan
         return float(stats.t.sf(side * (self.effect - bound) / self.se, self.df))
