@@ -55,6 +55,8 @@ def test_grammar_reads_good_expectations(text, expected):
     ("cls ~ patch on accuracy (±abc)", "not of the form"),
     ("cls ~ patch on accuracy (±1.2.3)", "is not a number"),
     ("patch > cls on accuracy (±0.05)", "a margin only applies to '~' .equivalence. and '>=' / '<='"),
+    ("patch >= cls (±0.1)", r"names no metric; write 'patch >= cls on <metric> \(±0.1\)'"),
+    ("patch >= cls", r"names no metric; write 'patch >= cls on <metric> \(±0.05\)'"),
     ("patch >= cls on accuracy", r"non-inferiority needs its margin, e.g. 'patch >= cls on accuracy \(±0.05\)'"),
     ("patch >= cls on accuracy (±0)", "must be a positive number"),
     ("patch => cls on accuracy (±0.05)", "'=>' is not an operator; did you mean '>='"),

@@ -117,7 +117,8 @@ def parse_expectation(text: Any, key: str) -> Expectation:
 
 def _comparison(m: re.Match[str], s: str, key: str) -> Comparison:
     if m["on"] is None:
-        raise ExpectationError(f"'{s}' names no metric; write '{m['a']} {m['op']} {m['b']} on <metric>'")
+        margin = f" ({m['margin']})" if m["margin"] else " (±0.05)" if m["op"] in (*MARGIN_OPS, "≥", "≤") else ""
+        raise ExpectationError(f"'{s}' names no metric; write '{m['a']} {m['op']} {m['b']} on <metric>{margin}'")
     if m["on"] != "on":
         raise ExpectationError(f"'{s}': expected 'on <metric>' after '{m['a']} {m['op']} {m['b']}', got '{m['on']}'")
     op = {"≥": ">=", "≤": "<="}.get(m["op"], m["op"])
