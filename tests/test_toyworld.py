@@ -519,6 +519,51 @@ def test_hard_negatives_change_shapes_only():
     assert [o.shape for o in objs] == ["circle", "square", "cross"]  # the scene itself is untouched
 
 
+def test_cell_targets_name_each_patch_by_its_cells_contents():
+    """8 x 8 patches of 8 px over 3 x 3 cells of 64/3 px: a patch belongs to the cell holding its centre (3, 2, 3
+    rows and columns), 0 is an empty cell, then colours / shapes in their vocabulary order (+1)."""
+    from vlkit.data import toy
+    from vlkit.toyworld import models
+
+    scenes = [{"objects": [{"shape": "cross", "colour": "red", "row": 0, "col": 0},
+                           {"shape": "circle", "colour": "orange", "row": 1, "col": 2}]},
+              {"objects": [{"shape": "square", "colour": "blue", "row": 2, "col": 1}]}]
+    colour, shape = models.cell_targets(scenes, 3, 64, 8)
+    assert colour.shape == shape.shape == (2, 64) and colour.dtype == torch.long
+    c0, s0 = colour[0].view(8, 8), shape[0].view(8, 8)
+    red, cross = 1 + toy.COLOURS_LIST.index("red"), 1 + toy.SHAPES.index("cross")
+    assert (c0[:3, :3] == red).all() and (s0[:3, :3] == cross).all()  # patch centres 4, 12, 20 < 21.3
+    assert (c0[:3, 3:] == 0).all() and (c0[3:5, :5] == 0).all()  # centres 28, 36 are row/column 1
+    orange, circle = 1 + toy.COLOURS_LIST.index("orange"), 1 + toy.SHAPES.index("circle")
+    assert (c0[3:5, 5:] == orange).all() and (s0[3:5, 5:] == circle).all()
+    assert int((colour[0] > 0).sum()) == 9 + 6 and int((shape[0] > 0).sum()) == 15
+    c1 = colour[1].view(8, 8)
+    assert (c1[5:, 3:5] == 1 + toy.COLOURS_LIST.index("blue")).all() and int((c1 > 0).sum()) == 6
+
+
+def test_the_cell_objective_trains_a_head_that_is_not_saved(tiny_toy_world, tmp_path):
+    """``clip.cells`` adds the per-patch loss (the loop's losses change), trains through the layer it names, and
+    saves only the CLIPModel: the same files and keys as without it, other weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from vlkit.toyworld import models
+
+    tok = AutoTokenizer.from_pretrained(tiny_toy_world.weights_dir / "tokenizer")
+    cfg = dict(tw.pretrain_config("tiny")["clip"], steps=3, batch=8)
+    cfg.pop("cells", None)
+    plain = models.train_clip(tiny_toy_world.data_dir, tok, tmp_path / "plain", cfg, 0, lambda *a: None)
+    cells = models.train_clip(tiny_toy_world.data_dir, tok, tmp_path / "cells",
+                              dict(cfg, cells={"weight": 1.0, "layer": -2}), 0, lambda *a: None)
+    assert cells["train_loss_first"] > plain["train_loss_first"] + 0.5  # + about ln 7 / 2 + ln 6 / 2 at the start
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("plain", "cells"))
+    assert a.keys() == b.keys() and not any("cells" in k for k in b)
+    layer3 = "vision_model.encoder.layers.2.mlp.fc2.weight"  # under hidden_states[-2]: the head's loss reaches it
+    assert not torch.equal(a[layer3], b[layer3])
+    last = "vision_model.encoder.layers.3.mlp.fc2.weight"
+    assert a[last].shape == b[last].shape
+
+
 def test_contrastive_loss_without_negatives_is_clips(tiny_toy_world):
     from transformers import AutoTokenizer, CLIPModel
 

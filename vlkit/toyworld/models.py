@@ -152,11 +152,62 @@ def contrastive_loss(logits_per_image: "torch.Tensor") -> "torch.Tensor":
     return 0.5 * (F.cross_entropy(logits_per_image, target) + F.cross_entropy(logits_per_image[:, :b].t(), target))
 
 
+def cell_targets(scenes: list[dict], grid: int, image_size: int, patch_size: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """What each patch's cell holds, ``(colour, shape)``, each ``[N, P]`` long (P patches row-major; class 0 is an
+    empty cell, then ``COLOURS_LIST`` / ``SHAPES`` in order). A patch belongs to the cell holding its centre, as
+    ``fusion.cells`` assigns image tokens (8 x 8 patches over 3 x 3 cells: 3, 2, 3 rows and columns)."""
+    import torch
+
+    side = image_size // patch_size
+    cell_of = ((np.arange(side) * patch_size + patch_size / 2) * grid / image_size).astype(int)
+    colour = np.zeros((len(scenes), grid, grid), dtype=np.int64)
+    shape = np.zeros((len(scenes), grid, grid), dtype=np.int64)
+    for i, s in enumerate(scenes):
+        for o in s["objects"]:
+            colour[i, o["row"], o["col"]] = 1 + toy.COLOURS_LIST.index(o["colour"])
+            shape[i, o["row"], o["col"]] = 1 + toy.SHAPES.index(o["shape"])
+    rows, cols = np.meshgrid(cell_of, cell_of, indexing="ij")
+    return (torch.from_numpy(colour[:, rows, cols].reshape(len(scenes), -1)),
+            torch.from_numpy(shape[:, rows, cols].reshape(len(scenes), -1)))
+
+
+def _cell_head(width: int):
+    """A linear read-out of each patch token, ``[B, P, D] -> ([B, P, 1 + colours], [B, P, 1 + shapes])``: trained
+    with toy-clip and then dropped (only the CLIPModel is saved), as MAE drops its decoder."""
+    import torch
+    from torch import nn
+
+    class CellHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.colour = nn.Linear(width, 1 + len(toy.COLOURS_LIST))
+            self.shape = nn.Linear(width, 1 + len(toy.SHAPES))
+
+        def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # [B, P, D] -> [B, P, 7], [B, P, 6]
+            return self.colour(tokens), self.shape(tokens)
+
+    return CellHead()
+
+
+def cell_loss(head, tokens: "torch.Tensor", colour: "torch.Tensor", shape: "torch.Tensor") -> "torch.Tensor":
+    """Mean of the colour and the shape cross-entropy of every patch token ``[B, P, D]`` against its cell's
+    contents ``[B, P]``."""
+    import torch.nn.functional as F
+
+    lc, ls = head(tokens)
+    return 0.5 * (F.cross_entropy(lc.flatten(0, 1), colour.flatten()) + F.cross_entropy(ls.flatten(0, 1),
+                                                                                          shape.flatten()))
+
+
 def train_clip(data_dir: Path, tok, out_dir: Path, cfg: dict[str, Any], seed: int, update: Update,
                ckpt: StepCheckpoint | None = None) -> dict:
     """Contrastive pretraining of a tiny CLIPModel on position-free captions (objects in random order), so that
     the pooled CLS learns *what* is in an image and not *where*; saves model + image processor + tokenizer.
-    ``ckpt``: resume from its last checkpoint and write new ones."""
+    ``cfg["cells"]`` (``{"weight": w, "layer": k}``, optional): add ``w`` x :func:`cell_loss` of a linear head on
+    the patch tokens of ``hidden_states[k]`` (the layer a VLM reads), so that every patch token says what its cell
+    holds; the CLS is still trained on position-free captions only. ``ckpt``: resume from its last checkpoint and
+    write new ones."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
@@ -173,9 +224,17 @@ def train_clip(data_dir: Path, tok, out_dir: Path, cfg: dict[str, Any], seed: in
             for s in scenes]
     rng = np.random.default_rng([seed, 101])
     steps, batch, hard = cfg["steps"], cfg["batch"], bool(cfg.get("hard_negatives", False))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.05, betas=(0.9, 0.98))
+    cells = cfg.get("cells")
+    trained = model
+    if cells:
+        vision = arch["vision"]
+        grid = json.loads((Path(data_dir) / "meta.json").read_text())["grid"]
+        colour_t, shape_t = cell_targets(scenes, grid, vision["image_size"], vision["patch_size"])
+        head = _cell_head(vision["hidden_size"])
+        trained = torch.nn.ModuleDict({"clip": model, "cells": head})  # one state for the optimiser and checkpoints
+    opt = torch.optim.AdamW(trained.parameters(), lr=cfg["lr"], weight_decay=0.05, betas=(0.9, 0.98))
     ckpt = ckpt or StepCheckpoint(None, 1, "")
-    start, losses, rng_state = ckpt.restore(model, opt)
+    start, losses, rng_state = ckpt.restore(trained, opt)
     if rng_state is not None:
         rng.bit_generator.state = json.loads(rng_state)
     model.train()
@@ -186,10 +245,16 @@ def train_clip(data_dir: Path, tok, out_dir: Path, cfg: dict[str, Any], seed: in
             caps += [toy.clip_caption(hard_negative(objs[i], rng), rng) for i in idx]
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, cfg["lr"], max(1, steps // 20))
-        out = model(pixel_values=normalize(images[torch.from_numpy(idx)]), **clip_text(tok, caps))
-        losses.append(_step(contrastive_loss(out.logits_per_image), model, opt))
+        out = model(pixel_values=normalize(images[torch.from_numpy(idx)]), **clip_text(tok, caps),
+                    output_hidden_states=bool(cells))
+        loss = contrastive_loss(out.logits_per_image)
+        if cells:
+            rows = torch.from_numpy(idx)
+            tokens = out.vision_model_output.hidden_states[cells["layer"]][:, 1:]  # [B, P, D], the CLS left out
+            loss = loss + cells["weight"] * cell_loss(head, tokens, colour_t[rows], shape_t[rows])
+        losses.append(_step(loss, trained, opt))
         update(step + 1, f"loss {np.mean(losses[-10:]):.3f}")
-        ckpt.save(step + 1, steps, model, opt, losses, json.dumps(rng.bit_generator.state))
+        ckpt.save(step + 1, steps, trained, opt, losses, json.dumps(rng.bit_generator.state))
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     size = arch["vision"]["image_size"]
