@@ -1,20 +1,18 @@
 """tools/caption_cells.py: align captions scored object by object (docs/examples/align_steps cites its figures)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from _tools import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("caption_cells", ROOT / "tools" / "caption_cells.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("caption_cells")
 
 
 def test_an_object_counts_on_colour_and_shape_separately_and_empty_cells_not_at_all():

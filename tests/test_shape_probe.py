@@ -1,19 +1,15 @@
 """tools/shape_probe.py: the shape probe docs/toyworld.md cites (toy-clip's layer -2), on the tiny world."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from _tools import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("shape_probe", ROOT / "tools" / "shape_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("shape_probe")
 
 
 def test_a_saved_toy_clip_and_its_checkpoint_give_the_same_probe(tiny_toy_world, tmp_path):
