@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 
 import numpy as np
@@ -450,6 +451,31 @@ def test_lm_phases_restrict_types_and_are_validated():
         models.lm_phases({**lm, "phases": [{"steps": 12000, "type": ["count"]}]})
 
 
+def test_type_weights_ask_a_type_more_often_and_are_validated():
+    from vlkit.data import toy
+    from vlkit.toyworld import models
+
+    assert models.question_types(None, None) == tuple(toy.QUESTION_TYPES)
+    weighted = models.question_types(None, {"relation": 3})
+    assert weighted.count("relation") == 3 and len(weighted) == len(toy.QUESTION_TYPES) + 2
+    assert models.question_types(["count", "relation"], {"relation": 2}) == ("count", "relation", "relation")
+    with pytest.raises(ValueError, match=r"\['colour'\] not among the question types"):
+        models.question_types(None, {"colour": 2})
+    with pytest.raises(ValueError, match="whole number >= 1"):
+        models.question_types(None, {"relation": 0.5})
+    world = models.world_scenes(tw.pretrain_config("v4")["data"])
+    cfg = {"types": None, "turns": [8, 12], "caption_share": 0.0}
+    plain = models.lm_chats(np.random.default_rng(0), 40, cfg, **world)
+    assert models.lm_chats(np.random.default_rng(0), 40, {**cfg, "type_weights": None}, **world) == plain
+
+    def relation_share(chats):
+        questions = [m["content"] for c in chats for m in c if m["role"] == "user"]
+        return sum(bool(re.search(r"What is (left of|right of|above|below) the", q)) for q in questions) / len(questions)
+
+    heavy = models.lm_chats(np.random.default_rng(0), 40, {**cfg, "type_weights": {"relation": 4}}, **world)
+    assert relation_share(plain) < 0.2 < 0.3 < relation_share(heavy)  # 1 of 8 types against 4 of 11
+
+
 def test_lm_schedules():
     """cosine (shipped) decays from the warm-up on; held keeps the peak until the last tenth of the steps."""
     from vlkit.toyworld import models
@@ -670,6 +696,39 @@ def test_an_earlier_pretraining_is_reused_where_its_settings_match(tiny_toy_worl
     monkeypatch.setattr(pretraining, "_versions", lambda: {"vlkit": "9", "torch": "9", "transformers": "9"})
     with pytest.raises(ValueError, match=r"it was written by .*this is .*not taken"):
         pretraining.reuse_earlier(tmp_path / "work5", tiny, tmp_path / "earlier")
+
+
+def test_a_focus_stage_fine_tunes_an_earlier_toy_lm_taken_as_its_objects_stage(tiny_toy_world, tmp_path,
+                                                                             monkeypatch):
+    """A third toy-lm stage (``focus``, as v8 adds to v7): ``--reuse`` of weights without it takes toy-clip and the
+    whole earlier toy-lm as the kept objects stage, and trains only the focus stage, to the same weights as
+    ``train_lm_focus`` on that toy-lm; the report nests every stage's figures and says what was reused."""
+    from vlkit.toyworld import models, pretraining
+
+    focus = dict(steps=4, batch=8, lr=1e-3, type_weights={"relation": 3}, object_tokens=0.5, turns=[4, 6],
+                 caption_share=0.05, caption_scene=1.0, other_token_weight=0.0)
+    tiny = copy.deepcopy(pretraining.PRESETS["tiny"])
+    earlier = tiny_toy_world.weights_dir  # the tiny preset's toy-lm stops after its objects stage
+    assert "focus" not in tiny["lm"] and "objects" in tiny["lm"]
+    monkeypatch.setitem(pretraining.PRESETS, "tiny", {**tiny, "lm": {**tiny["lm"], "focus": focus}})
+    config = tw.pretrain_config("tiny")
+    assert pretraining.lm_stages(config) == ["objects", "focus"]
+    assert pretraining.job_steps(config, "toy-lm") == config["lm"]["steps"] + config["lm"]["objects"]["steps"] + 4
+    made = tw.pretrain(tmp_path / "weights", "tiny", 0, data_dir=tiny_toy_world.data_dir, reuse=earlier)
+    lm = made["report"]["toy_lm"]
+    source = json.loads((earlier / "manifest.json").read_text())["config_hash"]
+    assert lm["objects"]["reused_from"]["config_hash"] == source and lm["focus"]["steps"] == 4
+    assert "first_stage" in lm and "val_answer_accuracy_by_type" in lm
+    assert made["files"]["toy-clip/model.safetensors"] == json.loads(
+        (earlier / "manifest.json").read_text())["files"]["toy-clip/model.safetensors"]
+    direct = tmp_path / "direct"
+    models.train_lm_focus(earlier / "toy-lm", direct, focus, 0, config["data"], lambda *a: None)
+    assert made["files"]["toy-lm/model.safetensors"]["sha256"] == shipped.sha256_file(direct / "model.safetensors")
+    assert made["files"]["toy-lm/model.safetensors"] != json.loads(
+        (earlier / "manifest.json").read_text())["files"]["toy-lm/model.safetensors"]
+    with pytest.raises(ValueError, match=r"not among the question types"):
+        models.train_lm_focus(earlier / "toy-lm", tmp_path / "bad", {**focus, "type_weights": {"where": 2}}, 0,
+                              config["data"], lambda *a: None)
 
 
 def test_a_preset_built_on_first_use_takes_what_it_shares_with_the_shipped_weights(tiny_toy_world, tmp_path,

@@ -94,6 +94,15 @@ PRESETS["v6"] = dict(PRESETS["v5"], lm=dict(LM_V5, objects=dict(LM_V5["objects"]
 # chance 0.20) and the default VLM answered shape per cell at 0.46-0.55. toy-lm is v6's.
 PRESETS["v7"] = dict(PRESETS["v6"], clip=dict(PRESETS["v6"]["clip"], cells=dict(weight=1.0, layer=-2)))
 PRESETS["tiny"]["clip"]["cells"] = dict(weight=1.0, layer=-2)  # the tests' stand-in trains as the shipped one
+# v8: v7 with a third toy-lm stage that asks relation questions four times as often as any other type, loss on
+# answers only (models.train_lm_focus). A relation chains two look-ups, and v7's toy-lm answered it from text at
+# 0.70 (every single look-up at 1.00); the default VLM on v7 at 0.55-0.63. In a pilot of this stage (600 fresh
+# val-split relation questions, greedy, scene as object tokens) v7's toy-lm rose 0.59 -> 0.63 -> 0.66 after 500 and
+# 1 000 steps, other types kept at >= 0.94 (docs/toyworld.md).
+LM_V8 = dict(PRESETS["v7"]["lm"], focus=dict(steps=3000, batch=32, lr=1e-3, type_weights={"relation": 4},
+                                             object_tokens=0.5, turns=[8, 12], caption_share=0.05,
+                                             caption_scene=1.0, other_token_weight=0.0))
+PRESETS["v8"] = dict(PRESETS["v7"], lm=LM_V8)
 SHIPPED_PRESET, SHIPPED_SEED = "v7", 0
 DEFAULT_ALIAS = "default"  # names the shipped preset wherever a preset is asked for
 
@@ -149,16 +158,33 @@ def _checkpoint(ckpt_dir: Path | None, config: dict[str, Any], job: str) -> mode
     return models.StepCheckpoint(ckpt_dir, config[_SECTION[job]]["steps"] // 20, job_key(config, job))
 
 
+# toy-lm's stages after the first, in order: each, when the lm config has it, fine-tunes the one before
+LATER_STAGES = ("objects", "focus")
+STAGE_TRAIN = {"objects": "train_lm_objects", "focus": "train_lm_focus"}
+
+
+def lm_config_upto(config: dict[str, Any], stage: str | None) -> dict[str, Any]:
+    """``config`` with toy-lm's stages after ``stage`` left out (``None``: the first stage only): what that
+    stage's weights are a function of. With ``stage`` the config's last stage it is ``config``."""
+    keep = LATER_STAGES[:LATER_STAGES.index(stage) + 1] if stage else ()
+    return {**config, "lm": {k: v for k, v in config["lm"].items() if k not in LATER_STAGES or k in keep}}
+
+
 def lm_base_config(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` with toy-lm's first stage only (its ``lm`` without ``objects``): what the first stage's weights
-    are a function of. For a config without a second stage it is ``config``."""
-    return {**config, "lm": {k: v for k, v in config["lm"].items() if k != "objects"}}
+    """``config`` with toy-lm's first stage only (its ``lm`` without ``objects`` or ``focus``): what the first
+    stage's weights are a function of. For a config without later stages it is ``config``."""
+    return lm_config_upto(config, None)
+
+
+def lm_stages(config: dict[str, Any]) -> list[str]:
+    """The later stages (``LATER_STAGES``) the config's toy-lm has, in order."""
+    return [s for s in LATER_STAGES if s in config["lm"]]
 
 
 def job_steps(config: dict[str, Any], job: str) -> int:
     """A job's optimiser steps, all stages (its progress bar's total)."""
     section = config[_SECTION[job]]
-    return section["steps"] + section.get("objects", {}).get("steps", 0)
+    return section["steps"] + sum(section[s]["steps"] for s in LATER_STAGES if s in section)
 
 
 def _clip_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckpt_dir: Path | None) -> dict[str, Any]:
@@ -211,31 +237,70 @@ def _write_kept(tmp: Path, dest: Path, result: dict[str, Any], key: str) -> None
 
 
 def _lm_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckpt_dir: Path) -> dict[str, Any]:
-    """toy-lm: its first stage (kept in ``ckpt_dir``), then its second when the config has one, then the probes.
-    With a second stage the report nests each stage's figures (``first_stage``, ``objects``) beside the final
-    model's size and probes."""
+    """toy-lm: its first stage (kept in ``ckpt_dir``), then each later stage the config has (``lm_stages``; each
+    but the last kept too), then the probes. Training starts after the latest kept stage (an interrupted run's,
+    or one ``reuse_earlier`` put there). With later stages the report nests each stage's figures
+    (``first_stage``, ``objects``, ``focus``) beside the final model's size and probes."""
     out = weights / "toy-lm"
-    base = _lm_first_stage(weights, config, update, ckpt_dir)
-    seconds, cpu = base["seconds"], base["cpu_seconds"]
-    objects = config["lm"].get("objects")
-    if objects:
-        t, c = time.perf_counter(), time.process_time()
-        first = config["lm"]["steps"]
-        second = models.train_lm_objects(
-            ckpt_dir / BASE_KEPT / "toy-lm", out, objects, config["seed"], config["data"],
-            lambda done, text="": update(first + done, text),
-            models.StepCheckpoint(ckpt_dir / "objects", objects["steps"] // 20, job_key(config, "toy-lm")))
-        seconds["toy-lm objects"], cpu["toy-lm objects"] = time.perf_counter() - t, time.process_time() - c
-        stats = {"params": second.pop("params"), "first_stage": base["toy_lm"], "objects": second}
+    stages = lm_stages(config)
+    kept_at = next((k for k in range(len(stages) - 2, -1, -1)
+                    if (ckpt_dir / f"{stages[k]}.finished" / "result.json").is_file()), None)
+    seconds: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    stats: dict[str, Any] = {}
+    if kept_at is None:
+        base = _lm_first_stage(weights, config, update, ckpt_dir)
+        seconds.update(base["seconds"])
+        cpu.update(base["cpu_seconds"])
+        stats = {"params": base["toy_lm"].get("params"), "first_stage": base["toy_lm"]}
+        prev, todo = ckpt_dir / BASE_KEPT / "toy-lm", stages
     else:
+        prev, todo = None, stages[kept_at:]
+    if not stages:
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(ckpt_dir / BASE_KEPT / "toy-lm", out)
         stats = base["toy_lm"]
+    for stage in todo:
+        done = config["lm"]["steps"] + sum(config["lm"][s]["steps"] for s in stages[:stages.index(stage)])
+        result = _lm_later_stage(stage, prev, stage == stages[-1], out, config, data_dir, update, done, ckpt_dir)
+        stats.update(result["toy_lm"])
+        seconds.update(result["seconds"])
+        cpu.update(result["cpu_seconds"])
+        prev = ckpt_dir / f"{stage}.finished" / "toy-lm"
     update(job_steps(config, "toy-lm"), "probing")
     t, c = time.perf_counter(), time.process_time()
     stats.update(probes.probe_lm(out, data_dir))
     seconds["toy-lm probes"], cpu["toy-lm probes"] = time.perf_counter() - t, time.process_time() - c
     return {"toy_lm": stats, "seconds": seconds, "cpu_seconds": cpu}
+
+
+def _lm_later_stage(stage: str, prev: Path, last: bool, out: Path, config: dict[str, Any], data_dir: Path, update,
+                    done: int, ckpt_dir: Path) -> dict[str, Any]:
+    """One later stage of toy-lm, fine-tuning the model in ``prev``, its checkpoints in ``ckpt_dir/<stage>`` under
+    the key of ``lm_config_upto(config, stage)``. The last stage writes ``out``; an earlier one is kept in
+    ``ckpt_dir/<stage>.finished`` (or taken from there, also when ``reuse_earlier`` put it there). Returns
+    ``{"toy_lm": {"params", <stage>: its figures}, "seconds", "cpu_seconds"}``; a kept stage's ``toy_lm`` also
+    holds the figures of the stages before it (``first_stage`` ...)."""
+    mine = lm_config_upto(config, stage)
+    key = job_key(mine, "toy-lm")
+    kept = ckpt_dir / f"{stage}.finished"
+    if not last:
+        result = _kept_result(kept, key, f"toy-lm {stage} stage")
+        if result is not None:
+            update(done + config["lm"][stage]["steps"], f"{stage} stage kept")
+            return result
+    dest = out if last else _fresh_tmp(kept)
+    t, c = time.perf_counter(), time.process_time()
+    train = getattr(models, STAGE_TRAIN[stage])
+    figures = train(prev, dest if last else dest / "toy-lm", config["lm"][stage], config["seed"], config["data"],
+                    lambda n, text="": update(done + n, text),
+                    models.StepCheckpoint(ckpt_dir / stage, config["lm"][stage]["steps"] // 20, key))
+    name = f"toy-lm {stage}"
+    result = {"toy_lm": {"params": figures.pop("params"), stage: figures},
+              "seconds": {name: time.perf_counter() - t}, "cpu_seconds": {name: time.process_time() - c}}
+    if not last:
+        _write_kept(dest, kept, result, key)
+    return result
 
 
 BASE_KEPT = "base.finished"  # toy-lm's first stage, finished, in the job's checkpoint directory
@@ -303,19 +368,29 @@ def _settings(config: dict[str, Any], job: str) -> dict[str, Any]:
 def _matching(config: dict[str, Any], old: dict[str, Any]) -> tuple[list[tuple[str, dict, str]], list[str]]:
     """What of an earlier pretraining (config ``old``) this config can take: (job, the config it stands for, where
     it is kept) for toy-clip and for toy-lm whole or as its first stage; and what differs for the others."""
-    candidates = [("toy-clip", config, "toy-clip.finished"), ("toy-lm", config, "toy-lm.finished"),
-                  ("toy-lm", lm_base_config(config), f"toy-lm/{BASE_KEPT}")]
+    candidates = [("toy-clip", config, "toy-clip.finished"), ("toy-lm", config, "toy-lm.finished")]
+    candidates += [("toy-lm", lm_config_upto(config, stage), f"toy-lm/{stage}.finished")
+                   for stage in lm_stages(config)[:-1][::-1]]  # an earlier world's toy-lm as a kept later stage
+    candidates.append(("toy-lm", lm_base_config(config), f"toy-lm/{BASE_KEPT}"))
     found: list[tuple[str, dict, str]] = []
     differ: list[str] = []
     for job, mine, kept in candidates:
         if job == "toy-lm" and any(j == "toy-lm" for j, _, _ in found):
             continue
         if _settings(mine, job) != _settings(old, job):
-            differ.append(f"{'toy-lm first stage' if kept.endswith(BASE_KEPT) else job} differs in "
+            differ.append(f"{_kept_name(job, kept)} differs in "
                           f"{', '.join(_differences(_settings(mine, job), _settings(old, job)))}")
             continue
         found.append((job, mine, kept))
     return found, differ
+
+
+def _kept_name(job: str, kept: str) -> str:
+    """How a reused job or stage is named in messages: toy-clip, toy-lm, toy-lm first stage, toy-lm objects stage."""
+    if kept.endswith(BASE_KEPT):
+        return "toy-lm first stage"
+    stage = kept.split("/")[-1].removesuffix(".finished")
+    return f"toy-lm {stage} stage" if "/" in kept else job
 
 
 def reusable_from(config: dict[str, Any], weights_dir: Path) -> bool:
@@ -368,13 +443,20 @@ def reuse_earlier(work: Path, config: dict[str, Any], weights_dir: Path) -> dict
             sec, cs = times(("toy-lm", "toy-lm objects", "toy-lm probes"))
             result = {"toy_lm": {**report.get("toy_lm", {}), "reused_from": source}, "seconds": sec,
                       "cpu_seconds": cs}
+        elif not kept.endswith(BASE_KEPT):  # a whole earlier toy-lm as this one's kept later stage
+            stage = kept.split("/")[-1].removesuffix(".finished")
+            sec, cs = times(("toy-lm", *(f"toy-lm {s}" for s in LATER_STAGES[:LATER_STAGES.index(stage) + 1])))
+            earlier = report.get("toy_lm", {})
+            figures = {k: earlier[k] for k in ("first_stage", *LATER_STAGES) if k in earlier}
+            figures[stage] = {**figures.get(stage, {}), "reused_from": source}
+            result = {"toy_lm": {"params": earlier.get("params"), **figures}, "seconds": sec, "cpu_seconds": cs}
         else:
             sec, cs = times(("toy-lm",))
             stats = {k: v for k, v in report.get("toy_lm", {}).items()
                      if k in ("params", "train_loss_first", "train_loss_last", "resumed_at_step")}
             result = {"toy_lm": {**stats, "reused_from": source}, "seconds": sec, "cpu_seconds": cs}
         _keep(work / "checkpoints" / kept, weights_dir, manifest, job, result, job_key(mine, job))
-        taken.append(job if not kept.endswith(BASE_KEPT) else "toy-lm first stage")
+        taken.append(_kept_name(job, kept))
     if not taken:
         raise ValueError(f"toy world: --reuse {weights_dir}: nothing in it was made with this preset's settings "
                          f"({'; '.join(differ)}); drop --reuse, or pass weights pretrained with these settings")
@@ -548,7 +630,7 @@ def _checkpointed_jobs(work: Path) -> list[str]:
     """The jobs with a checkpoint in the work directory ``work``."""
     root = work / "checkpoints"
     return sorted({p.relative_to(root).parts[0] for p in root.glob(f"*/**/{models.StepCheckpoint.FILE}")}
-                  | {p.parent.name for p in root.glob(f"*/{BASE_KEPT}")})
+                  | {p.parent.name for p in root.glob("*/*.finished")})
 
 
 def _pretrain_in(work: Path, out: Path, config: dict[str, Any], data_dir: str | os.PathLike | None,
