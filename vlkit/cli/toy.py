@@ -42,8 +42,8 @@ def toy_pretrain_cmd(out: Optional[Path] = typer.Option(None, help="weights dire
                                                           "jobs made there with the same settings are taken, not "
                                                           "trained again")) -> None:
     """Maintainers: pretrain the toy tokenizer, toy-clip and toy-lm from a fixed seed and write the weights with
-    their manifest (sha256 per file, config, quality report). The shipped preset takes about 4-5 CPU-hours (toy-lm's
-    12 000 + 1 000 steps on one thread); an interrupted pretraining resumes from its
+    their manifest (sha256 per file, config, quality report). The shipped preset takes about 6 CPU-hours (toy-lm's
+    12 000 + 1 000 + 3 000 steps on one thread); an interrupted pretraining resumes from its
     checkpoints when the same command is run again, and ``--reuse`` takes what an earlier one made with the same
     settings."""
     from vlkit.toyworld import PACKAGE_WEIGHTS, pretrain

@@ -69,7 +69,7 @@ def write_manifest(weights_dir: Path, config: dict[str, Any], report: dict[str, 
 
 def _fix(weights_dir: Path) -> str:
     if weights_dir == PACKAGE_WEIGHTS:
-        return f"reinstall vlkit, or regenerate them with `{REGENERATE}` (about 4-5 CPU-hours on 2 cores)"
+        return f"reinstall vlkit, or regenerate them with `{REGENERATE}` (about 6 CPU-hours on 2 cores)"
     return f"delete {weights_dir.parent} so that it is rebuilt"
 
 
