@@ -326,12 +326,13 @@ STUDIES_WITH_ANSWERS = Path(__file__).resolve().parents[1] / "docs" / "examples"
 
 
 def committed_studies_with_answers() -> list[Path]:
-    # studies with kept answers: the shipped world's (v7/), v6's and those of v4 not yet rerun (*/), v4's rerun ones
-    # (v4/), earlier defaults on v4 (v4_no_cells/, v4_patch64/) and on v6 (v6_no_norm/), the default's on the v5
-    # preset (v5/)
+    # studies with kept answers: the shipped world's (v8/), v7's (v7/), v6's and those of v4 not yet rerun (*/),
+    # v4's rerun ones (v4/), earlier defaults on v4 (v4_no_cells/, v4_patch64/) and on v6 (v6_no_norm/), the
+    # default's on the v5 preset (v5/)
     plans = [*STUDIES_WITH_ANSWERS.glob("*/plan.json"), *STUDIES_WITH_ANSWERS.glob("v4/*/plan.json"),
              *STUDIES_WITH_ANSWERS.glob("v4_*/*/plan.json"), *STUDIES_WITH_ANSWERS.glob("v5/*/plan.json"),
-             *STUDIES_WITH_ANSWERS.glob("v6_*/*/plan.json"), *STUDIES_WITH_ANSWERS.glob("v7/*/plan.json")]
+             *STUDIES_WITH_ANSWERS.glob("v6_*/*/plan.json"), *STUDIES_WITH_ANSWERS.glob("v7/*/plan.json"),
+             *STUDIES_WITH_ANSWERS.glob("v8/*/plan.json")]
     return sorted(p.parent for p in plans if (p.parent / "runs").is_dir())
 
 

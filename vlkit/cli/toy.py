@@ -12,9 +12,10 @@ from vlkit.cli.common import console, friendly, toy_app
 @toy_app.command("build")
 @friendly
 def toy_build_cmd(cache_dir: Optional[Path] = typer.Option(None, help="default: $VLKIT_TOY_DIR or ~/.cache/vlkit"),
-                  preset: str = typer.Option("default", help="default (the shipped weights, preset v7), tiny "
-                                                    "(tests), v6 (the previous world: toy-clip without the cell objective), v4 (no second toy-lm "
-                                                    "stage), v5, v3; presets other than the shipped one "
+                  preset: str = typer.Option("default", help="default (the shipped weights, preset v8), tiny "
+                                                    "(tests), v7 (the previous world: toy-lm without its third stage), v6 (toy-clip "
+                                                    "without the cell objective), v4 (no second toy-lm stage), v5, "
+                                                    "v3; presets other than the shipped one "
                                                     "are pretrained here, taking what they share with it"),
                   force: bool = typer.Option(False, help="remake the data even if present")) -> None:
     """Check the shipped toy-clip / toy-lm weights and generate the shapes data (what a first run does)."""
@@ -34,7 +35,7 @@ def toy_build_cmd(cache_dir: Optional[Path] = typer.Option(None, help="default: 
 @friendly
 def toy_pretrain_cmd(out: Optional[Path] = typer.Option(None, help="weights directory (default: the package's "
                                                                    "vlkit/toyworld/weights, replaced when done)"),
-                     preset: str = typer.Option("default", help="default (= v7, the shipped one), v6, v5, v4, v3 or tiny"),
+                     preset: str = typer.Option("default", help="default (= v8, the shipped one), v7, v6, v5, v4, v3 or tiny"),
                      seed: int = typer.Option(0),
                      restart: bool = typer.Option(False, "--restart", help="discard the checkpoints of an "
                                                   "interrupted pretraining and start over"),

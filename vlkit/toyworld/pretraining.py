@@ -262,7 +262,8 @@ def _lm_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckpt_
         stats = base["toy_lm"]
     for stage in todo:
         done = config["lm"]["steps"] + sum(config["lm"][s]["steps"] for s in stages[:stages.index(stage)])
-        result = _lm_later_stage(stage, prev, stage == stages[-1], out, config, data_dir, update, done, ckpt_dir)
+        result = _lm_later_stage(stage, prev, stage == stages[-1], out, config, data_dir, update, done, ckpt_dir,
+                                 stats)
         stats.update(result["toy_lm"])
         seconds.update(result["seconds"])
         cpu.update(result["cpu_seconds"])
@@ -275,12 +276,13 @@ def _lm_job(weights: Path, data_dir: Path, config: dict[str, Any], update, ckpt_
 
 
 def _lm_later_stage(stage: str, prev: Path, last: bool, out: Path, config: dict[str, Any], data_dir: Path, update,
-                    done: int, ckpt_dir: Path) -> dict[str, Any]:
+                    done: int, ckpt_dir: Path, before: dict[str, Any]) -> dict[str, Any]:
     """One later stage of toy-lm, fine-tuning the model in ``prev``, its checkpoints in ``ckpt_dir/<stage>`` under
     the key of ``lm_config_upto(config, stage)``. The last stage writes ``out``; an earlier one is kept in
     ``ckpt_dir/<stage>.finished`` (or taken from there, also when ``reuse_earlier`` put it there). Returns
     ``{"toy_lm": {"params", <stage>: its figures}, "seconds", "cpu_seconds"}``; a kept stage's ``toy_lm`` also
-    holds the figures of the stages before it (``first_stage`` ...)."""
+    holds the figures of the stages before it (``first_stage`` ..., from ``before``), so a run resumed after it
+    reports them too."""
     mine = lm_config_upto(config, stage)
     key = job_key(mine, "toy-lm")
     kept = ckpt_dir / f"{stage}.finished"
@@ -296,7 +298,8 @@ def _lm_later_stage(stage: str, prev: Path, last: bool, out: Path, config: dict[
                     lambda n, text="": update(done + n, text),
                     models.StepCheckpoint(ckpt_dir / stage, config["lm"][stage]["steps"] // 20, key))
     name = f"toy-lm {stage}"
-    result = {"toy_lm": {"params": figures.pop("params"), stage: figures},
+    earlier = {k: v for k, v in before.items() if k in ("first_stage", *LATER_STAGES)}
+    result = {"toy_lm": {**earlier, "params": figures.pop("params"), stage: figures},
               "seconds": {name: time.perf_counter() - t}, "cpu_seconds": {name: time.process_time() - c}}
     if not last:
         _write_kept(dest, kept, result, key)
