@@ -703,7 +703,7 @@ def test_a_focus_stage_fine_tunes_an_earlier_toy_lm_taken_as_its_objects_stage(t
     """A third toy-lm stage (``focus``, as v8 adds to v7): ``--reuse`` of weights without it takes toy-clip and the
     whole earlier toy-lm as the kept objects stage, and trains only the focus stage, to the same weights as
     ``train_lm_focus`` on that toy-lm; the report nests every stage's figures and says what was reused."""
-    from vlkit.toyworld import models, pretraining
+    from vlkit.toyworld import _runtime, models, pretraining
 
     focus = dict(steps=4, batch=8, lr=1e-3, type_weights={"relation": 3}, object_tokens=0.5, turns=[4, 6],
                  caption_share=0.05, caption_scene=1.0, other_token_weight=0.0)
@@ -722,7 +722,8 @@ def test_a_focus_stage_fine_tunes_an_earlier_toy_lm_taken_as_its_objects_stage(t
     assert made["files"]["toy-clip/model.safetensors"] == json.loads(
         (earlier / "manifest.json").read_text())["files"]["toy-clip/model.safetensors"]
     direct = tmp_path / "direct"
-    models.train_lm_focus(earlier / "toy-lm", direct, focus, 0, config["data"], lambda *a: None)
+    with _runtime.quiet_runtime(pretraining.job_threads(config, "toy-lm")):  # the job's thread count, as pretraining
+        models.train_lm_focus(earlier / "toy-lm", direct, focus, 0, config["data"], lambda *a: None)
     assert made["files"]["toy-lm/model.safetensors"]["sha256"] == shipped.sha256_file(direct / "model.safetensors")
     assert made["files"]["toy-lm/model.safetensors"] != json.loads(
         (earlier / "manifest.json").read_text())["files"]["toy-lm/model.safetensors"]
