@@ -22,7 +22,7 @@ PUBLIC = {
     "vlkit.registry": ["ENCODERS", "LLMS", "PROJECTORS", "TOKEN_STRATEGIES", "FAMILIES", "Registry", "RegistryError",
                        "PluginLoadError", "suggest"],
     "vlkit.types": ["EncoderOutput"],
-    "vlkit.config": ["ConfigError", "Recipe", "StageConfig", "load_recipe", "dump_recipe", "RECIPES_DIR"],
+    "vlkit.config": ["ConfigError", "Recipe", "StageConfig", "load_recipe", "dump_recipe", "RECIPES_DIR", "work_identity"],
     # the library entry points the README and the commands use
     "vlkit.model": ["VLM", "build_model", "parameter_counts", "resolve_ref"],
     "vlkit.train": ["train", "run_stage", "StageResult", "TrainingError", "MetricsLog", "print_accuracy",
@@ -37,8 +37,9 @@ PUBLIC = {
     "vlkit.evaluate": ["evaluate"],
     "vlkit.cache": ["FeatureCache"],
     "vlkit.plan": ["plan", "print_plan"],
-    "vlkit.toyworld": ["build_toy_world", "pretrain"],
-    "vlkit.ablate.plan": ["make_plan", "print_grid_plan", "estimate_time"],
+    "vlkit.toyworld": ["build_toy_world", "pretrain", "toy_world_of"],
+    "vlkit.ablate.plan": ["make_plan", "print_grid_plan", "estimate_time", "adopt_reusable"],
+    "vlkit.ablate.reuse": ["find_reusable", "foreign_runs", "adopt_run"],
     "vlkit.ablate.run": ["run_grid"],
     "vlkit.ablate.report": ["write_report"],
     "vlkit.ablate.results": ["collect", "load_plan", "study_rows"],
@@ -50,7 +51,7 @@ PUBLIC = {
 
 # every command and its parameters (options as flags, arguments by name), as `vlkit --help` offers them
 COMMANDS = {
-    'ablate': ['--compare', '--dry-run', '--executor', '--feature-cache', '--gpus', '--grid', '--no-feature-cache', '--num-image-tokens', '--out', '--partition', '--projector', '--seeds', '--time', '--tokens', '--workers', 'overrides', 'recipe'],
+    'ablate': ['--compare', '--dry-run', '--executor', '--feature-cache', '--gpus', '--grid', '--no-feature-cache', '--num-image-tokens', '--out', '--partition', '--projector', '--reuse', '--seeds', '--time', '--tokens', '--workers', 'overrides', 'recipe'],
     'config': ['overrides', 'recipe'],
     'data check': ['--image-root', '--recipe', '--show', '--workers', 'file', 'overrides'],
     'data toy': ['--grid', '--image-size', '--max-objects', '--n-test', '--n-train', '--n-val', '--out', '--seed'],

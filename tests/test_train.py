@@ -25,6 +25,9 @@ def test_two_stages_write_run_directory(tiny_toy_world, tmp_path):
     assert "pre-flight" in res.stdout and "instruct: generation accuracy" in res.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and set(summary["stages"]) == {"align", "instruct"}
+    from vlkit.toyworld import world_id
+
+    assert summary["toy_world"] == world_id("tiny")  # which toy world's weights and data it used
     inst = summary["stages"]["instruct"]
     assert {"accuracy", "accuracy_by_type", "val_loss", "tokens_per_s", "trainable_params"} <= set(inst)
     assert len(inst["accuracy_by_type"]) >= 6

@@ -117,6 +117,21 @@ class TrainConfig(_Strict):
 
 
 LAUNCH_KEYS = ("distributed", "deepspeed")  # train.* keys that say how to run, not what to compute
+NAMING_KEYS = ("name", "description")  # what a recipe is called ...
+NAMING_TRAIN_KEYS = ("output_dir", "run_name")  # ... and where its runs are written: not what a run computes
+
+
+def work_identity(config: dict[str, Any]) -> str:
+    """A short hash of what a run computes, from its resolved config (``Recipe.to_dict()`` or a run's
+    ``config.yaml``): :meth:`Recipe.identity` less the names (recipe name, description, output directory, run name).
+    One config run under two studies' recipes has one work identity, so a finished run of one study can stand in
+    for the other's (``vlkit ablate --reuse``); the identity proper keeps the name, as every run directory has."""
+    data = json.loads(json.dumps(config))  # a deep copy, tuples as lists: a config.yaml read back hashes the same
+    for key in ("expect", *NAMING_KEYS):
+        data.pop(key, None)
+    for key in (*LAUNCH_KEYS, *NAMING_TRAIN_KEYS):
+        data.get("train", {}).pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class Recipe(_Strict):
@@ -169,6 +184,10 @@ class Recipe(_Strict):
             data["train"].pop(key, None)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+    def work_identity(self) -> str:
+        """What a run of this recipe computes, whatever the recipe is called (see :func:`work_identity`)."""
+        return work_identity(self.to_dict())
 
 
 COMPONENT_SECTIONS = {"encoder": "encoders", "tokens": "token_strategies", "projector": "projectors", "llm": "llms",

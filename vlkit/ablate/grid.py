@@ -36,6 +36,8 @@ class RunSpec:
     overrides: list[str] = field(default_factory=list)
     mapping: str | None = None  # how a study combination was mapped to components
     skipped: str | None = None  # reason, when no model expresses the combination
+    identity: str | None = None  # the point's Recipe.identity(), set by the plan
+    work_identity: str | None = None  # ... and what it computes whatever it is called (vlkit/ablate/reuse.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

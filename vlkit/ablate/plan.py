@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from vlkit._atomic import write_json_atomic
 
@@ -26,8 +27,12 @@ def _seeds(value: Any) -> list[int]:
 
 
 def make_plan(recipe: str, overrides: list[str], cli_axes: dict[str, str], seeds: str | None, out: Path | None,
-              command: str) -> dict[str, Any]:
+              command: str, reuse: list[Path] | None = None) -> dict[str, Any]:
+    """The grid's points, checked (every point's recipe loads; no run directory holds another config or toy
+    world), with the finished runs ``reuse`` offers for points not yet run (``plan["reuse"]``: id -> directory)."""
+    from vlkit.ablate.reuse import find_reusable, foreign_runs
     from vlkit.model import count_image_tokens
+    from vlkit.toyworld import toy_world_of
 
     path = find_recipe(recipe)
     base = load_recipe(path, overrides)
@@ -47,17 +52,26 @@ def make_plan(recipe: str, overrides: list[str], cli_axes: dict[str, str], seeds
     base_pooled = base.tokens.params().get("num_tokens") if base.tokens.name == "pooled" else None
     specs = expand(axes, seed_list, num_patches, base_pooled=base_pooled)
     errors = []
+    worlds: dict[str, str | None] = {}
     for s in specs:
         s.overrides = base_ov + s.overrides
         if s.skipped:
             continue
         try:
-            load_recipe(path, s.overrides)
+            point = load_recipe(path, s.overrides)
         except ConfigError as exc:
             errors += [f"run {s.id}: {e}" for e in exc.errors]
+            continue
+        s.identity, s.work_identity = point.identity(), point.work_identity()
+        worlds[s.id] = toy_world_of(point.to_dict())
     if errors:
         raise ConfigError(str(path), errors)
     out = Path(out or Path(base.train.output_dir) / "ablate" / base.name)
+    foreign = foreign_runs(out, specs, worlds)
+    if foreign:
+        raise ValueError(f"{len(foreign)} run director{'y' if len(foreign) == 1 else 'ies'} of this grid hold "
+                         "something else:\n  - " + "\n  - ".join(foreign))
+    reusable = find_reusable(out, specs, worlds, list(reuse or []))
     out.mkdir(parents=True, exist_ok=True)
     plan = {"recipe": base.name, "recipe_path": str(path), "axes": list(axes), "seeds": seed_list,
             "base_overrides": base_ov,
@@ -69,7 +83,18 @@ def make_plan(recipe: str, overrides: list[str], cli_axes: dict[str, str], seeds
     if extended:
         plan["extended"] = extended  # the report labels its Findings exploratory
     write_json_atomic(out / "plan.json", plan)
-    return {**plan, "specs": specs, "out": out}
+    return {**plan, "specs": specs, "out": out, "reuse": reusable}
+
+
+def adopt_reusable(console: Console, plan: dict[str, Any]) -> None:
+    """Copy in the finished runs ``--reuse`` offered (see vlkit/ablate/reuse.py)."""
+    from vlkit.ablate.reuse import adopt_run
+
+    for s in plan["specs"]:
+        source = plan["reuse"].get(s.id)
+        if source is not None:
+            adopt_run(source, plan["out"], s, load_recipe(plan["recipe_path"], s.overrides))
+            console.print(f"reused {source} as {s.id}", markup=False, highlight=False)
 
 
 def print_grid_plan(console: Console, plan: dict[str, Any]) -> None:
@@ -80,8 +105,12 @@ def print_grid_plan(console: Console, plan: dict[str, Any]) -> None:
         t.add_column(col, overflow="fold")
     for s in specs:
         state = "skip" if s.skipped else run_status(plan["out"] / "runs" / s.id)
+        note = s.skipped or s.mapping or ""
+        if s.id in plan.get("reuse", {}):
+            state, note = "reuse", f"finished run {plan['reuse'][s.id]}" + (f"; {note}" if note else "")
         shown = [o for o in s.overrides if o not in plan["base_overrides"]]
-        t.add_row(s.id, state, " ".join(shown), s.skipped or s.mapping or "")
+        # Text, not markup: an override such as train.stages=[align,instruct] would read as a style tag
+        t.add_row(Text(s.id), Text(state), Text(" ".join(shown)), Text(note))
     console.print(t)
 
 
@@ -90,7 +119,8 @@ def estimate_time(console: Console, plan: dict[str, Any], workers: int | None) -
     from vlkit.ablate.run import default_workers
     from vlkit.train import estimate_steps, train
 
-    todo = [s for s in plan["specs"] if not s.skipped and run_status(plan["out"] / "runs" / s.id) != "finished"]
+    todo = [s for s in plan["specs"] if not s.skipped and s.id not in plan.get("reuse", {})
+            and run_status(plan["out"] / "runs" / s.id) != "finished"]
     if not todo:
         console.print("nothing to run: every run is finished")
         return

@@ -261,6 +261,18 @@ def notes_markdown(rows: list[dict[str, Any]], plots: list[str]) -> list[str]:
         lines += ["", "## Skipped and failed runs", ""]
         lines += [f"- `{r['run']}` ({r['status']}): {str(r.get('error', '')).splitlines()[-1] if r.get('error') else ''}"
                   for r in skipped]
+    worlds = sorted({str(r["toy_world"]) for r in rows if r.get("toy_world")})
+    if worlds:
+        lines += ["", "## Instrument", "", f"- toy world {', '.join(worlds)} (its pretraining config's hash, as in "
+                  "vlkit/toyworld/weights/manifest.json for the shipped one)"]
+        unknown = [r["run"] for r in rows if r["status"] == "finished" and not r.get("toy_world")]
+        if unknown:
+            lines.append(f"- {len(unknown)} run(s) made before vlkit recorded the toy world: "
+                         + ", ".join(f"`{u}`" for u in unknown))
+    reused = [r for r in rows if r.get("reused_from")]
+    if reused:
+        lines += ["", "## Runs taken from other studies (`--reuse`: same config, same toy world)", ""]
+        lines += [f"- `{r['run']}` from `{r['reused_from']}`" for r in reused]
     mapped = sorted({r["mapping"] for r in rows if r.get("mapping")})
     if mapped:
         lines += ["", "## How combinations were mapped to models", ""] + [f"- {m}" for m in mapped]

@@ -88,6 +88,10 @@ def collect(out: Path) -> list[dict[str, Any]]:
             if last.get("spatial_types"):
                 row["spatial_types"] = " ".join(last["spatial_types"])
             row.update(time_columns(summary, rd))
+            if summary.get("toy_world"):
+                row["toy_world"] = summary["toy_world"]  # the instrument's version (vlkit/ablate/reuse.py)
+            if (rd / "reused.json").exists():
+                row["reused_from"] = read_json(rd / "reused.json", "Delete it: the run then counts as made here").get("from", "")
         rows.append(row)
     return rows
 

@@ -31,11 +31,15 @@ def ablate_cmd(recipe: str = typer.Argument("mlp_patch", help="base recipe (defa
                time_min: int = typer.Option(240, "--time", help="slurm time limit per run (minutes)"),
                compare: Optional[list[Path]] = typer.Option(None, help="another study's directory: the report sets "
                                                                         "its axes' spreads beside this one's "
-                                                                        "(repeatable)")) -> None:
+                                                                        "(repeatable)"),
+               reuse: Optional[list[Path]] = typer.Option(None, help="another study's directory (or a run "
+                                                                      "directory): its finished runs of a config "
+                                                                      "this grid plans are copied in, not trained "
+                                                                      "again (repeatable)")) -> None:
     """Run a declared grid (projector x tokens x N x seeds x any key) and write results and a report."""
     import shlex
 
-    from vlkit.ablate.plan import estimate_time, make_plan, print_grid_plan
+    from vlkit.ablate.plan import adopt_reusable, estimate_time, make_plan, print_grid_plan
     from vlkit.ablate.report import write_report
     from vlkit.ablate.results import study_rows
     from vlkit.ablate.run import run_grid
@@ -53,11 +57,12 @@ def ablate_cmd(recipe: str = typer.Argument("mlp_patch", help="base recipe (defa
             raise ValueError(f"--grid '{g}' is not of the form key.path=a,b,c")
         cli_axes[key.strip()] = values
     command = "vlkit ablate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    plan = make_plan(recipe, overrides or [], cli_axes, seeds, out, command)
+    plan = make_plan(recipe, overrides or [], cli_axes, seeds, out, command, reuse)
     print_grid_plan(console, plan)
     if dry_run:
         estimate_time(console, plan, workers)
         return
+    adopt_reusable(console, plan)
     slurm = {"partition": partition, "gpus": gpus, "time_min": time_min}
     run_grid(plan["recipe_path"], plan["specs"], plan["out"], executor, workers, feature_cache, console, slurm)
     result = write_report(plan["out"], compare=compare)

@@ -12,11 +12,13 @@ from vlkit.toyworld.pretraining import (CLIP_ARCH, LM_ARCH, PRESETS, pretrain, p
 from vlkit.toyworld.shipped import PACKAGE_WEIGHTS, ToyWeightsError, verify
 from vlkit.toyworld.tokenizer import CHAT_TEMPLATE, DEFAULT_SYSTEM, SPECIAL_TOKENS, build_tokenizer
 from vlkit.toyworld.world import (ENV_DIR, ENV_PRESET, ToyWorld, build_toy_world, ensure_toy_world, env_preset,
-                                  is_built, resolve_toy, toy_cache_dir, toy_path_if_available, world_id)
+                                  is_built, resolve_toy, toy_cache_dir, toy_path_if_available, toy_world_of,
+                                  world_id)
 
 __all__ = [
     "CHAT_TEMPLATE", "CLIP_ARCH", "CLIP_MEAN", "CLIP_STD", "DEFAULT_SYSTEM", "ENV_DIR", "ENV_PRESET", "LM_ARCH",
     "PACKAGE_WEIGHTS", "PRESETS", "SPECIAL_TOKENS", "ToyWeightsError", "ToyWorld", "build_tokenizer",
     "build_toy_world", "ensure_toy_world", "env_preset", "is_built", "normalize", "pretrain", "pretrain_config",
-    "resolve_toy", "shipped_config_hash", "toy_cache_dir", "toy_path_if_available", "verify", "world_id",
+    "resolve_toy", "shipped_config_hash", "toy_cache_dir", "toy_path_if_available", "toy_world_of", "verify",
+    "world_id",
 ]

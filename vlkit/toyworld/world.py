@@ -87,6 +87,22 @@ def world_id(preset: str = SHIPPED_PRESET, seed: int = SHIPPED_SEED) -> str:
     return shipped.config_hash(pretrain_config(preset, seed))
 
 
+def toy_world_of(config: Any) -> str | None:
+    """The world id a resolved config's ``toy:`` references stand for (``$VLKIT_TOY_PRESET`` picks the world, not
+    the recipe, and a vlkit release may ship another), or None when it names nothing of the toy world. Recorded
+    in every run's summary, so a study never mixes runs of two worlds."""
+    def refs(value: Any) -> bool:
+        if isinstance(value, str):
+            return value.startswith("toy:")
+        if isinstance(value, dict):
+            return any(refs(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return any(refs(v) for v in value)
+        return False
+
+    return world_id(env_preset()) if refs(config) else None
+
+
 def toy_cache_dir(preset: str | None = None, seed: int = SHIPPED_SEED) -> Path:
     """``$VLKIT_TOY_DIR`` if set, else ``~/.cache/vlkit/toyworld-<world id>`` (``toyworld-<preset>-<id>`` for
     presets other than the shipped one). A world of another config never has the same directory."""

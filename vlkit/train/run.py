@@ -27,6 +27,7 @@ from vlkit.distributed import setup as setup_distributed
 from vlkit.model import VLM, build_model, parameter_counts
 from vlkit.random_init import random_weight_parts, tag_console
 from vlkit.runs import pick_device
+from vlkit.toyworld import toy_world_of
 from vlkit.train.accuracy import print_accuracy
 from vlkit.train.evaluation import eval_row, final_eval, keep_predictions
 from vlkit.train.metrics_log import MetricsLog, NullLog
@@ -58,6 +59,9 @@ def _train(recipe: Recipe, run_dir: Path | None, console: Console, dry_run: bool
     ctx, run_dir = open_run(recipe, run_dir, console, held)
     summary = load_summary(run_dir, recipe, console)
     summary.update({"recipe": recipe.name, "identity": recipe.identity(), "status": "running"})
+    world = toy_world_of(recipe.to_dict())
+    if world:  # the toy world's weights and data the run used: $VLKIT_TOY_PRESET picks them, not the recipe
+        summary["toy_world"] = world
     log = MetricsLog(run_dir / "metrics.jsonl") if ctx.is_main else NullLog()
     t0 = time.time()
     model = build_model(recipe).to(ctx.device)
