@@ -702,7 +702,8 @@ def test_a_focus_stage_fine_tunes_an_earlier_toy_lm_taken_as_its_objects_stage(t
                                                                              monkeypatch):
     """A third toy-lm stage (``focus``, as v8 adds to v7): ``--reuse`` of weights without it takes toy-clip and the
     whole earlier toy-lm as the kept objects stage, and trains only the focus stage, to the same weights as
-    ``train_lm_focus`` on that toy-lm; the report nests every stage's figures and says what was reused."""
+    ``train_lm_focus`` on that toy-lm, also when it was interrupted and resumed; the report nests every stage's
+    figures and says what was reused."""
     from vlkit.toyworld import _runtime, models, pretraining
 
     focus = dict(steps=4, batch=8, lr=1e-3, type_weights={"relation": 3}, object_tokens=0.5, turns=[4, 6],
@@ -714,8 +715,27 @@ def test_a_focus_stage_fine_tunes_an_earlier_toy_lm_taken_as_its_objects_stage(t
     config = tw.pretrain_config("tiny")
     assert pretraining.lm_stages(config) == ["objects", "focus"]
     assert pretraining.job_steps(config, "toy-lm") == config["lm"]["steps"] + config["lm"]["objects"]["steps"] + 4
+    # the focus stage dies at its third step (the only steps trained: the rest is reused) and resumes
+    monkeypatch.setenv("VLKIT_TOY_PARALLEL", "0")  # the job runs in this process, where the failure is injected
+    real_step, calls = models._step, []
+
+    def dies_at_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(models, "_step", dies_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        tw.pretrain(tmp_path / "weights", "tiny", 0, data_dir=tiny_toy_world.data_dir, reuse=earlier)
+    assert not (tmp_path / "weights").exists()
+    work = tmp_path / f".weights.building-{tw.world_id('tiny')}"
+    saved = torch.load(work / "checkpoints" / "toy-lm" / "focus" / "state.pt", weights_only=True)["step"]
+    assert 1 <= saved <= 2
+    monkeypatch.setattr(models, "_step", real_step)
     made = tw.pretrain(tmp_path / "weights", "tiny", 0, data_dir=tiny_toy_world.data_dir, reuse=earlier)
     lm = made["report"]["toy_lm"]
+    assert lm["focus"]["resumed_at_step"] == saved and not work.exists()
     source = json.loads((earlier / "manifest.json").read_text())["config_hash"]
     assert lm["objects"]["reused_from"]["config_hash"] == source and lm["focus"]["steps"] == 4
     assert "first_stage" in lm and "val_answer_accuracy_by_type" in lm
