@@ -39,7 +39,7 @@ PUBLIC = {
     "vlkit.plan": ["plan", "print_plan"],
     "vlkit.toyworld": ["build_toy_world", "pretrain", "toy_world_of"],
     "vlkit.ablate.plan": ["make_plan", "print_grid_plan", "estimate_time", "adopt_reusable"],
-    "vlkit.ablate.reuse": ["find_reusable", "foreign_runs", "adopt_run"],
+    "vlkit.ablate.reuse": ["find_reusable", "check_run_dirs", "adopt_run", "relabel"],
     "vlkit.ablate.run": ["run_grid"],
     "vlkit.ablate.report": ["write_report"],
     "vlkit.ablate.results": ["collect", "load_plan", "study_rows"],

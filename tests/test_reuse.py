@@ -10,6 +10,7 @@ import pytest
 import yaml
 from rich.console import Console
 
+from helpers import vlkit
 from vlkit.ablate.plan import adopt_reusable, make_plan
 from vlkit.ablate.report import notes_markdown
 from vlkit.ablate.results import collect
@@ -30,7 +31,8 @@ def fake_run(run_dir: Path, recipe_path: str, overrides: list[str], world: str |
     summary = {"recipe": recipe.name, "identity": recipe.identity(), "status": status,
                "stages": {"instruct": {"accuracy": 0.5, "accuracy_by_type": {"count": 0.5}}}}
     if world:
-        summary["toy_world"] = toy_world_of(recipe.to_dict()) if world == "current" else world
+        (run_dir / "toy_world.txt").write_text((toy_world_of(recipe.to_dict()) if world == "current" else world)
+                                               + "\n")
     (run_dir / "summary.json").write_text(json.dumps(summary))
     (run_dir / "status.json").write_text(json.dumps({"status": status}))
     return run_dir
@@ -63,9 +65,15 @@ def test_reuse_takes_finished_runs_of_the_same_config_and_world_only(tmp_path):
     fake_run(tmp_path / "loose" / "a", CLS_VS_PATCH, ["grid=null", "tokens.name=pooled", "train.seed=1"], world=None)
     fake_run(tmp_path / "loose" / "b", CLS_VS_PATCH, ["grid=null", "tokens.name=pooled", "train.seed=1"],
              status="failed")
+    # a copy cut short by a kill (hidden, summary already there) is never a candidate
+    fake_run(other / ".tokens-pooled_seed-1.reusing", CLS_VS_PATCH, ["grid=null", "tokens.name=pooled",
+                                                                     "train.seed=1"])
     out = tmp_path / "stages"
     p = plan(out, [tmp_path / "cls_vs_patch", tmp_path / "loose"])
     assert p["reuse"] == {"stages-align+instruct_seed-0": src}
+    passed = "\n".join(p["passed_over"])  # each near miss is named with its reason
+    assert "toy world 0000000000000000" in passed and "records no toy world" in passed and "failed" in passed
+    assert ".reusing" not in passed
     # a run directory given directly works as well
     assert plan(tmp_path / "stages2", [src])["reuse"] == {"stages-align+instruct_seed-0": src}
     adopt_reusable(Console(quiet=True), p)
@@ -88,9 +96,9 @@ def test_reuse_takes_finished_runs_of_the_same_config_and_world_only(tmp_path):
 
 def test_a_grid_refuses_run_directories_of_another_config_or_world(tmp_path):
     out = tmp_path / "stages"
-    # what copying a run in by hand leaves: the other study's identity
+    # another study's run of another seed copied in by hand (of the same computation it would be relabelled)
     fake_run(out / "runs" / "stages-align+instruct_seed-0", CLS_VS_PATCH,
-             ["grid=null", "tokens.name=pooled", "train.seed=0"])
+             ["grid=null", "tokens.name=pooled", "train.seed=1"])
     with pytest.raises(ValueError, match=r"stages-align\+instruct_seed-0 holds a run of another config"):
         plan(out)
     out2 = tmp_path / "stages2"
@@ -100,3 +108,57 @@ def test_a_grid_refuses_run_directories_of_another_config_or_world(tmp_path):
         plan(out2)
     with pytest.raises(FileNotFoundError, match="--reuse"):
         plan(tmp_path / "stages3", [tmp_path / "nowhere"])
+
+
+def test_a_run_renamed_only_is_relabelled_and_a_run_without_identity_file_is_taken(tmp_path):
+    """A study whose recipe's description (or name) was edited keeps its runs: same work identity, relabelled. A
+    kept run without identity.txt (as studies are committed) can still be taken whole."""
+    out = tmp_path / "stages"
+    run = fake_run(out / "runs" / "stages-instruct_seed-0", STAGES,
+                   ["grid=null", "train.stages=[instruct]", "train.seed=0", "description=worded otherwise"])
+    (out / "runs" / ".stages-instruct_seed-1.reusing").mkdir(parents=True)  # a copy cut short earlier
+    src = fake_run(tmp_path / "kept" / "tokens-pooled_seed-0", CLS_VS_PATCH,
+                   ["grid=null", "tokens.name=pooled", "train.seed=0"])
+    (src / "identity.txt").unlink()
+    p = plan(out, [src], seeds="1")
+    assert p["renamed"] == ["stages-instruct_seed-0"] and p["reuse"] == {"stages-align+instruct_seed-0": src}
+    adopt_reusable(Console(quiet=True), p)
+    point = load_recipe(STAGES, ["grid=null", "train.stages=[instruct]", "train.seed=0"])
+    assert (run / "identity.txt").read_text().strip() == point.identity()
+    assert json.loads((run / "summary.json").read_text())["identity"] == point.identity()
+    assert not (out / "runs" / ".stages-instruct_seed-1.reusing").exists()
+    taken = out / "runs" / "stages-align+instruct_seed-0"
+    assert json.loads((taken / "reused.json").read_text())["identity"] is None
+    again = plan(out, seeds="1")
+    assert again["renamed"] == [] and again["reuse"] == {}
+
+
+def test_cli_dry_run_shows_what_reuse_takes(tiny_toy_world, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    quick = ["stages.instruct.max_steps=2", "stages.instruct.batch_size=4", "stages.align.max_steps=2",
+             "stages.align.batch_size=4"]
+    src = fake_run(tmp_path / "other" / "runs" / "tokens-pooled_seed-0", CLS_VS_PATCH,
+                   [*quick, "grid=null", "tokens.name=pooled", "train.seed=0"])
+    res = vlkit("ablate", STAGES, *quick, "--seeds", "1", "--out", str(tmp_path / "stages"), "--reuse",
+                str(tmp_path / "other"), "--dry-run")
+    row = next(line for line in res.stdout.splitlines() if "align+instruct_seed-0" in line)
+    assert "reuse" in row and "train.stages=[align, instruct]" in row  # an override is shown as written
+    assert "estimate: 1 runs" in res.stdout and not (tmp_path / "stages" / "runs").exists()
+    with pytest.raises(ValueError, match="at least 1"):  # --seeds 0 is no grid, not an empty one
+        plan(tmp_path / "none", seeds="0")
+
+
+def test_vlkit_train_records_the_toy_world_first_and_refuses_another(tmp_path):
+    """The world is written with the config, before any step (a run killed in its first stage records it too), and
+    a run directory of another world is not resumed."""
+    from vlkit.train.summary import prepare_run_dir, recorded_world
+
+    recipe = load_recipe("mlp_patch")
+    run = prepare_run_dir(recipe, tmp_path / "run")
+    assert recorded_world(run) == toy_world_of(recipe.to_dict()) and not (run / "summary.json").exists()
+    (run / "toy_world.txt").write_text("0000000000000000\n")
+    with pytest.raises(ValueError, match="toy world 0000000000000000"):
+        prepare_run_dir(recipe, tmp_path / "run")
+    # a recipe that names nothing of the toy world records none
+    real = load_recipe("recipes/llava15_qwen2.5-1.5b_clip-l336.yaml")
+    assert toy_world_of(real.to_dict()) is None

@@ -16,21 +16,27 @@ from vlkit.config import ConfigError, check_expect, eval_question_types, find_re
 
 
 def _seeds(value: Any) -> list[int]:
+    """``seeds``: a count N (seeds 0..N-1) or a list; a count below 1 is an error, not an empty grid."""
     if value is None:
         return [0]
-    if isinstance(value, int):
-        return list(range(value))
     if isinstance(value, list):
-        return [int(v) for v in value]
-    vals = parse_values(str(value))
-    return list(range(vals[0])) if len(vals) == 1 else [int(v) for v in vals]
+        seeds = [int(v) for v in value]
+    else:
+        vals = [value] if isinstance(value, int) else parse_values(str(value))
+        seeds = list(range(int(vals[0]))) if len(vals) == 1 else [int(v) for v in vals]
+        if len(vals) == 1 and int(vals[0]) < 1:
+            raise ValueError(f"seeds {value}: a single number is a count of seeds (0..N-1) and must be at least 1; "
+                             "for one seed by its value give a list (grid: seeds: [4], or --seeds 4,)")
+    if not seeds:
+        raise ValueError("seeds is an empty list: name at least one seed")
+    return seeds
 
 
 def make_plan(recipe: str, overrides: list[str], cli_axes: dict[str, str], seeds: str | None, out: Path | None,
               command: str, reuse: list[Path] | None = None) -> dict[str, Any]:
     """The grid's points, checked (every point's recipe loads; no run directory holds another config or toy
     world), with the finished runs ``reuse`` offers for points not yet run (``plan["reuse"]``: id -> directory)."""
-    from vlkit.ablate.reuse import find_reusable, foreign_runs
+    from vlkit.ablate.reuse import check_run_dirs, find_reusable
     from vlkit.model import count_image_tokens
     from vlkit.toyworld import toy_world_of
 
@@ -67,10 +73,11 @@ def make_plan(recipe: str, overrides: list[str], cli_axes: dict[str, str], seeds
     if errors:
         raise ConfigError(str(path), errors)
     out = Path(out or Path(base.train.output_dir) / "ablate" / base.name)
-    foreign = foreign_runs(out, specs, worlds)
-    if foreign:
-        raise ValueError(f"{len(foreign)} run director{'y' if len(foreign) == 1 else 'ies'} of this grid hold "
-                         "something else:\n  - " + "\n  - ".join(foreign))
+    dirs = check_run_dirs(out, specs, worlds)
+    if dirs.problems:
+        n = len(dirs.problems)
+        raise ValueError(f"{n} run director{'y' if n == 1 else 'ies'} of this grid hold something else:\n  - "
+                         + "\n  - ".join(dirs.problems))
     reusable = find_reusable(out, specs, worlds, list(reuse or []))
     out.mkdir(parents=True, exist_ok=True)
     plan = {"recipe": base.name, "recipe_path": str(path), "axes": list(axes), "seeds": seed_list,
@@ -83,14 +90,31 @@ def make_plan(recipe: str, overrides: list[str], cli_axes: dict[str, str], seeds
     if extended:
         plan["extended"] = extended  # the report labels its Findings exploratory
     write_json_atomic(out / "plan.json", plan)
-    return {**plan, "specs": specs, "out": out, "reuse": reusable}
+    return {**plan, "specs": specs, "out": out, "reuse": reusable.chosen, "passed_over": reusable.passed_over,
+            "renamed": dirs.renamed, "reuse_asked": bool(reuse)}
+
+
+def print_reuse(console: Console, plan: dict[str, Any]) -> None:
+    """What ``--reuse`` found, what it passed over and why, and points relabelled after a rename."""
+    for s in plan["renamed"]:
+        console.print(f"{s}: its directory holds this point's run under another recipe name or description; "
+                      "relabelled, not run again", markup=False, highlight=False)
+    if plan["reuse_asked"] and not plan["reuse"]:
+        console.print("--reuse: no finished run there computes a point this grid still has to run",
+                      markup=False, highlight=False)
+    for line in plan["passed_over"]:
+        console.print(f"--reuse passed over {line}", style="yellow", markup=False, highlight=False)
 
 
 def adopt_reusable(console: Console, plan: dict[str, Any]) -> None:
-    """Copy in the finished runs ``--reuse`` offered (see vlkit/ablate/reuse.py)."""
-    from vlkit.ablate.reuse import adopt_run
+    """Relabel the renamed points' directories and copy in the finished runs ``--reuse`` offered (see
+    vlkit/ablate/reuse.py)."""
+    from vlkit.ablate.reuse import adopt_run, relabel, remove_scratch
 
+    remove_scratch(plan["out"])
     for s in plan["specs"]:
+        if s.id in plan["renamed"]:
+            relabel(plan["out"] / "runs" / s.id, load_recipe(plan["recipe_path"], s.overrides))
         source = plan["reuse"].get(s.id)
         if source is not None:
             adopt_run(source, plan["out"], s, load_recipe(plan["recipe_path"], s.overrides))
@@ -108,6 +132,8 @@ def print_grid_plan(console: Console, plan: dict[str, Any]) -> None:
         note = s.skipped or s.mapping or ""
         if s.id in plan.get("reuse", {}):
             state, note = "reuse", f"finished run {plan['reuse'][s.id]}" + (f"; {note}" if note else "")
+        elif s.id in plan.get("renamed", []):
+            note = "its run under another recipe name: relabelled" + (f"; {note}" if note else "")
         shown = [o for o in s.overrides if o not in plan["base_overrides"]]
         # Text, not markup: an override such as train.stages=[align,instruct] would read as a style tag
         t.add_row(Text(s.id), Text(state), Text(" ".join(shown)), Text(note))

@@ -9,6 +9,7 @@ from typing import Any
 from vlkit._atomic import read_json, write_json_atomic, write_text_atomic
 from vlkit.ablate.grid import RunSpec, show_value
 from vlkit.ablate.run import run_status
+from vlkit.train.summary import recorded_world
 
 
 def load_plan(out: Path) -> tuple[dict[str, Any], list[RunSpec]]:
@@ -88,8 +89,9 @@ def collect(out: Path) -> list[dict[str, Any]]:
             if last.get("spatial_types"):
                 row["spatial_types"] = " ".join(last["spatial_types"])
             row.update(time_columns(summary, rd))
-            if summary.get("toy_world"):
-                row["toy_world"] = summary["toy_world"]  # the instrument's version (vlkit/ablate/reuse.py)
+            world = recorded_world(rd)
+            if world:
+                row["toy_world"] = world  # the instrument's version (vlkit/ablate/reuse.py)
             if (rd / "reused.json").exists():
                 row["reused_from"] = read_json(rd / "reused.json", "Delete it: the run then counts as made here").get("from", "")
         rows.append(row)

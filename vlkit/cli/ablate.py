@@ -39,7 +39,7 @@ def ablate_cmd(recipe: str = typer.Argument("mlp_patch", help="base recipe (defa
     """Run a declared grid (projector x tokens x N x seeds x any key) and write results and a report."""
     import shlex
 
-    from vlkit.ablate.plan import adopt_reusable, estimate_time, make_plan, print_grid_plan
+    from vlkit.ablate.plan import adopt_reusable, estimate_time, make_plan, print_grid_plan, print_reuse
     from vlkit.ablate.report import write_report
     from vlkit.ablate.results import study_rows
     from vlkit.ablate.run import run_grid
@@ -59,6 +59,7 @@ def ablate_cmd(recipe: str = typer.Argument("mlp_patch", help="base recipe (defa
     command = "vlkit ablate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     plan = make_plan(recipe, overrides or [], cli_axes, seeds, out, command, reuse)
     print_grid_plan(console, plan)
+    print_reuse(console, plan)
     if dry_run:
         estimate_time(console, plan, workers)
         return

@@ -2,6 +2,7 @@
 finished stages' final checkpoints when it is damaged)."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,35 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
         raise ValueError(f"run directory {run_dir} holds a run of a different config (identity "
                          f"{ident.read_text().strip()} != {recipe.identity()}); choose another train.run_name or "
                          "remove the directory")
+    from vlkit.toyworld import toy_world_of
+
+    world, held = toy_world_of(recipe.to_dict()), recorded_world(run_dir)
+    if world and held and held != world:
+        raise ValueError(f"run directory {run_dir} holds a run on toy world {held}, and this vlkit's is {world} "
+                         "(another release or $VLKIT_TOY_PRESET): resuming would mix two instruments. Give "
+                         "another --run-dir, or remove the directory")
     write_text_atomic(cfg, dump_recipe(recipe))
     write_text_atomic(ident, recipe.identity() + "\n")
+    if world:
+        write_text_atomic(run_dir / TOY_WORLD, world + "\n")
     return run_dir
+
+
+TOY_WORLD = "toy_world.txt"  # the toy world a run's toy: references stood for, written before it trains
+
+
+def recorded_world(run_dir: Path) -> str | None:
+    """The toy world a run directory records: ``toy_world.txt``, else (runs made before it) ``summary.json``'s
+    ``toy_world``; None when neither says."""
+    try:
+        return (run_dir / TOY_WORLD).read_text().strip() or None
+    except OSError:
+        pass
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary.get("toy_world") if isinstance(summary, dict) else None
 
 
 def clear_run_dir(recipe: Recipe, run_dir: Path | None) -> Path:
