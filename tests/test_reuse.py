@@ -92,6 +92,11 @@ def test_reuse_takes_finished_runs_of_the_same_config_and_world_only(tmp_path):
     notes = "\n".join(notes_markdown(list(rows.values()), []))
     assert "Runs taken from other studies" in notes and "stages-align+instruct_seed-0" in notes
     assert "## Instrument" in notes and rows["stages-align+instruct_seed-0"]["toy_world"] in notes
+    from vlkit.ablate.report import time_markdown
+
+    timed = [{**r, "t_run": 10.0, **{k: 1.0 for k in ("t_build", "t_checks", "t_cache", "t_train", "t_eval")}}
+             for r in rows.values() if r["status"] == "finished"]
+    assert "1 of them were taken from other studies" in "\n".join(time_markdown(timed))
 
 
 def test_a_grid_refuses_run_directories_of_another_config_or_world(tmp_path):

@@ -115,12 +115,20 @@ def time_markdown(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["", "## Where the time went", "",
              f"Mean seconds per run over {n} finished run(s) (each run is its own process; the grid ran them "
              "side by side, so the study's wall time is about the sum of its runs' times divided by the runs at "
-             "a time).", "", "| phase | s per run | share |", "|---|---|---|"]
+             "a time)." + _reused_time_note(timed), "", "| phase | s per run | share |", "|---|---|---|"]
     for k, what in [*TIME_PHASES.items(), ("other", "process start, imports, run directory, writing results")]:
         v = other if k == "other" else mean[k]
         lines.append(f"| {what} | {v:.1f} | {v / mean['t_run']:.0%} |")
     lines.append(f"| **whole run** | {mean['t_run']:.1f} | 100% |")
     return lines
+
+
+def _reused_time_note(timed: list[dict[str, Any]]) -> str:
+    reused = sum(1 for r in timed if r.get("reused_from"))
+    if not reused:
+        return ""
+    return (f" {reused} of them were taken from other studies (`--reuse`): their time is what they took where they "
+            "were made, not part of this study's wall time.")
 
 
 def _spread_cells(s: dict[str, Any]) -> list[str]:
